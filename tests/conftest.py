@@ -1,0 +1,29 @@
+"""Shared fixtures: tiny configs and data that make a real training run take a second or two."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+WORDS = "the a cat dog bird sees chases likes runs sleeps big small red quick and then".split()
+
+
+@pytest.fixture(scope="session")
+def text_corpus(tmp_path_factory) -> Path:
+    """A directory with a small plain-text file (~60 kB) of random word sequences."""
+    d = tmp_path_factory.mktemp("text")
+    rng = random.Random(0)
+    lines = [" ".join(rng.choice(WORDS) for _ in range(10)) + "." for _ in range(6000)]
+    (d / "corpus.txt").write_text("\n".join(lines))
+    return d
+
+
+@pytest.fixture
+def fast_overrides(text_corpus) -> list[str]:
+    """``--set`` items for a micro run on the text fixture that trains in about a second."""
+    return [
+        "data.source=text", f"data.path={text_corpus}", "seq_len=32", "batch_size=8",
+        "eval_interval=5", "eval_batches=2", "checkpoint_interval=5", "warmup_steps=2",
+    ]

@@ -1,0 +1,89 @@
+"""Atomic writes and checkpoint integrity."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from trainer.atomic import atomic_write_bytes, atomic_write_dir
+from trainer.checkpoint import CheckpointError, load_checkpoint, read_manifest
+from trainer.config import build_config
+from trainer.train import train
+
+
+def test_atomic_write_keeps_old_content_on_failure(tmp_path):
+    p = tmp_path / "f.json"
+    atomic_write_bytes(p, b"old")
+
+    def boom(path):
+        path.write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+
+    from trainer.atomic import atomic_write
+
+    with pytest.raises(OSError):
+        atomic_write(p, boom)
+    assert p.read_bytes() == b"old"
+    assert [f.name for f in tmp_path.iterdir()] == ["f.json"]  # no temp file left behind
+
+
+def test_atomic_dir_leaves_nothing_on_failure(tmp_path):
+    def fill(d):
+        (d / "a").write_text("x")
+        raise RuntimeError("crash")
+
+    with pytest.raises(RuntimeError):
+        atomic_write_dir(tmp_path / "step_000001", fill)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture
+def small_run(tmp_path, fast_overrides):
+    cfg = build_config(overrides=fast_overrides + ["steps=5"])
+    return train(cfg, tmp_path / "run", progress=False)
+
+
+def test_manifest_is_self_describing(small_run):
+    m = read_manifest(small_run)
+    assert m["schema_version"] == 1 and m["config"]["steps"] == 5 and m["seed"] == 0
+    assert set(m["code_version"]) == {"package", "git_commit", "torch"}
+    assert [c["step"] for c in m["checkpoints"]] == [0, 5]
+    entry = m["checkpoints"][-1]
+    assert set(entry["sha256"]) == {"model.safetensors", "optimizer.pt", "rng.pt", "trainer_state.json"}
+    assert entry["tokens_seen"] == 5 * 8 * 32 and entry["loss"] > 0
+    lines = [json.loads(x) for x in (small_run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [0, 1, 2, 3, 4, 5]
+    assert {"loss", "lr", "grad_norm", "tokens_seen", "tokens_per_s"} <= set(lines[3])
+
+
+@pytest.mark.parametrize("victim", ["model.safetensors", "optimizer.pt", "trainer_state.json"])
+def test_corrupted_file_detected_by_hash(small_run, victim):
+    path = small_run / "checkpoints" / "step_000005" / victim
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=f"step_000005/{victim} is corrupted"):
+        load_checkpoint(small_run)
+    load_checkpoint(small_run, step=0)  # the others are fine
+
+
+def test_unknown_future_schema_refused(small_run):
+    m = read_manifest(small_run)
+    m["schema_version"] = 99
+    (small_run / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(CheckpointError, match="newer than this toolkit"):
+        read_manifest(small_run)
+
+
+def test_optimizer_state_is_loaded_without_arbitrary_unpickling(small_run, tmp_path):
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    path = small_run / "checkpoints" / "step_000005" / "optimizer.pt"
+    path.write_bytes(pickle.dumps(Evil()))
+    with pytest.raises(CheckpointError):
+        load_checkpoint(small_run, verify=False)

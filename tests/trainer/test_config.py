@@ -1,0 +1,86 @@
+"""Configs: presets, files, overrides, and one-line errors for every kind of mistake."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dynamics.cli import main
+from trainer.config import ConfigError, build_config, config_from_dict, parse_value
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+
+
+def test_precedence_preset_file_cli_overrides(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("steps: 7\nlr: 0.01\nmodel:\n  d_model: 32\n")
+    cfg = build_config(preset="micro", file=f, cli={"steps": 9}, overrides=["lr=1e-3", "model.n_layers=2"])
+    assert (cfg.steps, cfg.lr, cfg.model.d_model, cfg.model.n_layers) == (9, 1e-3, 32, 2)
+    assert cfg.model.d_mlp == 256  # untouched preset value
+
+
+def test_roundtrip_through_dict():
+    cfg = build_config(preset="tiny", overrides=["method=relora", "relora.rank=8", "relora.targets=[q,v]"])
+    assert cfg.relora.targets == ("q", "v")
+    assert config_from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize("text, value", [("1e-3", 1e-3), ("3", 3), ("true", True), ("null", None), ("abc", "abc")])
+def test_parse_value(text, value):
+    assert parse_value(text) == value
+
+
+@pytest.mark.parametrize(
+    "overrides, needle",
+    [
+        (["foo=1"], "unknown key 'foo'"),
+        (["model.bogus=1"], "unknown key 'model.bogus'"),
+        (["lr=-1"], "lr must be a positive"),
+        (["lr=abc"], "lr must be float"),
+        (["steps=2.5"], "steps must be int"),
+        (["model.n_heads=5"], "must divide model.d_model"),
+        (["batch_size=10", "grad_accum=3"], "divisible by grad_accum"),
+        (["method=lora"], "method must be"),
+        (["method=relora", "relora.rank=0"], "relora.rank must be > 0"),
+        (["method=relora", "relora.optimizer_reset=some"], "optimizer_reset must be one of"),
+        (["data.source=text"], "data.path is required"),
+        (["seq_len=4096"], "seq_len=4096 must be in"),
+        (["lr"], "key=value"),
+    ],
+)
+def test_bad_settings_raise_config_error(overrides, needle):
+    with pytest.raises(ConfigError, match=None) as e:
+        build_config(preset="micro", overrides=overrides)
+    assert needle in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_all_problems_reported_at_once():
+    with pytest.raises(ConfigError) as e:
+        build_config(overrides=["foo=1", "lr=-1", "model.n_heads=5"])
+    msg = str(e.value)
+    assert "foo" in msg and "lr must" in msg and "n_heads" in msg
+
+
+def test_cli_bad_config_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["train", "--out", str(out), "--set", "lr=-1", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_cli_unreadable_config_file(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("steps: [1,\n")
+    assert main(["train", "--out", str(tmp_path / "r"), "--config", str(bad)]) == 2
+    assert "not valid YAML" in capsys.readouterr().err
+    assert main(["train", "--out", str(tmp_path / "r"), "--config", str(tmp_path / "missing.yaml")]) == 2
+
+
+@pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_validate(path):
+    cfg = build_config(file=path)
+    assert cfg.steps > 0

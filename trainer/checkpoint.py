@@ -1,0 +1,236 @@
+"""Run directories: the manifest, the step log and crash-safe checkpoints.
+
+Layout (documented in ``data/README.md``)::
+
+    <run>/manifest.json                 schema, resolved config, code version, checkpoint list + sha256 of every file
+    <run>/metrics.jsonl                 one JSON record per optimizer step
+    <run>/data/                         tokenised streams (see trainer.data)
+    <run>/checkpoints/step_000100/
+        model.safetensors               dense (effective) weights, canonical state-dict keys
+        adapters.safetensors            ReLoRA only: frozen base W, lora_a, lora_b per wrapped matrix
+        optimizer.pt                    optimizer state (torch.save; loaded with weights_only=True)
+        rng.pt                          RNG states (torch.save; loaded with weights_only=True)
+        trainer_state.json              step, tokens seen, lr, loss, merge count ...
+
+A checkpoint directory is written under a temporary name, fsynced and renamed;
+then the manifest is atomically replaced with one listing it. The manifest is
+the source of truth: a directory it does not list (a crash between the two
+renames) is incomplete as far as readers are concerned and is removed on resume.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from trainer.atomic import atomic_write_dir, atomic_write_json, sha256_file
+from trainer.names import parse_step_dirname, step_dirname
+
+MANIFEST = "manifest.json"
+METRICS = "metrics.jsonl"
+CHECKPOINTS = "checkpoints"
+MODEL_FILE = "model.safetensors"
+ADAPTERS_FILE = "adapters.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
+RNG_FILE = "rng.pt"
+STATE_FILE = "trainer_state.json"
+RUN_SCHEMA_VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A run directory or checkpoint that is missing, incomplete, corrupted or of an unknown schema."""
+
+
+def code_version() -> dict[str, str | None]:
+    """Package version, git commit of the source tree (if it is a git checkout) and torch version."""
+    from importlib import metadata
+
+    try:
+        version = metadata.version("relora-dynamics")
+    except metadata.PackageNotFoundError:
+        version = None
+    sha = None
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
+        )
+        if out.returncode == 0:
+            sha = out.stdout.strip()
+            dirty = subprocess.run(
+                ["git", "status", "--porcelain", "--untracked-files=no"],
+                cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5,
+            )
+            if dirty.returncode == 0 and dirty.stdout.strip():
+                sha += "-dirty"
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {"package": version, "git_commit": sha, "torch": torch.__version__}
+
+
+def read_manifest(run_dir: str | Path) -> dict[str, Any]:
+    """Load and check ``manifest.json``. Raises :class:`CheckpointError` naming the file."""
+    path = Path(run_dir) / MANIFEST
+    if not path.exists():
+        raise CheckpointError(f"{path} not found: {run_dir} is not a run directory (or no checkpoint completed yet)")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is unreadable or corrupted: {e}") from None
+    version = manifest.get("schema_version") if isinstance(manifest, dict) else None
+    if not isinstance(version, int):
+        raise CheckpointError(f"{path} has no schema_version; not a run manifest")
+    if version > RUN_SCHEMA_VERSION:
+        raise CheckpointError(
+            f"{path} has schema_version {version}, newer than this toolkit understands ({RUN_SCHEMA_VERSION}); upgrade the package"
+        )
+    return manifest
+
+
+def write_manifest(run_dir: str | Path, manifest: dict[str, Any]) -> None:
+    atomic_write_json(Path(run_dir) / MANIFEST, manifest)
+
+
+def new_manifest(config: dict[str, Any], data_meta: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "schema_version": RUN_SCHEMA_VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "config": config,
+        "seed": config["seed"],
+        "code_version": code_version(),
+        "data": {k: data_meta[k] for k in ("vocab_size", "n_tokens", "sha256", "tokenizer") if k in data_meta},
+        "checkpoints": [],
+    }
+
+
+def _fault_point(point: str, step: int) -> None:
+    """Test hook: ``TRAINER_FAULT=<point>@<step>`` makes the process SIGKILL itself here (real crash, no cleanup).
+
+    Points: ``checkpoint-write`` (inside the temporary checkpoint directory,
+    after the weights are written) and ``before-manifest`` (after the rename,
+    before the manifest lists the checkpoint).
+    """
+    fault = os.environ.get("TRAINER_FAULT")
+    if fault and fault == f"{point}@{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+@dataclass
+class CheckpointPayload:
+    """What one checkpoint holds, as in-memory objects."""
+
+    model: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    rng: dict[str, Any]
+    state: dict[str, Any]
+    adapters: dict[str, torch.Tensor] | None = None
+
+
+def save_checkpoint(run_dir: str | Path, payload: CheckpointPayload) -> dict[str, Any]:
+    """Write ``checkpoints/step_N/`` atomically and add it to the manifest; returns the manifest entry."""
+    run_dir = Path(run_dir)
+    step = int(payload.state["step"])
+    final = run_dir / CHECKPOINTS / step_dirname(step)
+    if final.exists():  # left by a crash before the manifest listed it, or being overwritten on resume
+        shutil.rmtree(final)
+
+    def fill(tmp: Path) -> None:
+        save_file({k: v.detach().contiguous().cpu() for k, v in payload.model.items()}, tmp / MODEL_FILE,
+                  metadata={"step": str(step), "format": "pt"})
+        if payload.adapters is not None:
+            save_file({k: v.detach().contiguous().cpu() for k, v in payload.adapters.items()}, tmp / ADAPTERS_FILE,
+                      metadata={"step": str(step), "format": "pt"})
+        _fault_point("checkpoint-write", step)
+        torch.save(payload.optimizer, tmp / OPTIMIZER_FILE)
+        torch.save(payload.rng, tmp / RNG_FILE)
+        (tmp / STATE_FILE).write_text(json.dumps(payload.state, indent=2) + "\n")
+
+    atomic_write_dir(final, fill)
+    _fault_point("before-manifest", step)
+    entry = {
+        "step": step,
+        "tokens_seen": payload.state.get("tokens_seen"),
+        "loss": payload.state.get("loss"),
+        "val_loss": payload.state.get("val_loss"),
+        "path": f"{CHECKPOINTS}/{step_dirname(step)}",
+        "sha256": {f.name: sha256_file(f) for f in sorted(final.iterdir()) if f.is_file()},
+    }
+    manifest = read_manifest(run_dir)
+    manifest["checkpoints"] = [c for c in manifest["checkpoints"] if c["step"] != step] + [entry]
+    manifest["checkpoints"].sort(key=lambda c: c["step"])
+    write_manifest(run_dir, manifest)
+    return entry
+
+
+def remove_unlisted_checkpoints(run_dir: str | Path, manifest: dict[str, Any]) -> list[Path]:
+    """Delete checkpoint directories (and temp leftovers) the manifest does not list; return what was removed."""
+    root = Path(run_dir) / CHECKPOINTS
+    listed = {Path(c["path"]).name for c in manifest["checkpoints"]}
+    removed = []
+    if root.exists():
+        for d in root.iterdir():
+            if d.name not in listed and (d.name.startswith(".") or parse_step_dirname(d.name) is not None):
+                shutil.rmtree(d, ignore_errors=True) if d.is_dir() else d.unlink(missing_ok=True)
+                removed.append(d)
+    return removed
+
+
+def checkpoint_entry(manifest: dict[str, Any], step: int | None = None) -> dict[str, Any]:
+    """The manifest entry of ``step`` (the latest when ``None``)."""
+    entries = manifest["checkpoints"]
+    if not entries:
+        raise CheckpointError("the run has no complete checkpoint yet")
+    if step is None:
+        return entries[-1]
+    for c in entries:
+        if c["step"] == step:
+            return c
+    raise CheckpointError(f"no checkpoint at step {step}; available: {[c['step'] for c in entries]}")
+
+
+def verify_checkpoint(run_dir: str | Path, entry: dict[str, Any]) -> None:
+    """Check every file of a checkpoint against the manifest's sha256. Raises :class:`CheckpointError` naming the file."""
+    ckpt = Path(run_dir) / entry["path"]
+    for name, digest in entry["sha256"].items():
+        f = ckpt / name
+        if not f.exists():
+            raise CheckpointError(f"{f} is missing (listed in the manifest)")
+        if sha256_file(f) != digest:
+            raise CheckpointError(f"{f} is corrupted: its sha256 does not match the manifest")
+
+
+def load_checkpoint(run_dir: str | Path, step: int | None = None, *, verify: bool = True,
+                    map_location: str | torch.device = "cpu") -> CheckpointPayload:
+    """Read a checkpoint (the latest when ``step`` is ``None``), verifying hashes first.
+
+    Tensors come from safetensors; optimizer and RNG state through
+    ``torch.load(weights_only=True)`` — nothing is unpickled beyond tensors and
+    plain containers.
+    """
+    run_dir = Path(run_dir)
+    entry = checkpoint_entry(read_manifest(run_dir), step)
+    if verify:
+        verify_checkpoint(run_dir, entry)
+    ckpt = run_dir / entry["path"]
+    try:
+        adapters_path = ckpt / ADAPTERS_FILE
+        return CheckpointPayload(
+            model=load_file(ckpt / MODEL_FILE, device=str(map_location)),
+            optimizer=torch.load(ckpt / OPTIMIZER_FILE, map_location=map_location, weights_only=True),
+            rng=torch.load(ckpt / RNG_FILE, map_location="cpu", weights_only=True),
+            state=json.loads((ckpt / STATE_FILE).read_text()),
+            adapters=load_file(adapters_path, device=str(map_location)) if adapters_path.exists() else None,
+        )
+    except CheckpointError:
+        raise
+    except Exception as e:  # safetensors/pickle/json each raise their own types on a damaged file
+        raise CheckpointError(f"checkpoint {ckpt} could not be read: {type(e).__name__}: {e}") from None

@@ -1,0 +1,446 @@
+"""Typed, frozen configuration: model, data, ReLoRA and training.
+
+A run is described by one :class:`TrainConfig`. It is built from, in order of
+precedence (later wins): a preset's defaults, a YAML/JSON file, CLI flags, and
+``key=value`` overrides with dotted keys (``lr=1e-3``, ``model.d_model=128``,
+``relora.rank=8``). Every problem is collected and reported at once as a
+:class:`ConfigError` (a ``ValueError``) with a one-line message, before anything
+is written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+SCHEMA_VERSION = 1
+
+
+class ConfigError(ValueError):
+    """An invalid configuration (unknown key, wrong type or impossible value)."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of the pico-decoder (SPEC §2). Defaults are the study's *tiny* model."""
+
+    vocab_size: int = 50304
+    d_model: int = 96
+    n_layers: int = 12
+    n_heads: int = 12
+    n_kv_heads: int = 4
+    d_mlp: int = 384
+    max_seq_len: int = 2048
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    init_std: float = 0.02
+
+    def problems(self) -> list[str]:
+        p = _positive(self, "model.", ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_mlp", "max_seq_len"))
+        if self.n_heads > 0 and self.d_model % self.n_heads:
+            p.append(f"model.n_heads={self.n_heads} must divide model.d_model={self.d_model}")
+        elif self.n_heads > 0 and (self.d_model // self.n_heads) % 2:
+            p.append(f"head dim d_model/n_heads={self.d_model // self.n_heads} must be even for RoPE")
+        if self.n_kv_heads > 0 and self.n_heads % self.n_kv_heads:
+            p.append(f"model.n_kv_heads={self.n_kv_heads} must divide model.n_heads={self.n_heads}")
+        if not self.rope_theta > 0:
+            p.append(f"model.rope_theta must be > 0, got {self.rope_theta}")
+        if not 0 < self.norm_eps < 1:
+            p.append(f"model.norm_eps must be in (0, 1), got {self.norm_eps}")
+        if not self.init_std > 0:
+            p.append(f"model.init_std must be > 0, got {self.init_std}")
+        return p
+
+
+#: Model presets. ``tiny``/``small`` are the study's 11M/65M models; ``micro`` runs on a CPU in seconds.
+MODEL_PRESETS: dict[str, ModelConfig] = {
+    "micro": ModelConfig(vocab_size=512, d_model=64, n_layers=4, n_heads=4, n_kv_heads=2, d_mlp=256, max_seq_len=128),
+    "tiny": ModelConfig(),
+    "small": ModelConfig(d_model=384, d_mlp=1536),
+}
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where tokens come from.
+
+    ``source``: ``grammar`` (the built-in generated corpus, word-level tokens),
+    ``text`` (UTF-8 text files, byte-level tokens, ``path`` a file or directory of
+    ``*.txt``), or ``parquet`` (pre-tokenised, an ``input_ids`` column of
+    sequences; ``path`` a file or directory of ``*.parquet``). ``val_path`` gives
+    a separate validation set; otherwise the last ``val_fraction`` of the tokens
+    is held out. ``train_tokens``/``val_tokens`` size the generated corpus.
+    """
+
+    source: str = "grammar"
+    path: str | None = None
+    val_path: str | None = None
+    val_fraction: float = 0.05
+    train_tokens: int = 2_000_000
+    val_tokens: int = 100_000
+    seed: int = 0
+
+    def problems(self) -> list[str]:
+        p = []
+        if self.source not in ("grammar", "text", "parquet"):
+            p.append(f"data.source must be one of grammar, text, parquet; got {self.source!r}")
+        elif self.source != "grammar" and not self.path:
+            p.append(f"data.path is required for data.source={self.source!r}")
+        for attr in ("path", "val_path"):
+            value = getattr(self, attr)
+            if value and not Path(value).exists():
+                p.append(f"data.{attr}: {value!r} does not exist")
+        if not 0 < self.val_fraction < 1:
+            p.append(f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
+        p += _positive(self, "data.", ("train_tokens", "val_tokens"))
+        if self.seed < 0:
+            p.append(f"data.seed must be >= 0, got {self.seed}")
+        return p
+
+
+RELORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+OPTIMIZER_RESETS = ("none", "full", "random", "magnitude")
+
+
+@dataclass(frozen=True)
+class ReLoRAConfig:
+    """ReLoRA settings (SPEC §3). Used when ``method = "relora"``.
+
+    ``reset_every`` is the merge period; ``optimizer_reset_every`` and
+    ``lr_restart_every`` default (``None``) to it. ``optimizer_reset_ratio``
+    defaults to 0.999 for ``random`` and 0.9 for ``magnitude``.
+    """
+
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.1
+    targets: tuple[str, ...] = RELORA_TARGETS
+    reset_every: int = 2000
+    optimizer_reset_every: int | None = None
+    lr_restart_every: int | None = None
+    restart_warmup: int = 100
+    optimizer_reset: str = "random"
+    optimizer_reset_ratio: float | None = None
+    warm_start_steps: int = 0
+
+    @property
+    def scale(self) -> float:
+        """The adapter scale ``s = alpha / r``."""
+        return self.alpha / self.rank
+
+    def problems(self) -> list[str]:
+        p = _positive(self, "relora.", ("rank", "reset_every"))
+        if not self.alpha > 0:
+            p.append(f"relora.alpha must be > 0, got {self.alpha}")
+        if not 0 <= self.dropout < 1:
+            p.append(f"relora.dropout must be in [0, 1), got {self.dropout}")
+        bad = [t for t in self.targets if t not in RELORA_TARGETS]
+        if bad or not self.targets:
+            p.append(f"relora.targets must be a non-empty subset of {list(RELORA_TARGETS)}, got {list(self.targets)}")
+        for attr in ("optimizer_reset_every", "lr_restart_every"):
+            v = getattr(self, attr)
+            if v is not None and v <= 0:
+                p.append(f"relora.{attr} must be > 0, got {v}")
+        if self.restart_warmup < 0 or self.restart_warmup >= self.lr_restart_period:
+            p.append(f"relora.restart_warmup={self.restart_warmup} must be in [0, lr restart period {self.lr_restart_period})")
+        if self.optimizer_reset not in OPTIMIZER_RESETS:
+            p.append(f"relora.optimizer_reset must be one of {list(OPTIMIZER_RESETS)}, got {self.optimizer_reset!r}")
+        r = self.optimizer_reset_ratio
+        if r is not None and not 0 <= r <= 1:
+            p.append(f"relora.optimizer_reset_ratio must be in [0, 1], got {r}")
+        if self.warm_start_steps < 0:
+            p.append(f"relora.warm_start_steps must be >= 0, got {self.warm_start_steps}")
+        return p
+
+    @property
+    def optimizer_reset_period(self) -> int:
+        return self.optimizer_reset_every or self.reset_every
+
+    @property
+    def lr_restart_period(self) -> int:
+        return self.lr_restart_every or self.reset_every
+
+    @property
+    def prune_ratio(self) -> float:
+        """Fraction of optimizer-state entries zeroed at a reset."""
+        if self.optimizer_reset_ratio is not None:
+            return self.optimizer_reset_ratio
+        return {"none": 0.0, "full": 1.0, "random": 0.999, "magnitude": 0.9}[self.optimizer_reset]
+
+
+#: Study settings (SPEC §3) as a named preset for ``relora``.
+RELORA_STUDY = ReLoRAConfig()
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines a run. ``batch_size`` counts sequences per optimizer step.
+
+    ``seq_len`` is tokens per sequence (``None``: the model's ``max_seq_len``).
+    ``warmup_steps`` ``None`` means 10% of ``steps``.
+    ``schedule`` is ``cosine`` (linear warmup then cosine to ``min_lr_ratio·lr``),
+    ``linear`` (warmup then linear decay to ``min_lr_ratio·lr``) or ``constant``;
+    ReLoRA runs always use the jagged cosine of SPEC §3. ``precision`` ``auto``
+    means bf16 autocast on CUDA and float32 on CPU.
+    """
+
+    preset: str = "micro"
+    method: str = "full"
+    model: ModelConfig = field(default_factory=lambda: MODEL_PRESETS["micro"])
+    data: DataConfig = field(default_factory=DataConfig)
+    relora: ReLoRAConfig = field(default_factory=ReLoRAConfig)
+    steps: int = 200
+    batch_size: int = 16
+    grad_accum: int = 1
+    seq_len: int | None = None
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int | None = None
+    schedule: str = "cosine"
+    beta1: float = 0.9
+    beta2: float = 0.999
+    weight_decay: float = 0.01
+    grad_clip: float | None = None
+    eval_interval: int = 50
+    eval_batches: int = 4
+    checkpoint_interval: int = 50
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.context
+
+    @property
+    def context(self) -> int:
+        return self.seq_len if self.seq_len is not None else self.model.max_seq_len
+
+    @property
+    def warmup(self) -> int:
+        """Warmup steps: ``warmup_steps``, or 10% of ``steps`` when unset."""
+        return self.warmup_steps if self.warmup_steps is not None else self.steps // 10
+
+    @property
+    def micro_batch_size(self) -> int:
+        return self.batch_size // self.grad_accum
+
+    def problems(self) -> list[str]:
+        p = self.model.problems() + self.data.problems()
+        if self.method not in ("full", "relora"):
+            p.append(f"method must be 'full' or 'relora', got {self.method!r}")
+        if self.method == "relora":
+            p += self.relora.problems()
+        p += _positive(self, "", ("steps", "batch_size", "grad_accum", "eval_batches", "eval_interval", "checkpoint_interval"))
+        if self.grad_accum > 0 and self.batch_size % self.grad_accum:
+            p.append(f"batch_size={self.batch_size} must be divisible by grad_accum={self.grad_accum}")
+        if self.seq_len is not None and not 0 < self.seq_len <= self.model.max_seq_len:
+            p.append(f"seq_len={self.seq_len} must be in [1, model.max_seq_len={self.model.max_seq_len}]")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            p.append(f"lr must be a positive finite number, got {self.lr}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            p.append(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.warmup_steps is not None and not 0 <= self.warmup_steps < max(self.steps, 1):
+            p.append(f"warmup_steps={self.warmup_steps} must be in [0, steps={self.steps})")
+        if self.schedule not in ("cosine", "linear", "constant"):
+            p.append(f"schedule must be cosine, linear or constant, got {self.schedule!r}")
+        for b in ("beta1", "beta2"):
+            if not 0 <= getattr(self, b) < 1:
+                p.append(f"{b} must be in [0, 1), got {getattr(self, b)}")
+        if self.weight_decay < 0:
+            p.append(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            p.append(f"grad_clip must be > 0 or null, got {self.grad_clip}")
+        if self.seed < 0:
+            p.append(f"seed must be >= 0, got {self.seed}")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            p.append(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            p.append(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
+        return p
+
+    def validate(self) -> "TrainConfig":
+        """Return ``self`` if valid, else raise :class:`ConfigError` listing every problem."""
+        problems = self.problems()
+        if problems:
+            raise ConfigError("invalid config: " + "; ".join(problems))
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain, JSON-serialisable nested dict (tuples become lists)."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+
+def _positive(obj: Any, prefix: str, names: tuple[str, ...]) -> list[str]:
+    return [f"{prefix}{n} must be > 0, got {getattr(obj, n)}" for n in names if not getattr(obj, n) > 0]
+
+
+# ---------------------------------------------------------------------------
+# Building a config from presets, files and overrides
+
+
+_SECTIONS = {"model": ModelConfig, "data": DataConfig, "relora": ReLoRAConfig}
+
+
+def parse_value(text: str) -> Any:
+    """Parse an override's value: ints, floats (``1e-3`` too), bools, ``null``/``none``, lists, else a string."""
+    s = text.strip()
+    low = s.lower()
+    if low in ("null", "none", "~"):
+        return None
+    if low in ("true", "false"):
+        return low == "true"
+    for cast in (int, float):
+        try:
+            return cast(s)
+        except ValueError:
+            pass
+    if s.startswith("[") and s.endswith("]"):
+        return [parse_value(x) for x in s[1:-1].split(",") if x.strip()]
+    return s
+
+
+def parse_overrides(items: list[str] | None) -> dict[str, Any]:
+    """``["lr=1e-3", "model.d_model=128"]`` → nested dict. Raises :class:`ConfigError` on a malformed item."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects key=value (e.g. lr=1e-3 or model.d_model=128), got {item!r}")
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {part!r} is not a section")
+        node[parts[-1]] = parse_value(value)
+    return out
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML or JSON mapping. Raises :class:`ConfigError` with the file name on any problem."""
+    import yaml
+
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {str(path)!r}: {e.strerror or e}") from None
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError) as e:
+        raise ConfigError(f"config file {str(path)!r} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {str(e).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping of settings, got {type(data).__name__}")
+    return data
+
+
+def _merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in update.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _coerce(value: Any, hint: Any, key: str, problems: list[str]) -> Any:
+    """Check ``value`` against a dataclass field type hint, converting ints to floats and lists to tuples."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key, problems)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            problems.append(f"{key} must be a list, got {value!r}")
+            return value
+        return tuple(_coerce(v, args[0], key, problems) for v in value)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    ok = isinstance(value, hint) and not (hint in (int, float) and isinstance(value, bool))
+    if not ok:
+        problems.append(f"{key} must be {hint.__name__}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _build(cls: type, values: Mapping[str, Any], prefix: str, problems: list[str], base: Any = None) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in known:
+            close = difflib.get_close_matches(str(key), sorted(known), n=1)
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else f" (known: {', '.join(sorted(known))})"
+            problems.append(f"unknown key {prefix + str(key)!r}{hint}")
+            continue
+        if key in _SECTIONS and cls is TrainConfig:
+            continue
+        n_before = len(problems)
+        coerced = _coerce(value, hints[key], prefix + key, problems)
+        if len(problems) == n_before:  # keep only well-typed values, so value checks can still run
+            kwargs[key] = coerced
+    return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
+
+
+def build_config(
+    *,
+    preset: str | None = None,
+    file: str | Path | None = None,
+    cli: Mapping[str, Any] | None = None,
+    overrides: list[str] | None = None,
+) -> TrainConfig:
+    """Resolve a :class:`TrainConfig` from preset < file < ``cli`` flags < ``key=value`` overrides.
+
+    ``cli`` holds already-typed top-level settings (``None`` values are ignored).
+    Raises :class:`ConfigError` naming every unknown key, wrong type and impossible value.
+    """
+    layered: dict[str, Any] = {}
+    if file is not None:
+        layered = _merge(layered, read_config_file(file))
+    layered = _merge(layered, {k: v for k, v in (cli or {}).items() if v is not None})
+    layered = _merge(layered, parse_overrides(overrides))
+    preset = preset or layered.get("preset") or "micro"
+    if preset not in MODEL_PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(MODEL_PRESETS)}")
+    layered["preset"] = preset
+
+    problems: list[str] = []
+    sections = {}
+    for name, cls in _SECTIONS.items():
+        section = layered.get(name, {})
+        if not isinstance(section, Mapping):
+            problems.append(f"{name} must be a mapping of settings, got {section!r}")
+            continue
+        base = MODEL_PRESETS[preset] if name == "model" else cls()
+        sections[name] = _build(cls, section, name + ".", problems, base=base)
+    top = _build(TrainConfig, layered, "", problems)
+    if len(sections) == len(_SECTIONS):
+        top = dataclasses.replace(top, **sections)
+        problems += top.problems()
+    if problems:
+        raise ConfigError("invalid config: " + "; ".join(problems))
+    return top
+
+
+def config_from_dict(data: Mapping[str, Any]) -> TrainConfig:
+    """Rebuild a config saved with :meth:`TrainConfig.to_dict` (e.g. from a run's manifest)."""
+    return build_config(cli=data)

@@ -1,0 +1,166 @@
+"""ReLoRA: low-rank adapters that are periodically merged into the frozen weight (SPEC §3).
+
+A wrapped projection computes ``W x + s · B (A dropout(x))`` with ``s = alpha / r``,
+``W`` (out×in) frozen, ``A`` (r×in) Kaiming-uniform and ``B`` (out×r) zero at
+init. The module keeps the base weight's state-dict key (``<name>.weight``) and
+the factors are real submodules ``<name>.lora_a`` / ``<name>.lora_b``, so names
+stay canonical.
+
+Every merge sets ``W ← W + s·B·A`` (in float32, cast back), re-draws ``A`` and
+zeroes ``B``: the model's function is unchanged. Optimizer state of the
+adapter parameters is then pruned (:func:`prune_optimizer_state`), acting on
+the very tensors ``torch.optim.AdamW`` reads at its next step.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trainer.config import ReLoRAConfig
+
+
+class ReLoRALinear(nn.Module):
+    """A bias-free linear layer with a frozen base ``weight`` and a trainable low-rank adapter."""
+
+    def __init__(self, base: nn.Linear, *, rank: int, alpha: float, dropout: float, generator: torch.Generator) -> None:
+        super().__init__()
+        out_features, in_features = base.weight.shape
+        if rank > min(out_features, in_features):
+            raise ValueError(f"ReLoRA rank {rank} exceeds min(out, in) = {min(out_features, in_features)} of a {out_features}×{in_features} matrix")
+        self.in_features, self.out_features = in_features, out_features
+        self.rank, self.scale = rank, alpha / rank
+        self.weight = nn.Parameter(base.weight.detach().clone(), requires_grad=False)  # (out, in), frozen
+        self.lora_a = nn.Linear(in_features, rank, bias=False, device=base.weight.device)  # weight (r, in)
+        self.lora_b = nn.Linear(rank, out_features, bias=False, device=base.weight.device)  # weight (out, r)
+        self.dropout = nn.Dropout(dropout)
+        self.reset_adapter(generator)
+
+    @torch.no_grad()
+    def reset_adapter(self, generator: torch.Generator) -> None:
+        """``A`` ← Kaiming-uniform (drawn on CPU from ``generator``, so runs are device-independent), ``B`` ← 0."""
+        a = torch.empty(self.lora_a.weight.shape, dtype=torch.float32)
+        bound = 1.0 / math.sqrt(self.in_features)  # kaiming_uniform with a=sqrt(5), as nn.Linear
+        a.uniform_(-bound, bound, generator=generator)
+        self.lora_a.weight.copy_(a)
+        self.lora_b.weight.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: (..., in) → (..., out)
+        return F.linear(x, self.weight) + self.scale * self.lora_b(self.lora_a(self.dropout(x)))
+
+    @torch.no_grad()
+    def delta_weight(self) -> torch.Tensor:
+        """The adapter's update ``s · B A`` ``(out, in)`` in float32."""
+        return self.scale * (self.lora_b.weight.float() @ self.lora_a.weight.float())
+
+    @torch.no_grad()
+    def effective_weight(self) -> torch.Tensor:
+        """``W + s·B·A`` ``(out, in)``, computed in float32 and cast to ``W``'s dtype."""
+        return (self.weight.float() + self.delta_weight()).to(self.weight.dtype)
+
+    @torch.no_grad()
+    def merge_and_reinit(self, generator: torch.Generator) -> None:
+        """``W ← W + s·B·A`` then a fresh adapter; the layer's function is unchanged up to float32 rounding."""
+        self.weight.copy_(self.effective_weight())
+        self.reset_adapter(generator)
+
+
+def wrap_model(model: nn.Module, cfg: ReLoRAConfig, generator: torch.Generator) -> list[str]:
+    """Replace every target projection (``cfg.targets``: q, k, v, o, gate, up, down) by a :class:`ReLoRALinear`.
+
+    Embeddings, norms and the LM head stay full-rank and trainable. Returns the
+    canonical names of the wrapped modules, in model order.
+    """
+    wrapped = []
+    for name, module in list(model.named_modules()):
+        leaf = name.rsplit(".", 1)[-1]
+        if isinstance(module, nn.Linear) and leaf in cfg.targets and name.startswith("layers."):
+            parent = model.get_submodule(name.rsplit(".", 1)[0])
+            setattr(parent, leaf, ReLoRALinear(module, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, generator=generator))
+            wrapped.append(name)
+    return wrapped
+
+
+def relora_modules(model: nn.Module) -> dict[str, ReLoRALinear]:
+    """Canonical name → wrapped module."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, ReLoRALinear)}
+
+
+def merge_all(model: nn.Module, generator: torch.Generator) -> int:
+    """Merge and re-initialise every adapter; returns how many were merged."""
+    mods = relora_modules(model)
+    for m in mods.values():
+        m.merge_and_reinit(generator)
+    return len(mods)
+
+
+def dense_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's weights under canonical keys, wrapped layers replaced by their effective ``W + s·B·A``.
+
+    A full-rank and a ReLoRA model give the same keys.
+    """
+    mods = relora_modules(model)
+    out = {}
+    for key, value in model.state_dict().items():
+        owner = key.rsplit(".", 1)[0]
+        if owner in mods or owner.rsplit(".", 1)[0] in mods:
+            continue
+        out[key] = value
+    for name, m in mods.items():
+        out[f"{name}.weight"] = m.effective_weight()
+    return out
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Frozen bases and factors of every wrapped layer: ``<name>.weight`` (W), ``<name>.lora_a.weight``, ``<name>.lora_b.weight``."""
+    out = {}
+    for name, m in relora_modules(model).items():
+        out[f"{name}.weight"] = m.weight
+        out[f"{name}.lora_a.weight"] = m.lora_a.weight
+        out[f"{name}.lora_b.weight"] = m.lora_b.weight
+    return out
+
+
+def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The adapter factors ``A`` and ``B`` of every wrapped layer."""
+    return [p for m in relora_modules(model).values() for p in (m.lora_a.weight, m.lora_b.weight)]
+
+
+@torch.no_grad()
+def prune_optimizer_state(optimizer: torch.optim.Optimizer, params: list[nn.Parameter], *, mode: str, ratio: float,
+                          generator: torch.Generator) -> dict[str, float]:
+    """Zero a fraction of Adam's ``exp_avg``/``exp_avg_sq`` for ``params``, in place; the step counter is kept.
+
+    ``mode``: ``none`` (no-op), ``full`` (zero all), ``random`` (zero each entry
+    with probability ``ratio``, mask drawn on CPU from ``generator``) or
+    ``magnitude`` (zero the ``ratio`` fraction of entries with the smallest
+    ``|value|``, per state tensor). Returns the fraction of entries now zero.
+    """
+    if mode == "none":
+        return {"zero_fraction": float("nan")}
+    zeros, total = 0, 0
+    for p in params:
+        state = optimizer.state.get(p)
+        if not state:
+            continue
+        for key in ("exp_avg", "exp_avg_sq"):
+            t = state[key]
+            if mode == "full":
+                t.zero_()
+            elif mode == "random":
+                keep = torch.rand(t.shape, generator=generator) >= ratio
+                t.mul_(keep.to(device=t.device, dtype=t.dtype))
+            elif mode == "magnitude":
+                k = int(ratio * t.numel())
+                if k > 0:
+                    threshold = t.abs().flatten().kthvalue(k).values
+                    t.masked_fill_(t.abs() <= threshold, 0.0)
+            else:
+                raise ValueError(f"unknown optimizer reset mode {mode!r}")
+            zeros += int((t == 0).sum())
+            total += t.numel()
+    return {"zero_fraction": zeros / total if total else float("nan")}

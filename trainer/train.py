@@ -1,0 +1,377 @@
+"""The training recipe: setup → train → save_checkpoint → cleanup.
+
+One loop serves both methods. ``method = "full"`` trains every parameter;
+``method = "relora"`` wraps the projections with :class:`trainer.relora.ReLoRALinear`
+(after ``relora.warm_start_steps`` full-rank steps), merges and re-initialises
+the adapters every ``relora.reset_every`` steps, prunes the adapters' optimizer
+state, and follows the jagged cosine schedule.
+
+Step ``t`` in logs and checkpoint names counts optimizer updates done: the
+checkpoint ``step_000000`` is the initialisation and ``step_000100`` holds the
+state after 100 updates.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from trainer import checkpoint as ckpt
+from trainer import relora
+from trainer.config import ConfigError, TrainConfig, config_from_dict
+from trainer.data import prepare, train_micro_batch, validation_batches
+from trainer.model import Decoder, count_parameters
+from trainer.schedule import constant_factor, cosine_factor, jagged_cosine_factor, linear_factor
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. the loss became non-finite)."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={name!r} requested but CUDA is not available on this machine; use device=cpu")
+    return torch.device(name)
+
+
+def lr_at(cfg: TrainConfig, t: int) -> float:
+    """Learning rate of update ``t`` (0-based)."""
+    kw = dict(total=cfg.steps, warmup=cfg.warmup, min_ratio=cfg.min_lr_ratio)
+    if cfg.method == "relora":
+        r = cfg.relora
+        return cfg.lr * jagged_cosine_factor(t, restart_every=r.lr_restart_period, restart_warmup=r.restart_warmup, **kw)
+    factor = {"cosine": cosine_factor, "linear": linear_factor, "constant": constant_factor}[cfg.schedule]
+    return cfg.lr * factor(t, **kw)
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW over trainable parameters, in ``named_parameters`` order; weight decay on matrices only (not norms)."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    extra = {"fused": True} if device.type == "cuda" else {}
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **extra)
+
+
+class JsonlLog:
+    """Append-only JSON-lines log, flushed after every record."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._f = open(path, "a", buffering=1)
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._f.write(json.dumps(record) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def truncate_log(path: Path, last_step: int) -> None:
+    """Keep only complete records with ``step <= last_step`` (drops a half-written last line)."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and rec.get("step", math.inf) <= last_step:
+            kept.append(line)
+    from trainer.atomic import atomic_write_bytes
+
+    atomic_write_bytes(path, ("\n".join(kept) + "\n" if kept else "").encode())
+
+
+# Settings that may differ on resume without changing what is computed.
+RESUME_MUTABLE = ("steps", "eval_interval", "eval_batches", "checkpoint_interval", "device", "precision")
+
+
+class Trainer:
+    """Runs one training job into ``run_dir``. Use :func:`train` for the common case."""
+
+    def __init__(self, cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, progress: bool = True,
+                 echo: Callable[[str], None] = print) -> None:
+        self.cfg = cfg.validate()
+        self.run_dir = Path(run_dir)
+        self.resume = resume
+        self.progress = progress
+        self.echo = echo
+        self.step = 0
+        self.tokens_seen = 0
+        self.merges = 0
+        self.last_loss: float | None = None
+        self.last_val_loss: float | None = None
+        self.wrapped: list[str] = []
+
+    # -- setup -------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        cfg = self.cfg
+        manifest = None
+        if (self.run_dir / ckpt.MANIFEST).exists():
+            if not self.resume:
+                raise ConfigError(f"{self.run_dir} already holds a run; pass --resume to continue it or choose another --out")
+            manifest = ckpt.read_manifest(self.run_dir)
+            cfg = self.cfg = self._reconcile(manifest)
+        elif self.run_dir.exists() and any(self.run_dir.iterdir()) and not self.resume:
+            raise ConfigError(f"{self.run_dir} exists and is not empty; choose a new --out")
+        if manifest is not None and not manifest["checkpoints"]:
+            manifest = None  # crashed before the first checkpoint: start over
+
+        self.device = resolve_device(cfg.device)
+        bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
+        self.autocast = (
+            (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+        )
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.data = prepare(cfg.data, self.run_dir / "data")
+        if self.data.vocab_size > cfg.model.vocab_size:
+            raise ConfigError(
+                f"the data uses {self.data.vocab_size} token ids but model.vocab_size={cfg.model.vocab_size}; "
+                f"set model.vocab_size>={self.data.vocab_size}"
+            )
+        for split, stream in (("train", self.data.train), ("val", self.data.val)):
+            if len(stream) < cfg.context + 1:
+                raise ConfigError(f"the {split} split has {len(stream)} tokens, fewer than one sequence of seq_len+1={cfg.context + 1}")
+
+        torch.manual_seed(cfg.seed)
+        self.model = Decoder(cfg.model)  # initialised on CPU from the seed: the same on every device
+        self.adapter_rng = torch.Generator().manual_seed(cfg.seed + 1)  # adapter re-draws and optimizer pruning
+        self.model.to(self.device)
+        if cfg.method == "relora" and cfg.relora.warm_start_steps == 0:
+            self._wrap()
+        self.optimizer = build_optimizer(self.model, cfg, self.device)
+        self.val_batches = validation_batches(self.data.val, n_batches=cfg.eval_batches,
+                                              batch_size=cfg.micro_batch_size, seq_len=cfg.context)
+
+        if manifest is not None:
+            self._load(manifest)
+            self.log = JsonlLog(self.run_dir / ckpt.METRICS)
+        else:
+            ckpt.write_manifest(self.run_dir, ckpt.new_manifest(cfg.to_dict(), self.data.meta))
+            (self.run_dir / ckpt.METRICS).unlink(missing_ok=True)
+            self.log = JsonlLog(self.run_dir / ckpt.METRICS)
+            self.last_val_loss = self.evaluate()
+            self.log.write({"step": 0, "val_loss": self.last_val_loss, "tokens_seen": 0})
+            self.save_checkpoint()
+
+    def _reconcile(self, manifest: dict[str, Any]) -> TrainConfig:
+        """Config to resume with: the stored one, except the settings in :data:`RESUME_MUTABLE`; warn on differences."""
+        stored = config_from_dict(manifest["config"])
+        asked, kept = self.cfg.to_dict(), stored.to_dict()
+        diffs = [k for k in asked if asked[k] != kept[k]]
+        mutable = {k: asked[k] for k in diffs if k in RESUME_MUTABLE}
+        ignored = [k for k in diffs if k not in RESUME_MUTABLE and k != "preset"]
+        if ignored:
+            warnings.warn(f"resuming {self.run_dir}: keeping the run's stored {', '.join(ignored)} (the new values are ignored)",
+                          stacklevel=3)
+        if mutable:
+            warnings.warn(f"resuming {self.run_dir} with changed {', '.join(f'{k}={v}' for k, v in mutable.items())}", stacklevel=3)
+        return config_from_dict({**kept, **mutable})
+
+    def _wrap(self) -> None:
+        self.wrapped = relora.wrap_model(self.model, self.cfg.relora, self.adapter_rng)
+
+    def _load(self, manifest: dict[str, Any]) -> None:
+        removed = ckpt.remove_unlisted_checkpoints(self.run_dir, manifest)
+        for path in removed:
+            self.echo(f"removed incomplete checkpoint {path}")
+        payload = ckpt.load_checkpoint(self.run_dir, map_location=self.device)
+        state = payload.state
+        if self.cfg.method == "relora" and state.get("wrapped") and not self.wrapped:
+            self._wrap()
+            self.optimizer = build_optimizer(self.model, self.cfg, self.device)
+        weights = dict(payload.model)
+        if payload.adapters is not None:
+            weights.update(payload.adapters)
+        missing, unexpected = self.model.load_state_dict(weights, strict=False)
+        if missing or unexpected:
+            raise ckpt.CheckpointError(f"checkpoint does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        self.optimizer.load_state_dict(payload.optimizer)
+        torch.set_rng_state(payload.rng["torch"])
+        if self.device.type == "cuda" and "cuda" in payload.rng:
+            torch.cuda.set_rng_state(payload.rng["cuda"], self.device)
+        self.adapter_rng.set_state(payload.rng["adapter"])
+        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        self.merges = state.get("merges", 0)
+        self.last_loss, self.last_val_loss = state.get("loss"), state.get("val_loss")
+        truncate_log(self.run_dir / ckpt.METRICS, self.step)
+        self.echo(f"resumed {self.run_dir} at step {self.step}")
+
+    # -- train -------------------------------------------------------------------------------
+
+    def train_step(self) -> dict[str, Any]:
+        """One optimizer update (all micro-batches of step ``self.step``); returns its log record."""
+        cfg = self.cfg
+        t = self.step
+        if cfg.method == "relora" and not self.wrapped and t >= cfg.relora.warm_start_steps:
+            self._switch_to_relora()
+        lr = lr_at(cfg, t)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.model.train()
+        total = 0.0
+        for micro in range(cfg.grad_accum):
+            x, y = train_micro_batch(self.data.train, seed=cfg.seed, step=t, micro=micro, batch_size=cfg.batch_size,
+                                     grad_accum=cfg.grad_accum, seq_len=cfg.context)
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            with self.autocast():
+                loss = self.model.loss(x, y) / cfg.grad_accum
+            loss.backward()
+            total += loss.detach()
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        max_norm = cfg.grad_clip if cfg.grad_clip is not None else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        loss_value = float(total)
+        if not math.isfinite(loss_value):
+            raise TrainingError(
+                f"loss became {loss_value} at step {t}; the last good checkpoint is kept in {self.run_dir}. "
+                "Try a lower lr or grad_clip=1.0"
+            )
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step = t + 1
+        self.tokens_seen += cfg.tokens_per_step
+        self.last_loss = loss_value
+        record = {"step": self.step, "loss": loss_value, "lr": lr, "grad_norm": float(grad_norm),
+                  "tokens_seen": self.tokens_seen}
+        if cfg.method == "relora" and self.wrapped:
+            record.update(self._relora_events(t))
+        return record
+
+    def _switch_to_relora(self) -> None:
+        """End of the warm start: wrap the projections and rebuild the optimizer (fresh state for everything)."""
+        self._wrap()
+        self.optimizer = build_optimizer(self.model, self.cfg, self.device)
+
+    def _relora_events(self, t: int) -> dict[str, Any]:
+        """Merge and/or prune after update ``t`` when its index is a multiple of the respective period."""
+        r = self.cfg.relora
+        events: dict[str, Any] = {}
+        if t > 0 and t % r.reset_every == 0:
+            relora.merge_all(self.model, self.adapter_rng)
+            self.merges += 1
+            events["merge"] = self.merges
+        if t > 0 and t % r.optimizer_reset_period == 0 and r.optimizer_reset != "none":
+            stats = relora.prune_optimizer_state(self.optimizer, relora.lora_parameters(self.model),
+                                                 mode=r.optimizer_reset, ratio=r.prune_ratio, generator=self.adapter_rng)
+            events["optimizer_reset"] = stats["zero_fraction"]
+        return events
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean validation loss (nats/token) over the fixed validation batches; no RNG is consumed."""
+        was_training = self.model.training
+        self.model.eval()
+        total, count = 0.0, 0
+        for x, y in self.val_batches:
+            with self.autocast():
+                total += float(self.model.loss(x.to(self.device), y.to(self.device))) * x.numel()
+            count += x.numel()
+        self.model.train(was_training)
+        return total / count
+
+    def run(self, *, stop_at: int | None = None) -> Path:
+        """Train until ``cfg.steps``, evaluating and checkpointing at their intervals (and at the end).
+
+        ``stop_at`` ends the session early at that step, with a checkpoint there;
+        the schedule still follows ``cfg.steps``, so ``--resume`` continues exactly.
+        """
+        cfg = self.cfg
+        end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
+        bar = _progress_bar(total=cfg.steps, initial=self.step, enabled=self.progress)
+        last_saved = self.step
+        try:
+            t0, tokens0 = time.perf_counter(), self.tokens_seen
+            while self.step < end:
+                record = self.train_step()
+                if self.step % cfg.eval_interval == 0 or self.step == cfg.steps:
+                    self.last_val_loss = record["val_loss"] = self.evaluate()
+                elapsed = time.perf_counter() - t0
+                record["tokens_per_s"] = (self.tokens_seen - tokens0) / max(elapsed, 1e-9)
+                self.log.write(record)
+                if self.step % cfg.checkpoint_interval == 0 or self.step in (cfg.steps, end):
+                    self.save_checkpoint()
+                    last_saved = self.step
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
+                                tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
+        except KeyboardInterrupt:
+            if self.step != last_saved:
+                self.echo(f"\ninterrupted: saving a checkpoint at step {self.step}")
+                self.save_checkpoint()
+            raise
+        finally:
+            bar.close()
+        return self.run_dir
+
+    # -- save / cleanup ----------------------------------------------------------------------
+
+    def save_checkpoint(self) -> None:
+        model = self.model
+        rng = {"torch": torch.get_rng_state(), "adapter": self.adapter_rng.get_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        state = {
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "loss": self.last_loss,
+            "val_loss": self.last_val_loss,
+            "lr": lr_at(self.cfg, max(self.step - 1, 0)),
+            "method": self.cfg.method,
+            "wrapped": bool(self.wrapped),
+            "merges": self.merges,
+            "n_params": count_parameters(model),
+            "n_trainable": count_parameters(model, trainable_only=True),
+        }
+        ckpt.save_checkpoint(self.run_dir, ckpt.CheckpointPayload(
+            model=relora.dense_state_dict(model),
+            adapters=relora.adapter_state_dict(model) if self.wrapped else None,
+            optimizer=self.optimizer.state_dict(),
+            rng=rng,
+            state=state,
+        ))
+
+    def cleanup(self) -> None:
+        log = getattr(self, "log", None)
+        if log is not None:
+            log.close()
+
+
+def _progress_bar(*, total: int, initial: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True,
+                mininterval=0.5, leave=True)
+
+
+def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, progress: bool = True) -> Path:
+    """Train ``cfg`` into ``run_dir`` (resuming from its last complete checkpoint if ``resume``); returns ``run_dir``."""
+    trainer = Trainer(cfg, run_dir, resume=resume, progress=progress)
+    try:
+        trainer.setup()
+        return trainer.run()
+    finally:
+        trainer.cleanup()
+
+
+def threads_hint() -> None:
+    """Use every core for intra-op parallelism unless the user said otherwise (OMP_NUM_THREADS)."""
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(os.cpu_count() or 1)
