@@ -24,6 +24,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--method", choices=["full", "relora"], help="full-rank or ReLoRA (default full)")
     p.add_argument("--steps", type=int, help="optimizer steps")
     p.add_argument("--config", type=Path, help="YAML or JSON file of settings")
+    p.add_argument("--init-from", metavar="RUN_DIR[@STEP]",
+                   help="start from another run's dense weights (e.g. a full-rank warm start) instead of a fresh init")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a setting, dotted for sections (lr=1e-3, model.d_model=128, relora.rank=8); repeatable")
     p.add_argument("--out", type=Path, required=True, help="run directory to create (or continue with --resume)")
@@ -36,7 +38,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from trainer.config import build_config
     from trainer.train import threads_hint, train
 
-    cfg = build_config(preset=args.preset, file=args.config, cli={"method": args.method, "steps": args.steps},
+    cfg = build_config(preset=args.preset, file=args.config, cli={"method": args.method, "steps": args.steps, "init_from": args.init_from},
                        overrides=args.overrides)
     threads_hint()
     out = train(cfg, args.out, resume=args.resume, progress=not args.no_progress)

@@ -177,13 +177,66 @@ class ReLoRAConfig:
 #: Study settings (SPEC §3) as a named preset for ``relora``.
 RELORA_STUDY = ReLoRAConfig()
 
+CAPTURE_DTYPES = ("float16", "float32")
+CAPTURE_COMPRESSIONS = ("gzip", "lzf", "none")
+
+
+@dataclass(frozen=True)
+class CaptureConfig:
+    """Dense learning-dynamics capture into ``dynamics/step_XXXXXX.h5`` (SPEC §4; schema in ``data/README.md``).
+
+    ``every``: capture interval in steps, a multiple of ``checkpoint_interval``
+    (``None``: at every checkpoint); the last step is always captured. The probe
+    set is chosen once from the data, ``seq_len`` and ``capture.seed`` only (not
+    the run's seed), so runs on the same data share it: ``probe_sequences``
+    validation sequences for activations, of which ``token_sample`` fixed,
+    recorded token positions are stored (``None``: every position), and
+    ``grad_sequences`` training sequences for gradients. ``act_names`` and
+    ``grad_names`` are globs over canonical names selecting the sites.
+    """
+
+    enabled: bool = True
+    every: int | None = None
+    probe_sequences: int = 8
+    grad_sequences: int = 8
+    token_sample: int | None = 512
+    act_names: tuple[str, ...] = ("**",)
+    grad_names: tuple[str, ...] = ("layers.**",)
+    act_dtype: str = "float16"
+    grad_dtype: str = "float32"
+    compression: str = "gzip"
+    compression_level: int = 1
+    seed: int = 0
+
+    def problems(self) -> list[str]:
+        p = _positive(self, "capture.", ("probe_sequences", "grad_sequences"))
+        for attr in ("every", "token_sample"):
+            v = getattr(self, attr)
+            if v is not None and v <= 0:
+                p.append(f"capture.{attr} must be > 0 or null, got {v}")
+        for attr in ("act_dtype", "grad_dtype"):
+            if getattr(self, attr) not in CAPTURE_DTYPES:
+                p.append(f"capture.{attr} must be one of {list(CAPTURE_DTYPES)}, got {getattr(self, attr)!r}")
+        if self.compression not in CAPTURE_COMPRESSIONS:
+            p.append(f"capture.compression must be one of {list(CAPTURE_COMPRESSIONS)}, got {self.compression!r}")
+        if not 0 <= self.compression_level <= 9:
+            p.append(f"capture.compression_level must be in [0, 9], got {self.compression_level}")
+        for attr in ("act_names", "grad_names"):
+            if not all(isinstance(g, str) and g for g in getattr(self, attr)):
+                p.append(f"capture.{attr} must be a list of non-empty globs (e.g. [layers.*.attn.q]), got {list(getattr(self, attr))}")
+        if self.seed < 0:
+            p.append(f"capture.seed must be >= 0, got {self.seed}")
+        return p
+
 
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything that defines a run. ``batch_size`` counts sequences per optimizer step.
 
     ``seq_len`` is tokens per sequence (``None``: the model's ``max_seq_len``).
-    ``warmup_steps`` ``None`` means 10% of ``steps``.
+    ``warmup_steps`` ``None`` means 10% of ``steps``. ``init_from``
+    (``RUN_DIR@STEP``, or ``RUN_DIR`` for its latest checkpoint) starts from
+    another run's dense weights instead of a fresh initialisation.
     ``schedule`` is ``cosine`` (linear warmup then cosine to ``min_lr_ratio·lr``),
     ``linear`` (warmup then linear decay to ``min_lr_ratio·lr``) or ``constant``;
     ReLoRA runs always use the jagged cosine of SPEC §3. ``precision`` ``auto``
@@ -195,6 +248,7 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=lambda: MODEL_PRESETS["micro"])
     data: DataConfig = field(default_factory=DataConfig)
     relora: ReLoRAConfig = field(default_factory=ReLoRAConfig)
+    capture: CaptureConfig = field(default_factory=CaptureConfig)
     steps: int = 200
     batch_size: int = 16
     grad_accum: int = 1
@@ -213,6 +267,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     precision: str = "auto"
+    init_from: str | None = None
 
     @property
     def tokens_per_step(self) -> int:
@@ -237,6 +292,10 @@ class TrainConfig:
             p.append(f"method must be 'full' or 'relora', got {self.method!r}")
         if self.method == "relora":
             p += self.relora.problems()
+        p += self.capture.problems()
+        every = self.capture.every
+        if every is not None and every > 0 and self.checkpoint_interval > 0 and every % self.checkpoint_interval:
+            p.append(f"capture.every={every} must be a multiple of checkpoint_interval={self.checkpoint_interval}")
         p += _positive(self, "", ("steps", "batch_size", "grad_accum", "eval_batches", "eval_interval", "checkpoint_interval"))
         if self.grad_accum > 0 and self.batch_size % self.grad_accum:
             p.append(f"batch_size={self.batch_size} must be divisible by grad_accum={self.grad_accum}")
@@ -261,6 +320,12 @@ class TrainConfig:
             p.append(f"seed must be >= 0, got {self.seed}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             p.append(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.init_from is not None:
+            run, _, step = self.init_from.rpartition("@") if "@" in self.init_from else (self.init_from, "", "")
+            if step and not step.isdigit():
+                p.append(f"init_from must be RUN_DIR or RUN_DIR@STEP, got {self.init_from!r}")
+            elif not (Path(run) / "manifest.json").exists():
+                p.append(f"init_from: {run!r} is not a run directory (no manifest.json)")
         if self.precision not in ("auto", "fp32", "bf16"):
             p.append(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
         return p
@@ -285,7 +350,7 @@ def _positive(obj: Any, prefix: str, names: tuple[str, ...]) -> list[str]:
 # Building a config from presets, files and overrides
 
 
-_SECTIONS = {"model": ModelConfig, "data": DataConfig, "relora": ReLoRAConfig}
+_SECTIONS = {"model": ModelConfig, "data": DataConfig, "relora": ReLoRAConfig, "capture": CaptureConfig}
 
 
 def parse_value(text: str) -> Any:

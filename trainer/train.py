@@ -27,6 +27,7 @@ from torch import nn
 
 from trainer import checkpoint as ckpt
 from trainer import relora
+from trainer.capture import Capturer
 from trainer.config import ConfigError, TrainConfig, config_from_dict
 from trainer.data import prepare, train_micro_batch, validation_batches
 from trainer.model import Decoder, count_parameters
@@ -153,18 +154,26 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.model = Decoder(cfg.model)  # initialised on CPU from the seed: the same on every device
         self.adapter_rng = torch.Generator().manual_seed(cfg.seed + 1)  # adapter re-draws and optimizer pruning
+        if cfg.init_from is not None and manifest is None:
+            self._init_from(cfg.init_from)
         self.model.to(self.device)
         if cfg.method == "relora" and cfg.relora.warm_start_steps == 0:
             self._wrap()
         self.optimizer = build_optimizer(self.model, cfg, self.device)
         self.val_batches = validation_batches(self.data.val, n_batches=cfg.eval_batches,
                                               batch_size=cfg.micro_batch_size, seq_len=cfg.context)
+        self.capturer = Capturer.for_trainer(self)  # the fixed probe set; None when capture.enabled is false
 
         if manifest is not None:
             self._load(manifest)
+            if self.capturer is not None:
+                self.capturer.on_resume(self, manifest)
             self.log = JsonlLog(self.run_dir / ckpt.METRICS)
         else:
-            ckpt.write_manifest(self.run_dir, ckpt.new_manifest(cfg.to_dict(), self.data.meta))
+            manifest = ckpt.new_manifest(cfg.to_dict(), self.data.meta)
+            if self.capturer is not None:
+                self.capturer.describe(manifest)  # records the probe set: indices and sha256
+            ckpt.write_manifest(self.run_dir, manifest)
             (self.run_dir / ckpt.METRICS).unlink(missing_ok=True)
             self.log = JsonlLog(self.run_dir / ckpt.METRICS)
             self.last_val_loss = self.evaluate()
@@ -184,6 +193,17 @@ class Trainer:
         if mutable:
             warnings.warn(f"resuming {self.run_dir} with changed {', '.join(f'{k}={v}' for k, v in mutable.items())}", stacklevel=3)
         return config_from_dict({**kept, **mutable})
+
+    def _init_from(self, spec: str) -> None:
+        """Load dense weights from ``RUN_DIR@STEP`` (or ``RUN_DIR``: latest); shapes must match this model."""
+        run, _, step = spec.rpartition("@") if "@" in spec else (spec, "", "")
+        payload = ckpt.load_checkpoint(run, int(step) if step else None)
+        ours = self.model.state_dict()
+        bad = [k for k in ours if k not in payload.model or payload.model[k].shape != ours[k].shape]
+        if bad:
+            raise ckpt.CheckpointError(f"init_from {spec}: weights do not fit this model (first mismatch: {bad[0]})")
+        self.model.load_state_dict({k: payload.model[k] for k in ours})
+        self.echo(f"initialised from {run} step {payload.state['step']}")
 
     def _wrap(self) -> None:
         self.wrapped = relora.wrap_model(self.model, self.cfg.relora, self.adapter_rng)
@@ -256,9 +276,18 @@ class Trainer:
         return record
 
     def _switch_to_relora(self) -> None:
-        """End of the warm start: wrap the projections and rebuild the optimizer (fresh state for everything)."""
+        """End of the warm start: wrap the projections and rebuild the optimizer.
+
+        Parameters that stay trainable (embeddings, norms, head) keep their Adam
+        state; the adapters start fresh and the frozen bases leave the optimizer.
+        """
+        old = self.optimizer
         self._wrap()
         self.optimizer = build_optimizer(self.model, self.cfg, self.device)
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                if p in old.state:
+                    self.optimizer.state[p] = old.state[p]
 
     def _relora_events(self, t: int) -> dict[str, Any]:
         """Merge and/or prune after update ``t`` when its index is a multiple of the respective period."""
@@ -347,6 +376,8 @@ class Trainer:
             rng=rng,
             state=state,
         ))
+        if getattr(self, "capturer", None) is not None:
+            self.capturer.on_checkpoint(self)  # dynamics/step_XXXXXX.h5 when due, listed in the manifest entry
 
     def cleanup(self) -> None:
         log = getattr(self, "log", None)
