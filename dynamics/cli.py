@@ -1,6 +1,7 @@
 """The ``dynamics`` command line.
 
-``dynamics train``   train a run (full-rank or ReLoRA) into a run directory
+``dynamics train``    train a run (full-rank or ReLoRA) into a run directory
+``dynamics evaluate`` validation loss / perplexity and minimal-pair accuracy per checkpoint
 ``dynamics demo``    the main job: a tiny full-rank and ReLoRA pair on the built-in corpus
 
 User mistakes (bad config, missing files, corrupted checkpoints) print one
@@ -46,10 +47,53 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate", help="validation loss/perplexity and minimal-pair accuracy per checkpoint",
+                       description="Evaluate every checkpoint of a run: validation loss and perplexity, and minimal-pair "
+                                   "accuracy per phenomenon on the built-in grammar's pairs and on BLiMP-format JSONL files.")
+    p.add_argument("run", type=Path, help="run directory")
+    p.add_argument("--blimp", type=Path, action="append", default=[], metavar="FILE.jsonl",
+                   help="BLiMP-format minimal pairs (sentence_good, sentence_bad[, UID]); repeatable")
+    p.add_argument("--steps", type=int, nargs="+", help="only these checkpoint steps")
+    p.add_argument("--out", type=Path, help="write the long table here (.csv or .parquet)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.set_defaults(func=_cmd_evaluate)
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from trainer.evaluate import evaluate_run
+
+    table = evaluate_run(args.run, blimp=args.blimp, steps=args.steps, device=args.device)
+    if args.out is not None:
+        _write_table(table, args.out)
+        print(f"wrote {args.out}")
+    is_pair = table["metric"] == "pair_acc"
+    col = table["metric"].where(~is_pair, table["source"] + ":" + table["phenomenon"].astype(str))
+    wide = table.assign(col=col)
+    wide = wide.pivot_table(index="col", columns="step", values="value", aggfunc="first")
+    wide.index.name, wide.columns.name = "metric \\ step", None
+    print(wide.to_string(float_format=lambda v: f"{v:.3f}"))
+    return 0
+
+
+def _write_table(table, path: Path) -> None:
+    from trainer.atomic import atomic_write
+
+    if path.suffix == ".parquet":
+        atomic_write(path, lambda p: table.to_parquet(p, index=False))
+    elif path.suffix == ".csv":
+        atomic_write(path, lambda p: table.to_csv(p, index=False))
+    else:
+        from trainer.config import ConfigError
+
+        raise ConfigError(f"--out must end in .csv or .parquet, got {str(path)!r}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dynamics", description="Learning dynamics of full-rank vs ReLoRA pretraining.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_train(sub)
+    _add_evaluate(sub)
     return parser
 
 
@@ -58,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     from trainer.checkpoint import CheckpointError
     from trainer.config import ConfigError
     from trainer.data import DataError
+    from trainer.evaluate import EvaluationError
     from trainer.train import TrainingError
 
     parser = build_parser()
@@ -65,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"
     try:
         return args.func(args)
-    except (ConfigError, DataError, CheckpointError) as e:
+    except (ConfigError, DataError, CheckpointError, EvaluationError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except TrainingError as e:

@@ -234,3 +234,24 @@ def load_checkpoint(run_dir: str | Path, step: int | None = None, *, verify: boo
         raise
     except Exception as e:  # safetensors/pickle/json each raise their own types on a damaged file
         raise CheckpointError(f"checkpoint {ckpt} could not be read: {type(e).__name__}: {e}") from None
+
+
+def load_model(run_dir: str | Path, step: int | None = None, *, device: str | torch.device = "cpu"):
+    """Rebuild a run's model from its manifest and load a checkpoint's dense weights (eval mode).
+
+    For ReLoRA runs this is the merged model (effective weights ``W + s·B·A``),
+    which computes the same function as the adapter-wrapped one.
+    """
+    from trainer.config import config_from_dict
+    from trainer.model import Decoder
+
+    manifest = read_manifest(run_dir)
+    entry = checkpoint_entry(manifest, step)
+    verify_checkpoint(run_dir, entry)
+    cfg = config_from_dict({**manifest["config"], "init_from": None})
+    model = Decoder(cfg.model)
+    try:
+        model.load_state_dict(load_file(Path(run_dir) / entry["path"] / MODEL_FILE))
+    except Exception as e:
+        raise CheckpointError(f"{Path(run_dir) / entry['path'] / MODEL_FILE} does not fit the run's model: {e}") from None
+    return model.to(device).eval()

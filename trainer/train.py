@@ -160,6 +160,9 @@ class Trainer:
         if cfg.method == "relora" and cfg.relora.warm_start_steps == 0:
             self._wrap()
         self.optimizer = build_optimizer(self.model, cfg, self.device)
+        from trainer.evaluate import builtin_pairs
+
+        self.eval_pairs = builtin_pairs(self.data.meta, n=200)
         self.val_batches = validation_batches(self.data.val, n_batches=cfg.eval_batches,
                                               batch_size=cfg.micro_batch_size, seq_len=cfg.context)
         self.capturer = Capturer.for_trainer(self)  # the fixed probe set; None when capture.enabled is false
@@ -176,8 +179,7 @@ class Trainer:
             ckpt.write_manifest(self.run_dir, manifest)
             (self.run_dir / ckpt.METRICS).unlink(missing_ok=True)
             self.log = JsonlLog(self.run_dir / ckpt.METRICS)
-            self.last_val_loss = self.evaluate()
-            self.log.write({"step": 0, "val_loss": self.last_val_loss, "tokens_seen": 0})
+            self.log.write({"step": 0, **self.evaluate_all(), "tokens_seen": 0})
             self.save_checkpoint()
 
     def _reconcile(self, manifest: dict[str, Any]) -> TrainConfig:
@@ -303,6 +305,17 @@ class Trainer:
             events["optimizer_reset"] = stats["zero_fraction"]
         return events
 
+    def evaluate_all(self) -> dict[str, float]:
+        """Validation loss (nats/token) and, on the built-in corpus, minimal-pair accuracy; sets ``last_val_loss``."""
+        self.last_val_loss = self.evaluate()
+        out = {"val_loss": self.last_val_loss}
+        if self.eval_pairs is not None:
+            from trainer.evaluate import minimal_pair_accuracy, tokenizer_for
+
+            acc = minimal_pair_accuracy(self.model, self.eval_pairs, tokenizer_for(self.data.meta), device=self.device)
+            out["pair_acc"] = acc["overall"]
+        return out
+
     @torch.no_grad()
     def evaluate(self) -> float:
         """Mean validation loss (nats/token) over the fixed validation batches; no RNG is consumed."""
@@ -331,7 +344,7 @@ class Trainer:
             while self.step < end:
                 record = self.train_step()
                 if self.step % cfg.eval_interval == 0 or self.step == cfg.steps:
-                    self.last_val_loss = record["val_loss"] = self.evaluate()
+                    record.update(self.evaluate_all())
                 elapsed = time.perf_counter() - t0
                 record["tokens_per_s"] = (self.tokens_seen - tokens0) / max(elapsed, 1e-9)
                 self.log.write(record)

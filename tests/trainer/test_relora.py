@@ -231,3 +231,8 @@ def test_full_rank_and_relora_both_learn_the_grammar(tmp_path):
     stream = prepare(DataConfig(train_tokens=400000, val_tokens=20000), tmp_path / "full" / "data").val
     h1 = unigram_entropy(stream)  # ≈ 4.4 nats: what a model that ignores context can reach
     assert val["full"] < h1 - 0.8 and val["relora"] < h1 - 0.8, (val, h1)
+    from trainer.evaluate import evaluate_run
+
+    acc = evaluate_run(tmp_path / "full", steps=[120], n_builtin_pairs=200, progress=False).query("metric == 'pair_acc'")
+    simple = acc[acc.phenomenon == "subject_verb_agreement"]["value"].item()
+    assert simple > 0.8  # the model learned agreement, not just word frequencies

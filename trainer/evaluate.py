@@ -1,0 +1,188 @@
+"""Evaluation: held-out loss and perplexity, and minimal-pair (BLiMP-style) accuracy.
+
+A model *prefers* the grammatical sentence of a pair when its total
+log-probability (natural log, summed over the sentence's tokens, each
+conditioned on an end-of-document token and the tokens before it) is higher
+than the ungrammatical one's. Accuracy is reported per phenomenon.
+
+Minimal pairs come from the built-in grammar (:meth:`GrammarCorpus.minimal_pairs`)
+or from BLiMP-format JSONL files: one object per line with ``sentence_good`` and
+``sentence_bad``, and the phenomenon in ``UID`` (else ``linguistics_term``, else
+the file name).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import torch
+
+from trainer.data import BYTE_EOS
+
+
+class EvaluationError(ValueError):
+    """Unusable evaluation input (malformed JSONL, a tokenizer that cannot encode text)."""
+
+
+@dataclass(frozen=True)
+class Tokenizer:
+    """Text → token ids for a run's data (``grammar-words`` or ``bytes``), with the id that starts a context."""
+
+    kind: str
+    bos_id: int
+    encode: Callable[[str], list[int]]
+
+
+def tokenizer_for(data_meta: dict) -> Tokenizer:
+    """The tokenizer a run was trained with, from its ``data/data.json``."""
+    kind = data_meta.get("tokenizer")
+    if kind == "grammar-words":
+        vocab = {w: i for i, w in enumerate(data_meta["vocab"])}
+        unk = vocab.get("<unk>", 1)
+        return Tokenizer(kind, vocab.get("<eos>", 0), lambda s: [vocab.get(w, unk) for w in s.split()])
+    if kind == "bytes":
+        return Tokenizer(kind, BYTE_EOS, lambda s: list(s.encode("utf-8")))
+    raise EvaluationError(
+        f"runs trained on {kind!r} data have no text tokenizer here, so minimal pairs cannot be scored; "
+        "use a run trained on the grammar or text source"
+    )
+
+
+def load_minimal_pairs(path: str | Path) -> list[dict]:
+    """Read a BLiMP-style JSONL file. Errors name the file and line."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise EvaluationError(f"cannot read minimal pairs from {str(path)!r}: {e}") from None
+    pairs = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            raise EvaluationError(f"{path}:{n}: not valid JSON") from None
+        if not isinstance(rec, dict) or not isinstance(rec.get("sentence_good"), str) or not isinstance(rec.get("sentence_bad"), str):
+            raise EvaluationError(f"{path}:{n}: expected an object with string fields sentence_good and sentence_bad")
+        phenomenon = rec.get("UID") or rec.get("linguistics_term") or path.stem
+        pairs.append({"sentence_good": rec["sentence_good"], "sentence_bad": rec["sentence_bad"], "phenomenon": str(phenomenon)})
+    if not pairs:
+        raise EvaluationError(f"{path} holds no minimal pairs")
+    return pairs
+
+
+@torch.no_grad()
+def sentence_logprobs(model: torch.nn.Module, sentences: Sequence[list[int]], *, bos_id: int,
+                      device: torch.device | str = "cpu", batch_size: int = 64) -> list[float]:
+    """Total log-probability (nats) of each token sequence under ``model``, each prefixed with ``bos_id``.
+
+    Sequences are right-padded within a batch; padding never influences the
+    scored positions because attention is causal.
+    """
+    out: list[float] = []
+    was_training = model.training
+    model.eval()
+    max_len = getattr(getattr(model, "cfg", None), "max_seq_len", None)
+    for i in range(0, len(sentences), batch_size):
+        chunk = [[bos_id] + list(s) for s in sentences[i : i + batch_size]]
+        length = max(len(s) for s in chunk)
+        if max_len is not None and length > max_len:
+            raise EvaluationError(f"a sentence of {length - 1} tokens exceeds the model's context ({max_len})")
+        ids = torch.full((len(chunk), length), bos_id, dtype=torch.long)
+        for j, s in enumerate(chunk):
+            ids[j, : len(s)] = torch.tensor(s)
+        ids = ids.to(device)
+        logp = torch.log_softmax(model(ids[:, :-1]).float(), dim=-1)  # (N, L-1, V)
+        token_logp = logp.gather(-1, ids[:, 1:, None])[..., 0]  # (N, L-1)
+        for j, s in enumerate(chunk):
+            out.append(float(token_logp[j, : len(s) - 1].sum()))
+    model.train(was_training)
+    return out
+
+
+def minimal_pair_accuracy(model: torch.nn.Module, pairs: Iterable[dict], tokenizer: Tokenizer, *,
+                          device: torch.device | str = "cpu") -> dict[str, float]:
+    """Fraction of pairs where the good sentence scores higher, per phenomenon, plus ``"overall"``."""
+    pairs = list(pairs)
+    good = [tokenizer.encode(p["sentence_good"]) for p in pairs]
+    bad = [tokenizer.encode(p["sentence_bad"]) for p in pairs]
+    lg = sentence_logprobs(model, good, bos_id=tokenizer.bos_id, device=device)
+    lb = sentence_logprobs(model, bad, bos_id=tokenizer.bos_id, device=device)
+    hits: dict[str, list[bool]] = defaultdict(list)
+    for p, a, b in zip(pairs, lg, lb):
+        hits[p["phenomenon"]].append(a > b)
+        hits["overall"].append(a > b)
+    return {k: sum(v) / len(v) for k, v in sorted(hits.items())}
+
+
+def builtin_pairs(data_meta: dict, n: int = 400, seed: int = 12345) -> list[dict] | None:
+    """A fixed set of the built-in grammar's minimal pairs for a run on that corpus (``None`` for other sources)."""
+    if data_meta.get("tokenizer") != "grammar-words":
+        return None
+    from trainer.corpus import GrammarConfig, GrammarCorpus
+
+    corpus = GrammarCorpus(GrammarConfig(seed=data_meta["config"]["seed"]))
+    return corpus.minimal_pairs(n, seed=seed)
+
+
+def perplexity(loss: float) -> float:
+    """``exp(loss)`` for a loss in nats/token (``inf`` on overflow)."""
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return math.inf
+
+
+def evaluate_run(run_dir: str | Path, *, blimp: Sequence[str | Path] = (), steps: Sequence[int] | None = None,
+                 n_builtin_pairs: int = 1000, device: str | torch.device = "cpu",
+                 progress: bool = True) -> "pandas.DataFrame":  # noqa: F821
+    """Evaluate every checkpoint (or ``steps``) of a run.
+
+    Returns a long table with columns ``step, tokens_seen, metric, phenomenon, value``:
+    ``val_loss`` (nats/token) and ``val_ppl`` on the run's fixed validation
+    batches, and ``pair_acc`` per phenomenon (and ``overall``) for the built-in
+    grammar's pairs (``source=builtin``, grammar runs only) and each BLiMP file.
+    """
+    import pandas as pd
+    from tqdm.auto import tqdm
+
+    from trainer.checkpoint import load_model, read_manifest
+    from trainer.config import config_from_dict
+    from trainer.data import prepare, validation_batches
+
+    run_dir = Path(run_dir)
+    manifest = read_manifest(run_dir)
+    cfg = config_from_dict({**manifest["config"], "init_from": None})
+    meta = json.loads((run_dir / "data" / "data.json").read_text())
+    streams = prepare(cfg.data, run_dir / "data")
+    val = validation_batches(streams.val, n_batches=cfg.eval_batches, batch_size=cfg.micro_batch_size, seq_len=cfg.context)
+    pair_sets: dict[str, list[dict]] = {}
+    builtin = builtin_pairs(meta, n=n_builtin_pairs)
+    if builtin is not None:
+        pair_sets["builtin"] = builtin
+    for path in blimp:
+        pair_sets[Path(path).stem] = load_minimal_pairs(path)
+    tokenizer = tokenizer_for(meta) if pair_sets else None
+    entries = manifest["checkpoints"] if steps is None else [c for c in manifest["checkpoints"] if c["step"] in set(steps)]
+    if steps is not None and len(entries) != len(set(steps)):
+        have = [c["step"] for c in manifest["checkpoints"]]
+        raise EvaluationError(f"{run_dir} has no checkpoint at step(s) {sorted(set(steps) - set(have))}; available: {have}")
+    rows = []
+    for entry in tqdm(entries, desc=f"evaluate {run_dir.name}", disable=not progress, unit="ckpt"):
+        model = load_model(run_dir, entry["step"], device=device)
+        with torch.no_grad():
+            total = sum(float(model.loss(x.to(device), y.to(device))) * x.numel() for x, y in val)
+        loss = total / sum(x.numel() for x, _ in val)
+        base = {"step": entry["step"], "tokens_seen": entry["tokens_seen"]}
+        rows += [{**base, "metric": "val_loss", "phenomenon": None, "source": "validation", "value": loss},
+                 {**base, "metric": "val_ppl", "phenomenon": None, "source": "validation", "value": perplexity(loss)}]
+        for source, pairs in pair_sets.items():
+            for phenomenon, acc in minimal_pair_accuracy(model, pairs, tokenizer, device=device).items():
+                rows.append({**base, "metric": "pair_acc", "phenomenon": phenomenon, "source": source, "value": acc})
+    return pd.DataFrame(rows, columns=["step", "tokens_seen", "metric", "source", "phenomenon", "value"])
