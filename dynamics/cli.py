@@ -2,6 +2,8 @@
 
 ``dynamics train``    train a run (full-rank or ReLoRA) into a run directory
 ``dynamics evaluate`` validation loss / perplexity and minimal-pair accuracy per checkpoint
+``dynamics analyze``  spectra and metrics of every checkpoint → a tidy table
+``dynamics summary``  one-screen comparison of methods from that table
 ``dynamics demo``    the main job: a tiny full-rank and ReLoRA pair on the built-in corpus
 
 User mistakes (bad config, missing files, corrupted checkpoints) print one
@@ -89,11 +91,69 @@ def _write_table(table, path: Path) -> None:
         raise ConfigError(f"--out must end in .csv or .parquet, got {str(path)!r}")
 
 
+def _add_analyze(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("analyze", help="spectral metrics of every checkpoint → one tidy table",
+                       description="Compute spectra and metrics of weights, gradients, activations and update matrices "
+                                   "for every checkpoint of the given runs. Re-running skips what is already computed.")
+    p.add_argument("runs", type=Path, nargs="+", metavar="RUN_DIR", help="run directories")
+    p.add_argument("--out", type=Path, default=Path("results.parquet"), help="results table (.parquet, or .csv)")
+    p.add_argument("--workers", type=int, default=1, help="parallel processes (default 1)")
+    p.add_argument("--keep-going", action="store_true", help="analyse the rest when a checkpoint fails; list failures")
+    p.add_argument("--kinds", help="comma-separated subset of weight,grad,act,update,update_cumulative,update_restart,lora")
+    p.add_argument("--no-circuits", action="store_true", help="skip per-head OV/QK circuits")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_analyze)
+
+
+def _cmd_analyze(args: argparse.Namespace) -> int:
+    from dynamics.analyze import AnalysisOptions, analyze_runs
+
+    opts = AnalysisOptions()
+    if args.kinds:
+        kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
+        bad = [k for k in kinds if k not in opts.kinds]
+        if bad:
+            from trainer.config import ConfigError
+
+            raise ConfigError(f"--kinds: unknown {bad}; choose from {','.join(opts.kinds)}")
+        opts = AnalysisOptions(kinds=kinds, circuits=not args.no_circuits)
+    elif args.no_circuits:
+        opts = AnalysisOptions(circuits=False)
+    if args.workers < 1:
+        from trainer.config import ConfigError
+
+        raise ConfigError(f"--workers must be >= 1, got {args.workers}")
+    table, errors = analyze_runs(args.runs, args.out, options=opts, workers=args.workers, keep_going=args.keep_going,
+                                 progress=not args.no_progress)
+    print(f"wrote {args.out} ({len(table)} rows)")
+    for e in errors:
+        print(f"failed: {e}", file=sys.stderr)
+    return 1 if errors else 0
+
+
+def _add_summary(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("summary", help="one-screen comparison of methods from a results table")
+    p.add_argument("table", type=Path, help="results table written by `dynamics analyze`")
+    p.add_argument("--kind", default="weight", help="which kind to summarise (default weight)")
+    p.add_argument("--metric", default="proportional_effective_rank", help="metric (default proportional_effective_rank)")
+    p.set_defaults(func=_cmd_summary)
+
+
+def _cmd_summary(args: argparse.Namespace) -> int:
+    from dynamics.analyze import read_results
+    from dynamics.summary import summarize
+
+    print(summarize(read_results(args.table), kind=args.kind, metric=args.metric).to_string())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dynamics", description="Learning dynamics of full-rank vs ReLoRA pretraining.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_train(sub)
     _add_evaluate(sub)
+    _add_analyze(sub)
+    _add_summary(sub)
     return parser
 
 
@@ -104,13 +164,14 @@ def main(argv: list[str] | None = None) -> int:
     from trainer.data import DataError
     from trainer.evaluate import EvaluationError
     from trainer.train import TrainingError
+    from dynamics.validation import DynamicsError
 
     parser = build_parser()
     args = parser.parse_args(argv)
     warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"
     try:
         return args.func(args)
-    except (ConfigError, DataError, CheckpointError, EvaluationError) as e:
+    except (ConfigError, DataError, CheckpointError, EvaluationError, DynamicsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except TrainingError as e:

@@ -1,0 +1,407 @@
+"""Runs → one tidy long table of spectral metrics (and raw spectra on the side).
+
+Every row is one number::
+
+    run, method, step, tokens, layer, component, kind, metric, value
+
+``layer`` is the layer index (``-1`` for model-level matrices such as ``embed``);
+``component`` is the canonical name without its ``layers.{i}.`` prefix
+(``attn.q``, ``mlp.down``, ``resid_post``, ``attn.ov.h3`` for head 3's OV
+circuit, ``embed``, ``lm_head``, ``model`` for run-level numbers). ``kind``:
+
+==================== =====================================================================
+``weight``           the (effective) weight matrix at the checkpoint
+``grad``             ``dL/dW`` on the run's fixed gradient batch (from the capture files)
+``act``              activations on the fixed probe batch (``tokens × features``, centred);
+                     also ``anisotropy``, ``cka_prev`` and ``cka_final`` rows
+``update``           ``W_t − W_prev`` between consecutive checkpoints
+``update_cumulative`` ``W_t − W_first``
+``update_restart``   ReLoRA: ``W`` at merge ``k`` minus ``W`` at merge ``k−1`` (rank ≤ r)
+``lora``             ReLoRA: the live adapter's update ``s·B·A``
+``train``            ``loss``, ``val_loss``, ``lr``, ``pair_acc`` from ``metrics.jsonl``, every step
+==================== =====================================================================
+
+Spectral metrics (one SVD per matrix, see :meth:`dynamics.Spectrum.metrics`)
+are named as in :func:`dynamics.spectrum_metrics`. Update matrices use the rank
+tolerance of :func:`update_tolerance` (float32 rounding noise of the weights is
+not rank). Work is split into units
+(one run × one checkpoint); each unit's rows are cached under
+``<out>.cache/`` keyed by the sha256 of every input file, so re-running skips
+what is done and a crash loses at most the unit in progress.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import pandas as pd
+
+from dynamics.validation import DynamicsError
+
+ANALYSIS_VERSION = 1
+COLUMNS = ["run", "method", "step", "tokens", "layer", "component", "kind", "metric", "value"]
+SPECTRA_COLUMNS = ["run", "method", "step", "layer", "component", "kind", "shape", "values"]
+TRAIN_METRICS = ("loss", "val_loss", "lr", "grad_norm", "pair_acc")
+
+#: Activation sites analysed by default: the residual stream, attention output, SwiGLU hidden.
+DEFAULT_ACT_SITES = ("act:layers.*.resid_pre", "act:layers.*.resid_post", "act:layers.*.attn.o",
+                     "act_in:layers.*.mlp.down")
+
+
+class AnalysisError(DynamicsError):
+    """An analysis unit could not be computed (its message names the run and the file)."""
+
+
+@dataclass(frozen=True)
+class AnalysisOptions:
+    """What :func:`analyze_runs` computes. ``kinds`` is any subset of the table's kinds (except ``train``, always on)."""
+
+    kinds: tuple[str, ...] = ("weight", "grad", "act", "update", "update_cumulative", "update_restart", "lora")
+    act_sites: tuple[str, ...] = DEFAULT_ACT_SITES
+    circuits: bool = True  # per-head OV and QK circuits of weights
+    keep_spectra: bool = True
+
+    def key(self) -> str:
+        return hashlib.sha256(json.dumps({"v": ANALYSIS_VERSION, **asdict(self)}, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------------
+# one unit: one run at one checkpoint
+
+
+def _split(name: str) -> tuple[int, str]:
+    if name.startswith("layers."):
+        _, layer, rest = name.split(".", 2)
+        return int(layer), rest
+    return -1, name
+
+
+class _Rows:
+    """Accumulates table rows and spectra for one unit."""
+
+    def __init__(self, run: str, method: str, step: int, tokens: int | None, keep_spectra: bool) -> None:
+        self.base = {"run": run, "method": method, "step": step, "tokens": tokens}
+        self.rows: list[dict] = []
+        self.spectra: list[dict] = []
+        self.keep_spectra = keep_spectra
+
+    def add(self, name: str, kind: str, metrics: dict[str, Any]) -> None:
+        layer, component = _split(name)
+        for metric, value in metrics.items():
+            self.rows.append({**self.base, "layer": layer, "component": component, "kind": kind, "metric": metric,
+                              "value": float(value)})
+
+    def add_spectrum(self, name: str, kind: str, spec, *, tol: float | None = None) -> None:
+        from dynamics.spectra import Spectrum
+
+        assert isinstance(spec, Spectrum)
+        self.add(name, kind, spec.metrics(tol=tol))
+        if self.keep_spectra:
+            layer, component = _split(name)
+            self.spectra.append({"run": self.base["run"], "method": self.base["method"], "step": self.base["step"],
+                                 "layer": layer, "component": component, "kind": kind,
+                                 "shape": list(spec.shape), "values": spec.values.astype(np.float64).tolist()})
+
+
+def update_tolerance(w_new: np.ndarray, w_old: np.ndarray) -> float:
+    """Rank tolerance for ``w_new − w_old``: ``max(m, n) · eps(stored dtype) · max(‖W_new‖_F, ‖W_old‖_F)``.
+
+    Weights stored in float32 (or bf16) carry rounding noise of that size, so
+    their difference has tiny but non-zero singular values in every direction;
+    the default tolerance, relative to ``σ₁(ΔW)``, would count that noise as
+    rank (e.g. a ReLoRA cycle's update, rank ≤ r, would look full-rank).
+    """
+    eps = max(np.finfo(w_new.dtype).eps if np.issubdtype(w_new.dtype, np.floating) else 0.0,
+              np.finfo(w_old.dtype).eps if np.issubdtype(w_old.dtype, np.floating) else 0.0)
+    scale = max(float(np.linalg.norm(w_new.astype(np.float64))), float(np.linalg.norm(w_old.astype(np.float64))))
+    return max(w_new.shape) * eps * scale
+
+
+def _weight_rows(out: _Rows, run, step: int, prev: int | None, first: int, restart_prev: int | None,
+                 opts: AnalysisOptions) -> None:
+    from dynamics import lora_update_spectrum, ov_circuit_spectra, qk_circuit_spectra, spectrum
+
+    names = [n for n in run.weights_names(step)]
+    model = run.config["model"]
+    layer_cache: dict[str, np.ndarray] = {}
+    for name in names:
+        w = run.weights(step, name)[name]
+        if "weight" in opts.kinds and w.ndim == 2:
+            out.add_spectrum(name, "weight", spectrum(w))
+        if w.ndim != 2:
+            continue
+        for kind, other in (("update", prev), ("update_cumulative", first if first != step else None),
+                            ("update_restart", restart_prev)):
+            if kind in opts.kinds and other is not None:
+                w_old = run.weights(other, name)[name]
+                out.add_spectrum(name, kind, spectrum(w.astype(np.float64) - w_old.astype(np.float64)),
+                                 tol=update_tolerance(w, w_old))
+        if opts.circuits and name.split(".")[-1] in ("q", "k", "v", "o"):
+            layer_cache[name] = w
+    if opts.circuits and "weight" in opts.kinds:
+        heads = dict(n_heads=model["n_heads"], n_kv_heads=model["n_kv_heads"])
+        for i in range(model["n_layers"]):
+            get = lambda p: layer_cache.get(f"layers.{i}.attn.{p}")  # noqa: E731
+            if get("o") is not None and get("v") is not None:
+                ov = ov_circuit_spectra(get("o"), get("v"), **heads)
+                for h in range(model["n_heads"]):
+                    out.add_spectrum(f"layers.{i}.attn.ov.h{h}", "weight", ov[h])
+            if get("q") is not None and get("k") is not None:
+                qk = qk_circuit_spectra(get("q"), get("k"), **heads)
+                for h in range(model["n_heads"]):
+                    out.add_spectrum(f"layers.{i}.attn.qk.h{h}", "weight", qk[h])
+    if "lora" in opts.kinds and run.lora_scale is not None:
+        factors = run.lora_factors(step)
+        for key in [k for k in factors if k.endswith(".lora_a")]:
+            name = key[: -len(".lora_a")]
+            out.add_spectrum(name, "lora", lora_update_spectrum(factors[f"{name}.lora_b"], factors[key], scale=run.lora_scale))
+
+
+def _capture_rows(out: _Rows, run, step: int, prev: int | None, final: int | None, opts: AnalysisOptions) -> None:
+    from dynamics import anisotropy, linear_cka, spectrum
+    from dynamics.activations import activation_spectrum
+
+    if "grad" in opts.kinds:
+        for name, g in run.get("grad", step).items():
+            out.add_spectrum(name, "grad", spectrum(g))
+    if "act" not in opts.kinds:
+        return
+    for site in opts.act_sites:
+        kind, _, pattern = site.partition(":")
+        try:
+            acts = run.get(kind, step, pattern)
+        except DynamicsError:
+            continue  # site not captured in this run
+        for name, x in acts.items():
+            x = x.reshape(-1, x.shape[-1]).astype(np.float64)
+            label = name if kind == "act" else f"{name}.in"
+            out.add_spectrum(label, "act", activation_spectrum(x, center=True))
+            extra = {"anisotropy": anisotropy(x)}
+            for metric, other in (("cka_prev", prev), ("cka_final", final)):
+                if other is not None:  # a damaged other file loses this one number (with a warning), not the step
+                    y = run.get(kind, other, name, errors="skip").get(name)
+                    if y is not None:
+                        extra[metric] = linear_cka(x, y.reshape(-1, y.shape[-1]).astype(np.float64))
+            out.add(label, "act", extra)
+
+
+def analyze_unit(run_path: str, step: int, opts: AnalysisOptions) -> tuple[list[dict], list[dict]]:
+    """Rows and spectra of one run at one checkpoint (see the module docstring)."""
+    from dynamics.io import open_run
+
+    run = _RunView(open_run(run_path))
+    steps = run.steps
+    i = steps.index(step)
+    entry = run.entry(step)
+    out = _Rows(run.label, run.method, step, entry.get("tokens_seen"), opts.keep_spectra)
+    restart_prev = run.previous_merge(step)
+    _weight_rows(out, run, step, steps[i - 1] if i > 0 else None, steps[0], restart_prev, opts)
+    if step in run.capture_steps and ({"grad", "act"} & set(opts.kinds)):
+        cap = run.capture_steps
+        j = cap.index(step)
+        _capture_rows(out, run, step, cap[j - 1] if j > 0 else None, cap[-1] if cap[-1] != step else None, opts)
+    return out.rows, out.spectra
+
+
+class _RunView:
+    """The few facts about a run the analysis needs, on top of :class:`dynamics.io.Run`."""
+
+    def __init__(self, run) -> None:
+        self._run = run
+        self.config = run.config
+        self.label = Path(run.path).name
+        self.method = run.method
+        self.steps = run.steps
+        self.capture_steps = run.capture_steps
+        self.lora_scale = run.lora_scale
+        self.get, self.weights, self.lora_factors = run.get, run.weights, run.lora_factors
+
+    def entry(self, step: int) -> dict:
+        return next(c for c in self._run.manifest["checkpoints"] if c["step"] == step)
+
+    def weights_names(self, step: int) -> list[str]:
+        """Names of the matrices in a checkpoint's ``model.safetensors`` (norm vectors left out), read from its header."""
+        from safetensors import safe_open
+
+        path = self._run.checkpoint_path(step) / "model.safetensors"
+        with safe_open(str(path), framework="pt") as f:
+            keys = [k[: -len(".weight")] for k in f.keys()]
+        return [k for k in keys if not k.endswith("norm")]
+
+    def previous_merge(self, step: int) -> int | None:
+        """For ReLoRA: the checkpoint at the previous merge boundary when ``step`` is one, else ``None``."""
+        if self.method != "relora":
+            return None
+        period = self.config["relora"]["reset_every"]
+        if step == 0 or step % period:
+            return None
+        prev = step - period
+        return prev if prev in self.steps else None
+
+
+# ----------------------------------------------------------------------------------------------
+# many runs, cached and parallel
+
+
+def _unit_key(run, step: int, opts: AnalysisOptions) -> str:
+    """Hash of everything a unit reads: its checkpoint, the ones it differences against, its capture files."""
+    h = hashlib.sha256(opts.key().encode())
+    entries = {c["step"]: c for c in run.manifest["checkpoints"]}
+    steps = run.steps
+    i = steps.index(step)
+    for s in {step, steps[0], steps[i - 1] if i else step, steps[-1]}:
+        h.update(json.dumps(entries[s].get("sha256", {}), sort_keys=True).encode())
+        h.update(json.dumps(entries[s].get("dynamics", {}), sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def _train_rows(run_path: Path, label: str, method: str) -> list[dict]:
+    path = run_path / "metrics.jsonl"
+    rows = []
+    if not path.exists():
+        return rows
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        for metric in TRAIN_METRICS:
+            if rec.get(metric) is not None:
+                rows.append({"run": label, "method": method, "step": rec["step"], "tokens": rec.get("tokens_seen"),
+                             "layer": -1, "component": "model", "kind": "train", "metric": metric,
+                             "value": float(rec[metric])})
+    return rows
+
+
+def _cache_dir(out: Path) -> Path:
+    return out.with_name(out.name + ".cache")
+
+
+def _run_unit_cached(run_path: str, label: str, step: int, key: str, opts: AnalysisOptions, cache: str) -> tuple[int, str]:
+    """Worker: compute one unit and store it atomically in the cache; returns (step, label)."""
+    import torch
+
+    from trainer.atomic import atomic_write
+
+    torch.set_num_threads(max(1, int(os.environ.get("DYNAMICS_WORKER_THREADS", "1"))))
+    rows, spectra = analyze_unit(run_path, step, opts)
+    d = Path(cache) / label
+    d.mkdir(parents=True, exist_ok=True)
+    frame = pd.DataFrame(rows, columns=COLUMNS)
+    atomic_write(d / f"step_{step:06d}.spectra.parquet",
+                 lambda p: pd.DataFrame(spectra, columns=SPECTRA_COLUMNS).to_parquet(p, index=False))
+    atomic_write(d / f"step_{step:06d}.parquet", lambda p: frame.to_parquet(p, index=False))
+    atomic_write(d / f"step_{step:06d}.key", lambda p: p.write_text(key))
+    return step, label
+
+
+def analyze_runs(runs: Iterable[str | Path], out: str | Path, *, options: AnalysisOptions | None = None,
+                 workers: int = 1, keep_going: bool = False, progress: bool = True) -> tuple[pd.DataFrame, list[str]]:
+    """Analyse every checkpoint of every run; write ``out`` (parquet, or csv by suffix) and ``<out>.spectra.parquet``.
+
+    Returns the table and a list of error messages (units that failed; only
+    non-empty with ``keep_going``, otherwise the first failure raises
+    :class:`AnalysisError`). Units whose inputs are unchanged since the last
+    call with the same ``out`` are read from ``<out>.cache/`` instead of recomputed.
+    """
+    from tqdm.auto import tqdm
+
+    from dynamics.io import open_run
+    from trainer.atomic import atomic_write
+
+    opts = options or AnalysisOptions()
+    out = Path(out)
+    if out.suffix not in (".parquet", ".csv"):
+        raise AnalysisError(f"analyze: --out must end in .parquet or .csv, got {str(out)!r}")
+    cache = _cache_dir(out)
+    runs = [Path(r) for r in runs]
+    labels = [r.resolve().name for r in runs]
+    if len(set(labels)) != len(labels):
+        raise AnalysisError(f"analyze: runs must have distinct directory names, got {labels}")
+
+    todo, done, train_rows, errors = [], [], [], []
+    for path, label in zip(runs, labels):
+        run = open_run(path)
+        train_rows += _train_rows(path, label, run.method)
+        for step in run.steps:
+            key = _unit_key(run, step, opts)
+            key_file = cache / label / f"step_{step:06d}.key"
+            if key_file.exists() and key_file.read_text() == key:
+                done.append((label, step))
+            else:
+                todo.append((str(path), label, step, key))
+
+    bar = tqdm(total=len(todo) + len(done), initial=len(done), disable=not progress, unit="ckpt", desc="analyze")
+
+    def failed(label: str, step: int, e: BaseException) -> None:
+        msg = f"{label} step {step}: {type(e).__name__}: {e}"
+        if not keep_going:
+            bar.close()
+            raise AnalysisError(msg + " (use --keep-going to analyse the rest)") from e
+        warnings.warn(msg)
+        errors.append(msg)
+
+    if workers <= 1:
+        for path, label, step, key in todo:
+            try:
+                _run_unit_cached(path, label, step, key, opts, str(cache))
+                done.append((label, step))
+            except (DynamicsError, OSError, ValueError, KeyError, RuntimeError) as e:
+                failed(label, step, e)
+            bar.update(1)
+    else:
+        import multiprocessing as mp
+
+        with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
+            futures = {pool.submit(_run_unit_cached, p, lb, s, k, opts, str(cache)): (lb, s) for p, lb, s, k in todo}
+            for fut in as_completed(futures):
+                label, step = futures[fut]
+                try:
+                    fut.result()
+                    done.append((label, step))
+                except Exception as e:  # a worker's exception arrives re-raised here
+                    failed(label, step, e)
+                bar.update(1)
+    bar.close()
+
+    frames = [pd.DataFrame(train_rows, columns=COLUMNS)]
+    spectra = []
+    for label, step in sorted(done):
+        frames.append(pd.read_parquet(cache / label / f"step_{step:06d}.parquet"))
+        sp = cache / label / f"step_{step:06d}.spectra.parquet"
+        if sp.exists():
+            spectra.append(pd.read_parquet(sp))
+    table = pd.concat([f for f in frames if len(f)], ignore_index=True) if any(len(f) for f in frames) else frames[0]
+    table = table.astype({"step": "int64", "layer": "int64", "value": "float64"})
+    if out.suffix == ".csv":
+        atomic_write(out, lambda p: table.to_csv(p, index=False))
+    else:
+        atomic_write(out, lambda p: table.to_parquet(p, index=False))
+    spectra_path = out.with_name(out.stem + ".spectra.parquet")
+    if spectra:
+        all_spectra = pd.concat(spectra, ignore_index=True)
+        atomic_write(spectra_path, lambda p: all_spectra.to_parquet(p, index=False))
+    return table, errors
+
+
+def read_results(path: str | Path) -> pd.DataFrame:
+    """Read a results table written by :func:`analyze_runs` (parquet or csv), checking its columns."""
+    path = Path(path)
+    if not path.is_file():
+        raise AnalysisError(f"{path} not found; create it with `dynamics analyze RUN_DIR --out {path}`")
+    try:
+        table = pd.read_csv(path) if path.suffix == ".csv" else pd.read_parquet(path)
+    except Exception as e:
+        raise AnalysisError(f"{path} is not a readable results table: {e}") from None
+    missing = [c for c in COLUMNS if c not in table.columns]
+    if missing:
+        raise AnalysisError(f"{path} lacks columns {missing}; expected the output of `dynamics analyze`")
+    return table
