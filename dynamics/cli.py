@@ -4,7 +4,8 @@
 ``dynamics evaluate`` validation loss / perplexity and minimal-pair accuracy per checkpoint
 ``dynamics analyze``  spectra and metrics of every checkpoint → a tidy table
 ``dynamics summary``  one-screen comparison of methods from that table
-``dynamics demo``    the main job: a tiny full-rank and ReLoRA pair on the built-in corpus
+``dynamics demo``     the main job: a micro full-rank and ReLoRA pair → OUT/report.md
+``dynamics reproduce`` the study's recipe (tiny/small) for a GPU machine
 
 User mistakes (bad config, missing files, corrupted checkpoints) print one
 ``error: ...`` line and exit with status 2 — never a traceback.
@@ -147,6 +148,52 @@ def _cmd_summary(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="the main job: train a micro full-rank and ReLoRA pair, analyse, plot, report",
+                       description="Train a micro full-rank and a micro ReLoRA model on the built-in corpus (a few minutes "
+                                   "on 2 CPU cores), capture dynamics, evaluate, analyse, and write OUT/report.md with figures.")
+    p.add_argument("--out", type=Path, default=Path("demo"), help="output directory (default demo/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a setting of both runs (e.g. steps=100); repeatable")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_demo)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from dynamics.pipeline import demo
+    from trainer.train import threads_hint
+
+    threads_hint()
+    report = demo(args.out, overrides=args.overrides, progress=not args.no_progress)
+    print(f"open {report}")
+    return 0
+
+
+def _add_reproduce(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("reproduce", help="the study's recipe (tiny or small, both methods) for a GPU machine",
+                       description="Train the study's full-rank and ReLoRA runs (SPEC settings: AdamW 3e-4, 1024×2048 tokens "
+                                   "per step, 20 000 steps, checkpoints every 100; ReLoRA r 16, alpha 32, reset 2000), then "
+                                   "evaluate, analyse, plot and report. --steps shortens the run and scales warmups and "
+                                   "ReLoRA periods in proportion. Point data.source/data.path at real data with --set.")
+    p.add_argument("--preset", choices=["tiny", "small"], required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--steps", type=int, help="shorter run (default 20000)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_reproduce)
+
+
+def _cmd_reproduce(args: argparse.Namespace) -> int:
+    from dynamics.pipeline import reproduce
+    from trainer.train import threads_hint
+
+    threads_hint()
+    overrides = ([f"steps={args.steps}"] if args.steps else []) + args.overrides
+    report = reproduce(args.preset, args.out, overrides=overrides, progress=not args.no_progress)
+    print(f"open {report}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dynamics", description="Learning dynamics of full-rank vs ReLoRA pretraining.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -154,6 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate(sub)
     _add_analyze(sub)
     _add_summary(sub)
+    _add_demo(sub)
+    _add_reproduce(sub)
     return parser
 
 
