@@ -422,6 +422,8 @@ def _coerce(value: Any, hint: Any, key: str, problems: list[str]) -> Any:
     """Check ``value`` against a dataclass field type hint, converting ints to floats and lists to tuples."""
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
+    if hint is str and value is None:
+        return "none"  # `--set capture.compression=none` means the literal option, not null
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
         if value is None and type(None) in args:
             return None

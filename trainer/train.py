@@ -67,6 +67,14 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) ->
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **extra)
 
 
+def global_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """L2 norm of all ``tensors`` together, without modifying them (a 0-d float32 tensor)."""
+    if not tensors:
+        return torch.zeros(())
+    norms = torch._foreach_norm(tensors)  # one fused kernel per device/dtype group
+    return torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
+
+
 class JsonlLog:
     """Append-only JSON-lines log, flushed after every record."""
 
@@ -247,7 +255,8 @@ class Trainer:
         lr = lr_at(cfg, t)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        self.model.train()
+        if not self.model.training:
+            self.model.train()
         total = 0.0
         for micro in range(cfg.grad_accum):
             x, y = train_micro_batch(self.data.train, seed=cfg.seed, step=t, micro=micro, batch_size=cfg.batch_size,
@@ -257,9 +266,12 @@ class Trainer:
                 loss = self.model.loss(x, y) / cfg.grad_accum
             loss.backward()
             total += loss.detach()
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        max_norm = cfg.grad_clip if cfg.grad_clip is not None else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        grads = [p.grad for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if cfg.grad_clip is not None:
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                [p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None], cfg.grad_clip)
+        else:
+            grad_norm = global_norm(grads)
         loss_value = float(total)
         if not math.isfinite(loss_value):
             raise TrainingError(
