@@ -4,6 +4,7 @@
 ``dynamics evaluate`` validation loss / perplexity and minimal-pair accuracy per checkpoint
 ``dynamics analyze``  spectra and metrics of every checkpoint → a tidy table
 ``dynamics summary``  one-screen comparison of methods from that table
+``dynamics plot``     every figure a results table supports → PNG/PDF files
 ``dynamics demo``     the main job: a micro full-rank and ReLoRA pair → OUT/report.md
 ``dynamics reproduce`` the study's recipe (tiny/small) for a GPU machine
 
@@ -148,6 +149,36 @@ def _cmd_summary(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_plot(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("plot", help="every figure a results table supports → PNG/PDF files",
+                       description="Draw the study's figures from a table written by `dynamics analyze`: loss, PER of "
+                                   "weights/gradients/circuits/activations per layer over training, gradient condition "
+                                   "numbers, update-matrix rank with ReLoRA merges marked, spectra, CKA heatmaps and a "
+                                   "per-component summary. Figures the table has no data for are skipped with a note.")
+    p.add_argument("table", type=Path, help="results table (.parquet or .csv) written by `dynamics analyze`")
+    p.add_argument("--spectra", type=Path, help="raw spectra (default: <table stem>.spectra.parquet next to the table)")
+    p.add_argument("--out", type=Path, default=Path("figures"), help="output directory (default figures/)")
+    p.add_argument("--formats", default="png,pdf", help="comma-separated file formats (default png,pdf)")
+    p.add_argument("--dpi", type=int, default=150, help="resolution of raster formats (default 150)")
+    p.set_defaults(func=_cmd_plot)
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    import logging
+
+    from dynamics import plots
+
+    notes = logging.StreamHandler(sys.stderr)
+    notes.setFormatter(logging.Formatter("note: %(message)s"))
+    log = logging.getLogger("dynamics.plots")
+    log.addHandler(notes)
+    log.setLevel(logging.INFO)
+    formats = tuple(f.strip() for f in args.formats.split(",") if f.strip())
+    paths = plots.save_all(args.table, args.spectra, args.out, formats=formats, dpi=args.dpi)
+    print(f"wrote {len(paths)} files to {args.out}: " + ", ".join(sorted({p.stem for p in paths})))
+    return 0
+
+
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="the main job: train a micro full-rank and ReLoRA pair, analyse, plot, report",
                        description="Train a micro full-rank and a micro ReLoRA model on the built-in corpus (a few minutes "
@@ -201,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate(sub)
     _add_analyze(sub)
     _add_summary(sub)
+    _add_plot(sub)
     _add_demo(sub)
     _add_reproduce(sub)
     return parser
