@@ -1,0 +1,108 @@
+"""Capture overhead and disk bytes per checkpoint (a script, not collected by pytest).
+
+    .venv/bin/python benchmarks/capture_bench.py                  # tiny, seq_len 128, batch 8, capture every 100 steps
+    .venv/bin/python benchmarks/capture_bench.py --end-to-end     # also two whole 100-step runs per repeat, A/B
+    .venv/bin/python benchmarks/capture_bench.py --seq-len 2048 --batch-size 16 --set device=cuda
+
+Default (interleaved) mode, robust on a shared machine: one trainer, in this
+process; each repeat times ``--block`` training steps then one capture (pass +
+HDF5 write + sha256 + manifest update). Overhead of capturing every ``--every``
+steps = median capture time / (``--every`` × median step time).
+``--end-to-end`` also trains the same ``--every``-step run with capture off and
+on (one capture at the end), interleaved, and compares ``Trainer.run`` times.
+Also prints the measured file size and the uncompressed bytes per capture file
+of the default settings at each preset (``trainer.capture.estimate_bytes``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from trainer.capture import estimate_bytes  # noqa: E402
+from trainer.config import build_config  # noqa: E402
+from trainer.train import Trainer  # noqa: E402
+
+
+def timed_run(overrides: list[str], out: Path) -> tuple[float, Trainer]:
+    t = Trainer(build_config(overrides=overrides), out, progress=False, echo=lambda s: None)
+    t.setup()
+    t0 = time.perf_counter()
+    t.run()
+    elapsed = time.perf_counter() - t0
+    t.cleanup()
+    return elapsed, t
+
+
+def interleaved(base: list[str], out: Path, *, every: int, block: int, repeats: int) -> dict[str, object]:
+    t = Trainer(build_config(overrides=base), out, progress=False, echo=lambda s: None)
+    t.setup()  # includes the step-0 checkpoint and capture (warm-up)
+    steps, captures = [], []
+    for _ in range(repeats):
+        for _ in range(block):
+            t0 = time.perf_counter()
+            t.train_step()
+            steps.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        record = t.capturer.capture(t)
+        t.capturer._list(0, record)  # the manifest update, as on a checkpoint (entry 0 exists)
+        captures.append(time.perf_counter() - t0)
+    t.cleanup()
+    step_s, capture_s = statistics.median(steps), statistics.median(captures)
+    return {"step_s": step_s, "capture_s": capture_s, "overhead": capture_s / (every * step_s),
+            "bytes": record["bytes"], "steps": steps, "captures": captures}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--every", type=int, default=100, help="capture interval in steps (default 100)")
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--block", type=int, default=5, help="training steps timed between two captures")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--end-to-end", action="store_true", help="also time whole runs with capture off and on")
+    p.add_argument("--set", dest="extra", action="append", default=[], help="more key=value settings")
+    args = p.parse_args(argv)
+
+    base = [f"preset={args.preset}", f"steps={args.every}", f"seq_len={args.seq_len}", f"batch_size={args.batch_size}",
+            f"checkpoint_interval={args.every}", f"eval_interval={args.every}", "eval_batches=2",
+            "data.train_tokens=400000", "data.val_tokens=40000"] + args.extra
+    cfg = build_config(overrides=base)
+    print(f"settings: {' '.join(base)}  (torch threads: {__import__('torch').get_num_threads()})")
+    print(f"capture: {cfg.capture}")
+    with tempfile.TemporaryDirectory() as tmp:
+        r = interleaved(base, Path(tmp) / "interleaved", every=args.every, block=args.block, repeats=args.repeats)
+        print(f"\n| measured (median of {len(r['steps'])} steps, {len(r['captures'])} captures) | seconds |")
+        print("|---|---|")
+        print(f"| one training step | {r['step_s']:.3f} |")
+        print(f"| one capture (pass + write + hash + manifest) | {r['capture_s']:.3f} |")
+        print(f"| {args.every} steps + one capture: capture overhead | {100 * r['overhead']:.1f}% |")
+        print(f"| capture file on disk | {r['bytes'] / 1e6:.2f} MB (uncompressed estimate "
+              f"{estimate_bytes(cfg)['total'] / 1e6:.2f} MB) |")
+        if args.end_to_end:
+            times: dict[str, list[float]] = {"off": [], "on": []}
+            for i in range(2):
+                for mode in ("off", "on"):
+                    elapsed, _ = timed_run(base + [f"capture.enabled={'true' if mode == 'on' else 'false'}"],
+                                           Path(tmp) / f"{mode}{i}")
+                    times[mode].append(elapsed)
+            off, on = statistics.median(times["off"]), statistics.median(times["on"])
+            print(f"\nend to end, {args.every} steps + checkpoint: no capture {off:.1f} s {times['off']}, "
+                  f"capture {on:.1f} s {times['on']}: {100 * (on - off) / off:+.1f}%")
+    print("\n| preset (default capture settings, full context) | activations MB | gradients MB | total MB | 200 checkpoints GB |")
+    print("|---|---|---|---|---|")
+    for preset in ("micro", "tiny", "small"):
+        e = estimate_bytes(build_config(preset=preset))
+        print(f"| {preset} | {e['act'] / 1e6:.1f} | {e['grad'] / 1e6:.1f} | {e['total'] / 1e6:.1f} | {200 * e['total'] / 1e9:.1f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,513 @@
+"""Lazy reading of a run directory: checkpoints' weights and the dense capture files.
+
+>>> run = open_run("runs/micro-full")               # reads manifest.json only
+>>> run.steps, run.capture_steps, run.layers         # doctest: +SKIP
+>>> acts = run.get("act", step=100, names="layers.*.resid_post")   # {name: (tokens, D) array}
+>>> grads = run.get("grad", step=100, names="layers.3.attn.*", as_tensor=True)
+>>> w = run.weights(100, names="layers.*.mlp.down")  # effective weights, from model.safetensors
+
+Nothing but JSON is read when a run is opened; every call reads only the
+datasets (or safetensors entries) it returns. Kinds and names follow
+:mod:`trainer.names`: kind ``act`` (module output), ``act_in`` (module input;
+``act_in`` of ``layers.i.mlp.down`` is the SwiGLU hidden state), ``grad``
+(``dL/dW``, out×in; for ReLoRA the gradient with respect to the effective
+weight) and ``weight`` (the effective weights of the checkpoint; LoRA factors
+``<name>.lora_a``/``<name>.lora_b``). The file schema is documented in
+``data/README.md`` ("Dynamics capture files").
+
+A damaged file raises :class:`DynamicsIOError` naming it; with
+``errors="skip"`` (or :meth:`Run.iter`) the step is skipped with a
+:class:`~dynamics.validation.DynamicsWarning`, so one bad file never stops a
+whole analysis. A file written by a newer toolkit is refused with
+:class:`SchemaVersionError`.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+
+from dynamics.validation import DynamicsError, DynamicsWarning
+from trainer.names import select
+
+__all__ = ["DynamicsIOError", "SchemaVersionError", "Run", "open_run", "CAPTURE_KINDS", "SCHEMA_VERSION"]
+
+#: Newest capture-file schema this reader understands (``schema_version`` root attribute).
+SCHEMA_VERSION = 1
+#: Newest run-manifest schema this reader understands.
+RUN_SCHEMA_VERSION = 1
+#: Kinds stored in capture files (``weight`` there holds only LoRA factors; dense weights come from checkpoints).
+CAPTURE_KINDS = ("act", "act_in", "grad", "weight")
+_FACTOR_SUFFIXES = (".lora_a", ".lora_b")
+
+
+class DynamicsIOError(DynamicsError):
+    """A run directory or one of its files is missing, truncated, corrupted or unreadable; ``path`` names it."""
+
+    def __init__(self, message: str, path: str | Path | None = None) -> None:
+        super().__init__(message)
+        self.path = None if path is None else Path(path)
+
+
+class SchemaVersionError(DynamicsIOError):
+    """A file written by a newer toolkit, with a schema version this reader does not know."""
+
+
+def open_run(path: str | Path) -> "Run":
+    """Open a run directory lazily (reads ``manifest.json`` only).
+
+    Raises :class:`DynamicsIOError` when ``path`` is not a run directory or the
+    manifest is unreadable, :class:`SchemaVersionError` when it is newer than this reader.
+    """
+    return Run(path)
+
+
+class Run:
+    """A run directory, opened lazily. See the module docstring for kinds and names.
+
+    Attributes
+    ----------
+    path : Path
+    manifest : dict
+        ``manifest.json`` as written by the trainer.
+    config : dict
+        The run's resolved ``TrainConfig`` (``trainer.config.config_from_dict`` rebuilds it).
+    probe : dict or None
+        The probe set's record (validation windows, gradient windows, token-sample hash, ``sha256``);
+        two runs whose ``probe["sha256"]`` agree captured activations and gradients of the same inputs.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        mpath = self.path / "manifest.json"
+        if not mpath.is_file():
+            raise DynamicsIOError(f"{mpath} not found: {str(self.path)!r} is not a run directory", mpath)
+        try:
+            manifest = json.loads(mpath.read_text())
+        except (OSError, ValueError) as e:
+            raise DynamicsIOError(f"{mpath} is unreadable or corrupted: {e}", mpath) from None
+        version = manifest.get("schema_version") if isinstance(manifest, dict) else None
+        if not isinstance(version, int):
+            raise DynamicsIOError(f"{mpath} has no schema_version; not a run manifest", mpath)
+        if version > RUN_SCHEMA_VERSION:
+            raise SchemaVersionError(
+                f"{mpath} has schema_version {version}, newer than this reader understands ({RUN_SCHEMA_VERSION}); "
+                "upgrade the relora-dynamics package", mpath)
+        self.manifest: dict[str, Any] = manifest
+        self.config: dict[str, Any] = manifest.get("config", {})
+        self.probe: dict[str, Any] | None = manifest.get("probe")
+        self._entries = {int(c["step"]): c for c in manifest.get("checkpoints", [])}
+
+    def __repr__(self) -> str:
+        return (f"Run({str(self.path)!r}, method={self.method!r}, steps={len(self.steps)}, "
+                f"capture_steps={len(self.capture_steps)})")
+
+    # -- what the run holds (no file is opened) ---------------------------------------------------
+
+    @property
+    def method(self) -> str:
+        return self.config.get("method", "full")
+
+    @property
+    def steps(self) -> list[int]:
+        """Steps of the complete checkpoints (weights available), ascending."""
+        return sorted(self._entries)
+
+    @property
+    def capture_steps(self) -> list[int]:
+        """Steps with a capture file: listed in the manifest, or present on disk for a listed checkpoint.
+
+        (A file is renamed into place only when complete; the manifest lists it, with its
+        sha256, right after. A crash in between leaves a complete but unlisted file.)
+        """
+        steps = {s for s, e in self._entries.items() if "dynamics" in e}
+        d = self.path / "dynamics"
+        if d.is_dir():
+            for f in d.glob("step_*.h5"):
+                try:
+                    s = int(f.stem[len("step_"):])
+                except ValueError:
+                    continue
+                if s in self._entries:
+                    steps.add(s)
+        return sorted(steps)
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.config.get("model", {}).get("n_layers", 0))
+
+    @property
+    def layers(self) -> list[int]:
+        """Layer indices ``0 .. n_layers-1`` (the ``i`` of ``layers.{i}.*``)."""
+        return list(range(self.n_layers))
+
+    @property
+    def lora_scale(self) -> float | None:
+        """``s = relora.alpha / relora.rank`` for ReLoRA runs, else ``None``."""
+        if self.method != "relora":
+            return None
+        r = self.config.get("relora", {})
+        return float(r["alpha"]) / float(r["rank"])
+
+    def capture_path(self, step: int) -> Path:
+        """The capture file of ``step`` (``dynamics/step_XXXXXX.h5``); raises when ``step`` has none."""
+        step = self._check_step(step, self.capture_steps, "capture")
+        entry = self._entries.get(step, {}).get("dynamics")
+        rel = entry["path"] if entry else f"dynamics/step_{step:06d}.h5"
+        return self.path / rel
+
+    def checkpoint_path(self, step: int) -> Path:
+        step = self._check_step(step, self.steps, "checkpoint")
+        return self.path / self._entries[step]["path"]
+
+    def _check_step(self, step: Any, available: list[int], what: str) -> int:
+        if isinstance(step, bool) or not isinstance(step, (int, np.integer)):
+            raise DynamicsError(f"Run: `step` must be an int, got {step!r}")
+        step = int(step)
+        if step not in available:
+            shown = available if len(available) <= 12 else available[:6] + ["..."] + available[-3:]
+            raise DynamicsError(f"{self.path}: no {what} at step {step}; available: {shown}")
+        return step
+
+    # -- capture files -------------------------------------------------------------------------
+
+    def _open_h5(self, step: int):
+        """Open a capture file read-only, checking its schema version; errors name the file."""
+        import h5py
+
+        path = self.capture_path(step)
+        if not path.is_file():
+            raise DynamicsIOError(f"{path} is missing (listed in {self.path / 'manifest.json'})", path)
+        try:
+            f = h5py.File(path, "r")
+        except OSError as e:
+            raise DynamicsIOError(f"{path} is truncated or corrupted and cannot be opened as HDF5: {e}", path) from None
+        try:
+            version = f.attrs.get("schema_version")
+        except Exception as e:  # h5py raises OSError/KeyError/RuntimeError on damaged metadata
+            f.close()
+            raise DynamicsIOError(f"{path} is corrupted (cannot read its attributes): {e}", path) from None
+        if version is None:
+            f.close()
+            raise DynamicsIOError(f"{path} has no schema_version attribute; not a capture file", path)
+        if int(version) > SCHEMA_VERSION:
+            f.close()
+            raise SchemaVersionError(
+                f"{path} has capture schema_version {int(version)}, newer than this reader understands "
+                f"({SCHEMA_VERSION}); upgrade the relora-dynamics package to read it", path)
+        return f
+
+    def names(self, kind: str, step: int | None = None) -> list[str]:
+        """Names stored under ``kind`` at ``step`` (default: the latest capture step), in model order.
+
+        For ``kind="weight"``: the checkpoint's dense names plus the LoRA factor names.
+        Reads only file metadata.
+        """
+        kind = _check_kind(kind)
+        if kind == "weight":
+            step = self.steps[-1] if step is None else step
+            dense = [k[: -len(".weight")] for k in self._safetensors_keys(self.checkpoint_path(step) / "model.safetensors")]
+            return sorted(dense + self._factor_names(step), key=_model_order)
+        caps = self.capture_steps
+        if step is None:
+            if not caps:
+                raise DynamicsError(f"{self.path}: the run has no capture files (capture.enabled was false?)")
+            step = caps[-1]
+        with self._open_h5(step) as f:
+            path = f.filename
+            try:
+                return list(f[kind].keys()) if kind in f else []
+            except Exception as e:
+                raise DynamicsIOError(f"{path} is corrupted (cannot list group {kind!r}): {e}", path) from None
+
+    def attrs(self, step: int) -> dict[str, Any]:
+        """Root attributes of the capture file of ``step`` (step, tokens_seen, lr, loss, val_loss, probe_loss ...).
+
+        ``config`` and ``code_version`` are decoded from JSON; NaN stands for "not available".
+        """
+        with self._open_h5(step) as f:
+            try:
+                out = {k: _plain(v) for k, v in f.attrs.items()}
+            except Exception as e:
+                raise DynamicsIOError(f"{f.filename} is corrupted (cannot read attributes): {e}", f.filename) from None
+        for key in ("config", "code_version"):
+            if isinstance(out.get(key), str):
+                out[key] = json.loads(out[key])
+        return out
+
+    def token_index(self, step: int | None = None) -> np.ndarray:
+        """Flat positions ``n·T + t`` (into the probe's ``(N, T)`` sequences) of the stored activation rows."""
+        return self._read_probe("token_index", step)
+
+    def probe_inputs(self, step: int | None = None) -> dict[str, np.ndarray]:
+        """The probe set's token ids: ``input_ids`` ``(N, T)`` (activations), ``grad_input_ids`` ``(M, T)``."""
+        return {k: self._read_probe(k, step) for k in ("input_ids", "grad_input_ids")}
+
+    def _read_probe(self, key: str, step: int | None) -> np.ndarray:
+        if step is None:
+            if not self.capture_steps:
+                raise DynamicsError(f"{self.path}: the run has no capture files (capture.enabled was false?)")
+            step = self.capture_steps[-1]
+        with self._open_h5(step) as f:
+            return _read_dataset(f, f"probe/{key}")
+
+    def get(self, kind: str, step: int, names: str | Iterable[str] | None = None, *, as_tensor: bool = False,
+            dtype: Any = None, errors: str = "raise") -> dict[str, Any]:
+        """``{name: array}`` of one kind at one step, reading only the selected datasets.
+
+        Parameters
+        ----------
+        kind
+            ``act`` ``(tokens, features)``, ``act_in`` ``(tokens, features)``, ``grad`` (out×in),
+            or ``weight`` (dense effective weights from the checkpoint, plus LoRA factors).
+        step
+            A step of :attr:`capture_steps` (of :attr:`steps` for ``weight``).
+        names
+            Glob or globs over canonical names (``layers.*.attn.q``; ``**`` crosses dots); all when ``None``.
+            A selection that matches nothing raises :class:`~dynamics.validation.DynamicsError`.
+        as_tensor
+            Return ``torch.Tensor`` instead of ``numpy.ndarray``.
+        dtype
+            Cast to this dtype (e.g. ``numpy.float32``); stored dtype when ``None`` (activations are float16 by default).
+        errors
+            ``"raise"``: a damaged or missing file raises :class:`DynamicsIOError`; ``"skip"``: warn
+            (:class:`~dynamics.validation.DynamicsWarning`, naming the file) and return ``{}``.
+        """
+        kind = _check_kind(kind)
+        if errors not in ("raise", "skip"):
+            raise DynamicsError(f"Run.get(): `errors` must be 'raise' or 'skip', got {errors!r}")
+        try:
+            if kind == "weight":
+                out = self.weights(step, names)
+            else:
+                out = self._get_h5(kind, step, names)
+        except DynamicsIOError as e:
+            if errors == "raise":
+                raise
+            warnings.warn(f"skipping step {step}: {e}", DynamicsWarning, stacklevel=2)
+            return {}
+        return _convert(out, as_tensor=as_tensor, dtype=dtype)
+
+    def _get_h5(self, kind: str, step: int, names: Any) -> dict[str, np.ndarray]:
+        with self._open_h5(step) as f:
+            path = f.filename
+            try:
+                available = list(f[kind].keys()) if kind in f else []
+            except Exception as e:
+                raise DynamicsIOError(f"{path} is corrupted (cannot list group {kind!r}): {e}", path) from None
+            chosen = _select(available, names, kind, path)
+            return {n: _read_dataset(f, f"{kind}/{n}") for n in chosen}
+
+    def iter(self, kind: str, names: str | Iterable[str] | None = None, *, steps: Iterable[int] | None = None,
+             as_tensor: bool = False, dtype: Any = None, errors: str = "skip") -> Iterator[tuple[int, dict[str, Any]]]:
+        """Yield ``(step, {name: array})`` over ``steps`` (default: every capture step, or every checkpoint for ``weight``).
+
+        With ``errors="skip"`` (the default) a damaged file is reported as a
+        :class:`~dynamics.validation.DynamicsWarning` naming it and its step is left out.
+        """
+        kind = _check_kind(kind)
+        if errors not in ("raise", "skip"):
+            raise DynamicsError(f"Run.iter(): `errors` must be 'raise' or 'skip', got {errors!r}")
+        if steps is None:
+            steps = self.steps if kind == "weight" else self.capture_steps
+        for step in steps:
+            try:
+                out = self.get(kind, step, names, as_tensor=as_tensor, dtype=dtype)
+            except DynamicsIOError as e:
+                if errors == "raise":
+                    raise
+                warnings.warn(f"skipping step {step}: {e}", DynamicsWarning, stacklevel=2)
+                continue
+            yield step, out
+
+    def check(self, steps: Iterable[int] | None = None) -> dict[int, str]:
+        """Verify capture files (sha256 against the manifest, then HDF5 structure); ``{step: problem}``, empty when all good.
+
+        Reads every byte of every file checked; meant for an explicit integrity scan, not for every read.
+        """
+        from trainer.atomic import sha256_file
+
+        problems = {}
+        for step in self.capture_steps if steps is None else steps:
+            try:
+                path = self.capture_path(step)
+                entry = self._entries.get(step, {}).get("dynamics")
+                if not path.is_file():
+                    raise DynamicsIOError(f"{path} is missing", path)
+                if entry and sha256_file(path) != entry["sha256"]:
+                    raise DynamicsIOError(f"{path} is corrupted: its sha256 does not match the manifest", path)
+                with self._open_h5(step) as f:
+                    for kind in CAPTURE_KINDS:
+                        if kind in f:
+                            for name in f[kind]:
+                                _read_dataset(f, f"{kind}/{name}")
+            except DynamicsError as e:
+                problems[step] = str(e)
+        return problems
+
+    # -- checkpoints -------------------------------------------------------------------------------
+
+    def weights(self, step: int, names: str | Iterable[str] | None = None, *, merged: bool = True,
+                as_tensor: bool = False, dtype: Any = None) -> dict[str, Any]:
+        """Weights of the checkpoint at ``step`` under canonical names (no ``.weight`` suffix), read lazily.
+
+        ``merged=True``: the effective weights (``model.safetensors``; ``W + s·B·A`` for
+        ReLoRA). ``merged=False``: wrapped matrices give their frozen base ``W``
+        instead (``adapters.safetensors``). LoRA factor names (``<name>.lora_a``,
+        ``<name>.lora_b``) are served too, from the capture file or the checkpoint.
+        """
+        ckpt = self.checkpoint_path(step)
+        model_file = ckpt / "model.safetensors"
+        dense = {k[: -len(".weight")]: k for k in sorted(self._safetensors_keys(model_file), key=_model_order)}
+        factors = self._factor_names(step)
+        chosen = _select(list(dense) + factors, names, "weight", model_file)
+        out: dict[str, Any] = {}
+        want_dense = [n for n in chosen if n in dense]
+        base = set()
+        if not merged and want_dense and (ckpt / "adapters.safetensors").is_file():
+            base_keys = {k[: -len(".weight")] for k in self._safetensors_keys(ckpt / "adapters.safetensors")}
+            base = {n for n in want_dense if n in base_keys}
+            out.update(_read_safetensors(ckpt / "adapters.safetensors", {n: f"{n}.weight" for n in base}))
+        out.update(_read_safetensors(model_file, {n: dense[n] for n in want_dense if n not in base}))
+        want_factors = [n for n in chosen if n in factors]
+        if want_factors:
+            out.update(self._read_factors(step, want_factors))
+        return _convert({n: out[n] for n in chosen}, as_tensor=as_tensor, dtype=dtype)
+
+    def lora_factors(self, step: int, names: str | Iterable[str] | None = None, *, as_tensor: bool = False,
+                     dtype: Any = None) -> dict[str, Any]:
+        """``{"<name>.lora_a": A (r×in), "<name>.lora_b": B (out×r)}`` at ``step``; ``{}`` when the model is not wrapped.
+
+        ``names`` selects matrices (``layers.*.attn.q``) or factors (``**.lora_a``). With
+        :attr:`lora_scale` ``s``, the adapter's update is ``s·B@A``.
+        """
+        factors = self._factor_names(step)
+        if not factors:
+            return {}
+        if names is None:
+            chosen = factors
+        else:
+            patterns = [names] if isinstance(names, str) else list(names)
+            chosen = [f for f in factors if select([f], patterns) or select([f.rsplit(".", 1)[0]], patterns)]
+            if not chosen:
+                raise DynamicsError(f"{self.path}: no LoRA factors at step {step} match {names!r}; "
+                                    f"available: {_shown(factors)}")
+        return _convert(self._read_factors(step, chosen), as_tensor=as_tensor, dtype=dtype)
+
+    def _factor_names(self, step: int) -> list[str]:
+        """Factor names at ``step``: from adapters.safetensors' header (checkpoints are the source of truth)."""
+        adapters = self.checkpoint_path(step) / "adapters.safetensors"
+        if not adapters.is_file():
+            return []
+        names = [k[: -len(".weight")] for k in self._safetensors_keys(adapters)]
+        return sorted((n for n in names if n.endswith(_FACTOR_SUFFIXES)), key=_model_order)
+
+    def _read_factors(self, step: int, names: list[str]) -> dict[str, np.ndarray]:
+        adapters = self.checkpoint_path(step) / "adapters.safetensors"
+        return _read_safetensors(adapters, {n: f"{n}.weight" for n in names})
+
+    def _safetensors_keys(self, path: Path) -> list[str]:
+        from safetensors import safe_open
+
+        if not path.is_file():
+            raise DynamicsIOError(f"{path} is missing (listed in {self.path / 'manifest.json'})", path)
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return list(f.keys())
+        except Exception as e:  # SafetensorError and friends on a damaged header
+            raise DynamicsIOError(f"{path} is truncated or corrupted: {type(e).__name__}: {e}", path) from None
+
+
+# --------------------------------------------------------------------------------------------------
+# helpers
+
+
+def _check_kind(kind: Any) -> str:
+    if kind not in CAPTURE_KINDS:
+        hint = " (the frozen base of a ReLoRA matrix: Run.weights(step, merged=False))" if kind == "base" else ""
+        raise DynamicsError(f"Run: `kind` must be one of {list(CAPTURE_KINDS)}, got {kind!r}{hint}")
+    return kind
+
+
+_ORDER = ("attn_norm", "resid_pre", "attn", "q", "k", "v", "o", "resid_mid", "mlp_norm", "mlp", "gate", "up", "down",
+          "resid_post")
+
+
+def _model_order(name: str) -> tuple:
+    """Sort key putting canonical names in model order (``embed``, layers by index, ``final_norm``, ``lm_head``)."""
+    from trainer.names import parse
+
+    try:
+        p = parse(name)
+    except ValueError:
+        return (3, name)
+    sub = {"lora_a": 1, "lora_b": 2}.get(p.sub or "", 0)
+    if p.layer is None:
+        return ({"embed": 0, "final_norm": 2, "lm_head": 2}[p.proj], p.proj == "lm_head", 0, sub)
+    return (1, p.layer, _ORDER.index(p.proj) if p.proj in _ORDER else len(_ORDER), sub)
+
+
+def _shown(names: list[str]) -> str:
+    return ", ".join(names[:6]) + (f", ... ({len(names)} in all)" if len(names) > 6 else "")
+
+
+def _select(available: list[str], names: Any, kind: str, path: Any) -> list[str]:
+    if names is None:
+        return list(available)
+    if not isinstance(names, str):
+        names = list(names)
+        if not all(isinstance(n, str) for n in names):
+            raise DynamicsError(f"Run: `names` must be a glob or a list of globs, got {names!r}")
+    chosen = select(available, names)
+    if not chosen:
+        raise DynamicsError(f"{path}: no {kind} names match {names!r}; available: {_shown(available)}")
+    return chosen
+
+
+def _read_dataset(f: Any, key: str) -> np.ndarray:
+    try:
+        return f[key][()]
+    except KeyError:
+        raise DynamicsIOError(f"{f.filename} has no dataset {key!r}", f.filename) from None
+    except Exception as e:  # OSError (checksum / filter failure / truncation), RuntimeError
+        raise DynamicsIOError(f"{f.filename}: dataset {key!r} is corrupted: {e}", f.filename) from None
+
+
+def _read_safetensors(path: Path, keys: dict[str, str]) -> dict[str, np.ndarray]:
+    """``{name: array}`` for ``{name: safetensors key}``, reading only those entries."""
+    import torch
+    from safetensors import safe_open
+
+    out = {}
+    if not keys:
+        return out
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            for name, key in keys.items():
+                t = f.get_tensor(key)
+                out[name] = (t.float() if t.dtype == torch.bfloat16 else t).numpy()
+    except Exception as e:
+        raise DynamicsIOError(f"{path} is truncated or corrupted: {type(e).__name__}: {e}", path) from None
+    return out
+
+
+def _convert(out: dict[str, np.ndarray], *, as_tensor: bool, dtype: Any) -> dict[str, Any]:
+    if dtype is not None:
+        out = {k: np.asarray(v).astype(dtype, copy=False) for k, v in out.items()}
+    if as_tensor:
+        import torch
+
+        out = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in out.items()}
+    return out
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
