@@ -233,6 +233,6 @@ def test_full_rank_and_relora_both_learn_the_grammar(tmp_path):
     assert val["full"] < h1 - 0.8 and val["relora"] < h1 - 0.8, (val, h1)
     from trainer.evaluate import evaluate_run
 
-    acc = evaluate_run(tmp_path / "full", steps=[120], n_builtin_pairs=200, progress=False).query("metric == 'pair_acc'")
+    acc = evaluate_run(tmp_path / "full", steps=[120], n_builtin_pairs=400, progress=False).query("metric == 'pair_acc'")
     simple = acc[acc.phenomenon == "subject_verb_agreement"]["value"].item()
-    assert simple > 0.65  # above chance (0.5) by > 4 standard errors of 200 pairs: agreement is being learned
+    assert simple > 0.65  # chance is 0.5; 0.65 is 3 standard errors above it with 100 pairs of this phenomenon

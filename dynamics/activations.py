@@ -1,0 +1,210 @@
+"""Activation metrics: effective rank (centred or not), anisotropy, linear CKA.
+
+Activations are ``(tokens, features)`` matrices (rows are tokens / positions),
+or batches ``(..., tokens, features)``.  All computations run in float64 on
+CPU (float32 on CUDA unless float64); half-precision inputs are upcast.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Union
+
+import numpy as np
+import torch
+
+from .metrics import _out
+from .spectra import Spectrum, _finite_or_raise, _svdvals
+from .validation import (
+    DynamicsError,
+    ShapeError,
+    as_matrix_batch,
+    as_tensor,
+    check_option,
+    check_same_batch,
+    dtype_name,
+)
+
+__all__ = [
+    "activation_spectrum",
+    "activation_effective_rank",
+    "anisotropy",
+    "linear_cka",
+]
+
+Result = Union[float, np.ndarray]
+
+
+def activation_spectrum(X: Any, *, center: bool = True, method: str = "auto") -> Spectrum:
+    """Spectrum of an activation matrix, optionally centred over tokens.
+
+    Parameters
+    ----------
+    X
+        ``(..., tokens, features)``.
+    center
+        Subtract the per-feature mean over tokens first (default).  Centring
+        removes the common offset (which otherwise dominates ``s_1``) and
+        lowers the rank by at most one; PER still divides by
+        ``min(tokens, features)``.
+    method
+        Singular-value route (see :func:`dynamics.spectrum`); with tokens >>
+        features ``'auto'`` uses the float64 features x features Gram matrix.
+
+    Returns
+    -------
+    Spectrum
+        ``shape = (tokens, features)``; every metric derives from it.
+    """
+    caller = "activation_spectrum"
+    check_option(method, ("auto", "direct", "gram"), name="method", caller=caller)
+    t = as_tensor(X, name="X", caller=caller)
+    original = dtype_name(t)
+    x = as_matrix_batch(t, name="X", caller=caller)
+    if center:
+        x = x - x.mean(dim=-2, keepdim=True)
+    values, route = _svdvals(x, method)
+    _finite_or_raise(values, caller)
+    return Spectrum(values, tuple(x.shape[-2:]), original, route)
+
+
+def activation_effective_rank(X: Any, *, center: bool = True, method: str = "auto") -> Result:
+    """Effective rank of ``(tokens, features)`` activations (natural log).
+
+    Parameters
+    ----------
+    X
+        ``(..., tokens, features)``.
+    center
+        Centre each feature over tokens first (default True).
+
+    Returns
+    -------
+    float or numpy.ndarray
+        In ``[1, min(tokens, features)]``; 0 if the (centred) matrix is zero,
+        e.g. a single token with ``center=True``.
+
+    Examples
+    --------
+    >>> import torch, dynamics
+    >>> X = torch.randn(2048, 384)
+    >>> 300 < dynamics.activation_effective_rank(X) <= 384
+    True
+    """
+    return activation_spectrum(X, center=center, method=method).effective_rank()
+
+
+def anisotropy(X: Any) -> Result:
+    """Mean pairwise cosine similarity of the rows of ``X``, excluding self-pairs.
+
+    ``(||sum_i u_i||**2 - n) / (n (n - 1))`` with ``u_i = x_i / ||x_i||``: the
+    same value as averaging the ``n (n - 1)`` off-diagonal cosines, in
+    ``O(n d)`` time and memory (no ``n x n`` matrix).  In ``[-1/(n-1), 1]``;
+    1 when all rows point the same way, about 0 for random directions.
+
+    Parameters
+    ----------
+    X
+        ``(..., n, d)`` with ``n >= 2`` tokens; every row must be non-zero.
+
+    Raises
+    ------
+    DynamicsError
+        A row has zero norm (its cosine similarity is undefined), or ``n < 2``.
+    """
+    caller = "anisotropy"
+    x = as_matrix_batch(X, name="X", caller=caller)
+    n = x.shape[-2]
+    if n < 2:
+        raise ShapeError(
+            f"{caller}(): argument `X` needs at least 2 rows (tokens) for a pairwise "
+            f"similarity, got shape {tuple(x.shape)}"
+        )
+    norms = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    if bool((norms == 0).any()):
+        zero = torch.nonzero(norms[..., 0] == 0)
+        raise DynamicsError(
+            f"{caller}(): argument `X` has {zero.shape[0]} all-zero row(s) (first at "
+            f"index {tuple(zero[0].tolist())}); cosine similarity is undefined for "
+            "them. Drop those rows (e.g. padding positions) first."
+        )
+    total = (x / norms).sum(dim=-2)
+    sq = (total * total).sum(dim=-1)
+    value = (sq - n) / (n * (n - 1))
+    return _out(value.to("cpu", torch.float64).numpy().clip(-1.0 / (n - 1), 1.0))
+
+
+def linear_cka(X: Any, Y: Any, *, route: str = "auto") -> Result:
+    """Linear centred kernel alignment (Kornblith et al. 2019).
+
+    ``CKA = HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L))`` with linear kernels on
+    column-centred features; equivalently
+    ``||Yc^T Xc||_F**2 / (||Xc^T Xc||_F ||Yc^T Yc||_F)``.
+
+    Parameters
+    ----------
+    X
+        ``(..., n, p)`` activations (rows are the same n tokens in X and Y).
+    Y
+        ``(..., n, q)``; ``q`` may differ from ``p``.
+    route
+        ``'features'`` (p x q, p x p, q x q cross-products: cheap when
+        ``n >> p, q``), ``'tokens'`` (n x n Gram matrices: cheap when
+        ``n << p, q``), or ``'auto'`` (the cheaper by flop count).
+
+    Returns
+    -------
+    float or numpy.ndarray
+        In ``[0, 1]``; invariant to orthogonal transforms and isotropic scaling
+        of either argument.
+
+    Raises
+    ------
+    DynamicsError
+        If X or Y is constant over tokens (zero after centring): CKA is
+        undefined (0/0) there.
+    """
+    caller = "linear_cka"
+    check_option(route, ("auto", "features", "tokens"), name="route", caller=caller)
+    x = as_matrix_batch(X, name="X", caller=caller)
+    y = as_matrix_batch(Y, name="Y", caller=caller)
+    check_same_batch(x, y, names=("X", "Y"), caller=caller, axis=-2)
+    if x.device != y.device:
+        raise DynamicsError(f"{caller}(): `X` and `Y` are on different devices")
+    try:
+        torch.broadcast_shapes(x.shape[:-2], y.shape[:-2])
+    except RuntimeError:
+        raise ShapeError(
+            f"{caller}(): batch dimensions of `X` {tuple(x.shape[:-2])} and `Y` "
+            f"{tuple(y.shape[:-2])} do not broadcast"
+        ) from None
+    dt = torch.promote_types(x.dtype, y.dtype)
+    x, y = x.to(dt), y.to(dt)
+    n, p, q = x.shape[-2], x.shape[-1], y.shape[-1]
+    xc = x - x.mean(dim=-2, keepdim=True)
+    yc = y - y.mean(dim=-2, keepdim=True)
+    nx = torch.linalg.matrix_norm(xc)
+    ny = torch.linalg.matrix_norm(yc)
+    for name, nrm in (("X", nx), ("Y", ny)):
+        if bool((nrm == 0).any()):
+            raise DynamicsError(
+                f"{caller}(): argument `{name}` is constant over its rows (zero after "
+                "centring), so CKA is undefined (0/0); check that the activations "
+                "vary across tokens"
+            )
+    xc = xc / nx[..., None, None]  # CKA is scale invariant; this avoids overflow
+    yc = yc / ny[..., None, None]
+    if route == "auto":
+        route = "features" if p * q + p * p + q * q <= n * (p + q) else "tokens"
+    if route == "features":
+        hxy = torch.linalg.matrix_norm(yc.mT @ xc) ** 2
+        hxx = torch.linalg.matrix_norm(xc.mT @ xc)
+        hyy = torch.linalg.matrix_norm(yc.mT @ yc)
+    else:
+        k = xc @ xc.mT
+        l_ = yc @ yc.mT
+        hxy = (k * l_).sum(dim=(-2, -1))
+        hxx = torch.linalg.matrix_norm(k)
+        hyy = torch.linalg.matrix_norm(l_)
+    value = (hxy / (hxx * hyy)).to("cpu", torch.float64).numpy()
+    _finite_or_raise(value, caller)
+    return _out(np.clip(value, 0.0, 1.0))
