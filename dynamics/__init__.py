@@ -53,7 +53,19 @@ from .activations import (
     activation_effective_rank,
     activation_spectrum,
     anisotropy,
+    debiased_linear_cka,
     linear_cka,
+)
+from .heavy_tails import PowerLawFit, esd_power_law, fit_power_law
+from .noise import SignalRank, mp_edge, signal_rank
+from .subspaces import (
+    UpdateOverlap,
+    chance_overlap,
+    intruder_dimensions,
+    principal_angles,
+    subspace_overlap,
+    top_singular_vectors,
+    update_overlap,
 )
 from .io import DynamicsIOError, Run, SchemaVersionError, open_run
 
@@ -62,6 +74,8 @@ _LAZY = {
     "analyze_runs": ("dynamics.analyze", "analyze_runs"),
     "read_results": ("dynamics.analyze", "read_results"),
     "AnalysisError": ("dynamics.analyze", "AnalysisError"),
+    "seed_summary": ("dynamics.seeds", "seed_summary"),
+    "paired_test": ("dynamics.seeds", "paired_test"),
     "plots": ("dynamics.plots", None),
 }
 
@@ -124,6 +138,21 @@ __all__ = [
     "activation_effective_rank",
     "anisotropy",
     "linear_cka",
+    "debiased_linear_cka",
+    # heavy tails, spikes above noise, update subspaces (issue 9)
+    "PowerLawFit",
+    "fit_power_law",
+    "esd_power_law",
+    "SignalRank",
+    "mp_edge",
+    "signal_rank",
+    "principal_angles",
+    "subspace_overlap",
+    "chance_overlap",
+    "top_singular_vectors",
+    "UpdateOverlap",
+    "update_overlap",
+    "intruder_dimensions",
     # run directories (lazy, read-only): checkpoints, captured dynamics, logs
     "open_run",
     "Run",
@@ -133,5 +162,7 @@ __all__ = [
     "analyze_runs",
     "read_results",
     "AnalysisError",
+    "seed_summary",
+    "paired_test",
     "plots",
 ]

@@ -29,6 +29,7 @@ __all__ = [
     "activation_effective_rank",
     "anisotropy",
     "linear_cka",
+    "debiased_linear_cka",
 ]
 
 Result = Union[float, np.ndarray]
@@ -208,3 +209,92 @@ def linear_cka(X: Any, Y: Any, *, route: str = "auto") -> Result:
     value = (hxy / (hxx * hyy)).to("cpu", torch.float64).numpy()
     _finite_or_raise(value, caller)
     return _out(np.clip(value, 0.0, 1.0))
+
+
+def _unbiased_hsic(k_diag: torch.Tensor, k_rows: torch.Tensor, k_total: torch.Tensor, kl: torch.Tensor,
+                   l_diag: torch.Tensor, l_rows: torch.Tensor, l_total: torch.Tensor, n: int) -> torch.Tensor:
+    """HSIC_1 (Song et al. 2012) from the pieces of K and L with their diagonals removed.
+
+    ``*_diag``: the diagonals (..., n); ``*_rows``: row sums of the zero-diagonal
+    kernels (..., n); ``*_total``: their grand sums (...); ``kl``: ``tr(K̃ L̃)`` (...).
+    """
+    term = kl + k_total * l_total / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * (k_rows * l_rows).sum(dim=-1)
+    return term / (n * (n - 3))
+
+
+def debiased_linear_cka(X: Any, Y: Any) -> Result:
+    """Debiased linear CKA: :func:`linear_cka` with the unbiased HSIC estimator (Song et al. 2012).
+
+    ``CKA_1 = HSIC_1(K, L) / sqrt(HSIC_1(K, K) HSIC_1(L, L))`` with linear
+    kernels ``K = Xc Xcᵀ``, ``L = Yc Ycᵀ`` on column-centred features and
+
+    ``HSIC_1 = [tr(K̃L̃) + 1ᵀK̃1·1ᵀL̃1 / ((n−1)(n−2)) − 2/(n−2)·1ᵀK̃L̃1] / (n(n−3))``,
+
+    ``K̃`` being ``K`` with its diagonal set to zero. The biased estimator of
+    :func:`linear_cka` is pulled towards 1 when the feature count is not small
+    against the token count ``n`` (independent random features of width
+    ``p ≳ n`` give biased CKA near 1); the debiased one is near 0 for them.
+    Computed in feature space (no n×n matrix): cost ``O(n·p·q)``.
+
+    Parameters
+    ----------
+    X
+        ``(..., n, p)`` activations, ``n >= 4`` (rows are the same tokens in X and Y).
+    Y
+        ``(..., n, q)``.
+
+    Returns
+    -------
+    float or numpy.ndarray
+        Near 1 for the same representation up to rotation and scale; near 0 for
+        unrelated ones; may be slightly negative (it is an unbiased estimate, not
+        clipped).
+
+    Raises
+    ------
+    DynamicsError
+        ``n < 4``, or ``HSIC_1(K, K) <= 0`` for either argument (constant
+        features, or too few tokens for the estimate): undefined, never NaN.
+    """
+    caller = "debiased_linear_cka"
+    x = as_matrix_batch(X, name="X", caller=caller)
+    y = as_matrix_batch(Y, name="Y", caller=caller)
+    check_same_batch(x, y, names=("X", "Y"), caller=caller, axis=-2)
+    if x.device != y.device:
+        raise DynamicsError(f"{caller}(): `X` and `Y` are on different devices")
+    try:
+        torch.broadcast_shapes(x.shape[:-2], y.shape[:-2])
+    except RuntimeError:
+        raise ShapeError(f"{caller}(): batch dimensions of `X` {tuple(x.shape[:-2])} and `Y` "
+                         f"{tuple(y.shape[:-2])} do not broadcast") from None
+    n = x.shape[-2]
+    if n < 4:
+        raise DynamicsError(f"{caller}(): the unbiased HSIC estimator needs at least 4 rows (tokens), got {n}")
+    dt = torch.promote_types(x.dtype, y.dtype)
+    xc = x.to(dt) - x.to(dt).mean(dim=-2, keepdim=True)
+    yc = y.to(dt) - y.to(dt).mean(dim=-2, keepdim=True)
+    xc = xc / torch.linalg.matrix_norm(xc).clamp_min(torch.finfo(dt).tiny)[..., None, None]  # scale invariant
+    yc = yc / torch.linalg.matrix_norm(yc).clamp_min(torch.finfo(dt).tiny)[..., None, None]
+
+    def pieces(z: torch.Tensor):
+        diag = (z * z).sum(dim=-1)                                  # K_ii, (..., n)
+        rows = z @ z.sum(dim=-2, keepdim=True).mT                   # K 1, (..., n, 1)
+        rows = rows[..., 0] - diag                                  # K̃ 1
+        return diag, rows, rows.sum(dim=-1)
+
+    kd, kr, kt = pieces(xc)
+    ld, lr, lt = pieces(yc)
+
+    def trace(a: torch.Tensor, b: torch.Tensor, ad: torch.Tensor, bd: torch.Tensor) -> torch.Tensor:
+        return torch.linalg.matrix_norm(b.mT @ a) ** 2 - (ad * bd).sum(dim=-1)  # tr(K̃ L̃) = tr(KL) − Σ K_ii L_ii
+
+    hxy = _unbiased_hsic(kd, kr, kt, trace(xc, yc, kd, ld), ld, lr, lt, n)
+    hxx = _unbiased_hsic(kd, kr, kt, trace(xc, xc, kd, kd), kd, kr, kt, n)
+    hyy = _unbiased_hsic(ld, lr, lt, trace(yc, yc, ld, ld), ld, lr, lt, n)
+    for name, h in (("X", hxx), ("Y", hyy)):
+        if bool((h <= 0).any()):
+            raise DynamicsError(f"{caller}(): HSIC_1 of `{name}` with itself is <= 0 (constant features, or too few "
+                                "tokens for the unbiased estimate), so debiased CKA is undefined")
+    value = (hxy / torch.sqrt(hxx * hyy)).to("cpu", torch.float64).numpy()
+    _finite_or_raise(value, caller)
+    return _out(value)

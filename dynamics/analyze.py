@@ -19,7 +19,16 @@ circuit, ``embed``, ``lm_head``, ``model`` for run-level numbers). ``kind``:
 ``update_restart``   ReLoRA: ``W`` at merge ``k`` minus ``W`` at merge ``k−1`` (rank ≤ r)
 ``lora``             ReLoRA: the live adapter's update ``s·B·A``
 ``train``            ``loss``, ``val_loss``, ``lr``, ``pair_acc`` from ``metrics.jsonl``, every step
+``cross_run``        ReLoRA vs full-rank at the same step, under the ReLoRA run: cumulative-update
+                     subspace overlap, debiased CKA (:mod:`dynamics.cross_run`)
+``run``              one ``seed`` row per run (always on, like ``train``)
 ==================== =====================================================================
+
+Weights and gradients also get heavy-tail (``alpha``…, ``alpha_status``) and
+Marchenko–Pastur (``mp_edge``, ``signal_rank``, ``signal_energy``) rows,
+weights ``intruders`` rows and ReLoRA cycles ``overlap_prev`` rows: see
+:mod:`dynamics.analyze_extra`; ``AnalysisOptions.basic()`` (``--basic``) turns
+these and the cross-run rows off.
 
 Spectral metrics (one SVD per matrix, see :meth:`dynamics.Spectrum.metrics`)
 are named as in :func:`dynamics.spectrum_metrics`. Update matrices use the rank
@@ -50,6 +59,9 @@ ANALYSIS_VERSION = 1
 COLUMNS = ["run", "method", "step", "tokens", "layer", "component", "kind", "metric", "value"]
 SPECTRA_COLUMNS = ["run", "method", "step", "layer", "component", "kind", "shape", "values"]
 TRAIN_METRICS = ("loss", "val_loss", "lr", "grad_norm", "pair_acc")
+#: Parquet files carry a CRC per page, checked on read: a damaged table is an error, not wrong numbers.
+PARQUET_WRITE = {"write_page_checksum": True}
+PARQUET_READ = {"page_checksum_verification": True}
 
 #: Activation sites analysed by default: the residual stream, attention output, SwiGLU hidden.
 DEFAULT_ACT_SITES = ("act:layers.*.resid_pre", "act:layers.*.resid_post", "act:layers.*.attn.o",
@@ -68,6 +80,18 @@ class AnalysisOptions:
     act_sites: tuple[str, ...] = DEFAULT_ACT_SITES
     circuits: bool = True  # per-head OV and QK circuits of weights
     keep_spectra: bool = True
+    # analyses beyond spectral metrics (dynamics/analyze_extra.py, dynamics/cross_run.py)
+    heavy_tails: bool = True  # power-law alpha of weight/grad ESDs
+    spikes: bool = True  # Marchenko–Pastur edge, signal rank and energy of weights/grads
+    subspaces: bool = True  # intruder dimensions; ReLoRA cycle-update overlaps
+    cross_run: bool = True  # ReLoRA vs full-rank at the same step: update overlap, debiased CKA
+    intruder_k: int = 10
+    intruder_threshold: float = 0.5
+
+    @classmethod
+    def basic(cls, **kw: Any) -> "AnalysisOptions":
+        """Spectral metrics only: every analysis of issue 9 (heavy tails, spikes, subspaces, cross-run) off."""
+        return cls(heavy_tails=False, spikes=False, subspaces=False, cross_run=False, **kw)
 
     def key(self) -> str:
         return hashlib.sha256(json.dumps({"v": ANALYSIS_VERSION, **asdict(self)}, sort_keys=True).encode()).hexdigest()[:16]
@@ -126,8 +150,9 @@ def update_tolerance(w_new: np.ndarray, w_old: np.ndarray) -> float:
 
 
 def _weight_rows(out: _Rows, run, step: int, prev: int | None, first: int, restart_prev: int | None,
-                 opts: AnalysisOptions) -> None:
+                 opts: AnalysisOptions, restart_prev2: int | None = None) -> None:
     from dynamics import lora_update_spectrum, ov_circuit_spectra, qk_circuit_spectra, spectrum
+    from dynamics.analyze_extra import spectrum_extra, subspace_rows
 
     names = [n for n in run.weights_names(step)]
     model = run.config["model"]
@@ -135,9 +160,12 @@ def _weight_rows(out: _Rows, run, step: int, prev: int | None, first: int, resta
     for name in names:
         w = run.weights(step, name)[name]
         if "weight" in opts.kinds and w.ndim == 2:
-            out.add_spectrum(name, "weight", spectrum(w))
+            spec = spectrum(w)
+            out.add_spectrum(name, "weight", spec)
+            out.add(name, "weight", spectrum_extra(spec, opts))
         if w.ndim != 2:
             continue
+        subspace_rows(out, run, step, name, w, first, restart_prev, restart_prev2, opts)
         for kind, other in (("update", prev), ("update_cumulative", first if first != step else None),
                             ("update_restart", restart_prev)):
             if kind in opts.kinds and other is not None:
@@ -146,7 +174,7 @@ def _weight_rows(out: _Rows, run, step: int, prev: int | None, first: int, resta
                                  tol=update_tolerance(w, w_old))
         if opts.circuits and name.split(".")[-1] in ("q", "k", "v", "o"):
             layer_cache[name] = w
-    if opts.circuits and "weight" in opts.kinds:
+    if opts.circuits and "weight" in opts.kinds and "n_heads" in model:  # imports without config.json: no head split
         heads = dict(n_heads=model["n_heads"], n_kv_heads=model["n_kv_heads"])
         for i in range(model["n_layers"]):
             get = lambda p: layer_cache.get(f"layers.{i}.attn.{p}")  # noqa: E731
@@ -168,10 +196,13 @@ def _weight_rows(out: _Rows, run, step: int, prev: int | None, first: int, resta
 def _capture_rows(out: _Rows, run, step: int, prev: int | None, final: int | None, opts: AnalysisOptions) -> None:
     from dynamics import anisotropy, linear_cka, spectrum
     from dynamics.activations import activation_spectrum
+    from dynamics.analyze_extra import spectrum_extra
 
     if "grad" in opts.kinds:
         for name, g in run.get("grad", step).items():
-            out.add_spectrum(name, "grad", spectrum(g))
+            spec = spectrum(g)
+            out.add_spectrum(name, "grad", spec)
+            out.add(name, "grad", spectrum_extra(spec, opts))
     if "act" not in opts.kinds:
         return
     for site in opts.act_sites:
@@ -202,12 +233,19 @@ def analyze_unit(run_path: str, step: int, opts: AnalysisOptions) -> tuple[list[
     i = steps.index(step)
     entry = run.entry(step)
     out = _Rows(run.label, run.method, step, entry.get("tokens_seen"), opts.keep_spectra)
-    restart_prev = run.previous_merge(step)
-    _weight_rows(out, run, step, steps[i - 1] if i > 0 else None, steps[0], restart_prev, opts)
+    run.verify(step, capture=step in run.capture_steps)  # the unit's own files: a damaged one fails the unit
+    # files it only compares against: a damaged one loses those rows (with a warning), not the unit
+    prev, first, restart_prev = (s if s is None or run.intact(s) else None
+                                 for s in (steps[i - 1] if i > 0 else None, steps[0], run.previous_merge(step)))
+    restart_prev2 = run.previous_merge(restart_prev) if restart_prev is not None else None
+    restart_prev2 = restart_prev2 if restart_prev2 is None or run.intact(restart_prev2) else None
+    _weight_rows(out, run, step, prev, first if first is not None else step, restart_prev, opts, restart_prev2)
     if step in run.capture_steps and ({"grad", "act"} & set(opts.kinds)):
         cap = run.capture_steps
         j = cap.index(step)
-        _capture_rows(out, run, step, cap[j - 1] if j > 0 else None, cap[-1] if cap[-1] != step else None, opts)
+        cap_prev, cap_final = (s if s is None or run.intact(s, capture=True) else None
+                               for s in (cap[j - 1] if j > 0 else None, cap[-1] if cap[-1] != step else None))
+        _capture_rows(out, run, step, cap_prev, cap_final, opts)
     return out.rows, out.spectra
 
 
@@ -227,6 +265,36 @@ class _RunView:
     def entry(self, step: int) -> dict:
         return next(c for c in self._run.manifest["checkpoints"] if c["step"] == step)
 
+    def verify(self, step: int, *, capture: bool = False) -> None:
+        """Check the files analysis reads at ``step`` against the manifest's sha256; ``DynamicsIOError`` names a bad one.
+
+        The weights (``model.safetensors``, ``adapters.safetensors``) and, with
+        ``capture``, the capture file: a flipped byte anywhere (header, data,
+        HDF5 attributes) is an error, never a silently wrong number.
+        """
+        from dynamics.io import DynamicsIOError
+        from trainer.atomic import sha256_file
+
+        entry = self.entry(step)
+        files = [(self._run.checkpoint_path(step) / name, entry["sha256"].get(name))
+                 for name in ("model.safetensors", "adapters.safetensors") if name in entry.get("sha256", {})]
+        if capture and entry.get("dynamics"):
+            files.append((self._run.capture_path(step), entry["dynamics"].get("sha256")))
+        for path, digest in files:
+            if not path.is_file():
+                raise DynamicsIOError(f"{path} is missing (listed in the manifest)", path)
+            if digest is not None and sha256_file(path) != digest:
+                raise DynamicsIOError(f"{path} is corrupted: its sha256 does not match the manifest", path)
+
+    def intact(self, step: int, *, capture: bool = False) -> bool:
+        """:meth:`verify` as a bool, warning (naming the file) when a file is damaged."""
+        try:
+            self.verify(step, capture=capture)
+        except DynamicsError as e:
+            warnings.warn(f"{self.label} step {step} is skipped as a comparison: {e}")
+            return False
+        return True
+
     def weights_names(self, step: int) -> list[str]:
         """Names of the matrices in a checkpoint's ``model.safetensors`` (norm vectors left out), read from its header."""
         from safetensors import safe_open
@@ -238,7 +306,7 @@ class _RunView:
 
     def previous_merge(self, step: int) -> int | None:
         """For ReLoRA: the checkpoint at the previous merge boundary when ``step`` is one, else ``None``."""
-        if self.method != "relora":
+        if self.method != "relora" or "reset_every" not in self.config.get("relora", {}):
             return None
         period = self.config["relora"]["reset_every"]
         if step == 0 or step % period:
@@ -257,10 +325,49 @@ def _unit_key(run, step: int, opts: AnalysisOptions) -> str:
     entries = {c["step"]: c for c in run.manifest["checkpoints"]}
     steps = run.steps
     i = steps.index(step)
-    for s in {step, steps[0], steps[i - 1] if i else step, steps[-1]}:
+    merges = _merge_chain(run, step)  # ReLoRA: the two previous merge checkpoints (cycle updates and their overlap)
+    for s in {step, steps[0], steps[i - 1] if i else step, steps[-1], *merges}:
         h.update(json.dumps(entries[s].get("sha256", {}), sort_keys=True).encode())
         h.update(json.dumps(entries[s].get("dynamics", {}), sort_keys=True).encode())
     return h.hexdigest()
+
+
+def _merge_chain(run, step: int) -> list[int]:
+    """The previous and the one-before-previous merge checkpoints of a ReLoRA run (those that exist)."""
+    view = _RunView.__new__(_RunView)
+    view.method, view.config, view.steps = run.method, run.config, run.steps
+    out, s = [], step
+    for _ in range(2):
+        s = view.previous_merge(s) if s is not None else None
+        if s is not None:
+            out.append(s)
+    return out
+
+
+def _cross_key(relora, full, step: int, opts: AnalysisOptions) -> str:
+    """Hash of what a cross-run unit reads: both runs' checkpoints (and captures) at ``step`` and at their first step."""
+    h = hashlib.sha256((opts.key() + "cross").encode())
+    for run in (relora, full):
+        entries = {c["step"]: c for c in run.manifest["checkpoints"]}
+        for s in (step, run.steps[0]):
+            h.update(json.dumps([entries[s].get("sha256", {}), entries[s].get("dynamics", {})], sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def _run_cross_cached(relora_path: str, full_path: str, relora_label: str, label: str, step: int, key: str,
+                      opts: AnalysisOptions, cache: str) -> tuple[int, str]:
+    """Worker: one cross-run unit (ReLoRA run vs full-rank run at ``step``), cached under ``<cache>/<label>/``."""
+    from dynamics.cross_run import cross_run_rows
+    from trainer.atomic import atomic_write
+
+    rows = cross_run_rows(relora_path, full_path, step, act_sites=opts.act_sites, label=relora_label,
+                          updates="update_cumulative" in opts.kinds, cka="act" in opts.kinds)
+    d = Path(cache) / label
+    d.mkdir(parents=True, exist_ok=True)
+    frame = pd.DataFrame(rows, columns=COLUMNS)
+    atomic_write(d / f"step_{step:06d}.parquet", lambda p: frame.to_parquet(p, index=False, **PARQUET_WRITE))
+    atomic_write(d / f"step_{step:06d}.key", lambda p: p.write_text(key))
+    return step, label
 
 
 def _train_rows(run_path: Path, label: str, method: str) -> list[dict]:
@@ -297,8 +404,8 @@ def _run_unit_cached(run_path: str, label: str, step: int, key: str, opts: Analy
     d.mkdir(parents=True, exist_ok=True)
     frame = pd.DataFrame(rows, columns=COLUMNS)
     atomic_write(d / f"step_{step:06d}.spectra.parquet",
-                 lambda p: pd.DataFrame(spectra, columns=SPECTRA_COLUMNS).to_parquet(p, index=False))
-    atomic_write(d / f"step_{step:06d}.parquet", lambda p: frame.to_parquet(p, index=False))
+                 lambda p: pd.DataFrame(spectra, columns=SPECTRA_COLUMNS).to_parquet(p, index=False, **PARQUET_WRITE))
+    atomic_write(d / f"step_{step:06d}.parquet", lambda p: frame.to_parquet(p, index=False, **PARQUET_WRITE))
     atomic_write(d / f"step_{step:06d}.key", lambda p: p.write_text(key))
     return step, label
 
@@ -314,6 +421,7 @@ def analyze_runs(runs: Iterable[str | Path], out: str | Path, *, options: Analys
     """
     from tqdm.auto import tqdm
 
+    from dynamics.external import as_run_directory
     from dynamics.io import open_run
     from trainer.atomic import atomic_write
 
@@ -322,22 +430,49 @@ def analyze_runs(runs: Iterable[str | Path], out: str | Path, *, options: Analys
     if out.suffix not in (".parquet", ".csv"):
         raise AnalysisError(f"analyze: --out must end in .parquet or .csv, got {str(out)!r}")
     cache = _cache_dir(out)
-    runs = [Path(r) for r in runs]
+    # checkpoints from elsewhere (safetensors / HF directories / weights_only torch files) become run directories
+    import_errors, resolved = [], []
+    for r in runs:
+        try:
+            resolved.append(as_run_directory(r, cache / "imported", progress=progress))
+        except DynamicsError as e:
+            if not keep_going:
+                raise
+            warnings.warn(str(e))
+            import_errors.append(str(e))
+    runs = resolved
     labels = [r.resolve().name for r in runs]
     if len(set(labels)) != len(labels):
         raise AnalysisError(f"analyze: runs must have distinct directory names, got {labels}")
 
-    todo, done, train_rows, errors = [], [], [], []
+    from dynamics.analyze_extra import run_rows
+    from dynamics.cross_run import pair_runs
+
+    # (label, step) -> (worker, its arguments); a worker computes one unit into the cache
+    units: dict[tuple[str, int], tuple[Any, tuple]] = {}
+    todo, done, train_rows, errors = [], [], [], import_errors
+    opened = {}
+
+    def schedule(label: str, step: int, key: str, fn, args: tuple) -> None:
+        units[(label, step)] = (fn, args + (key, opts, str(cache)))
+        key_file = cache / label / f"step_{step:06d}.key"
+        if key_file.exists() and key_file.read_text() == key:
+            done.append((label, step))
+        else:
+            todo.append((label, step))
+
     for path, label in zip(runs, labels):
-        run = open_run(path)
-        train_rows += _train_rows(path, label, run.method)
+        run = opened[label] = open_run(path)
+        train_rows += _train_rows(path, label, run.method) + run_rows(label, run.method, run.config)
         for step in run.steps:
-            key = _unit_key(run, step, opts)
-            key_file = cache / label / f"step_{step:06d}.key"
-            if key_file.exists() and key_file.read_text() == key:
-                done.append((label, step))
-            else:
-                todo.append((str(path), label, step, key))
+            schedule(label, step, _unit_key(run, step, opts), _run_unit_cached, (str(path), label, step))
+    if opts.cross_run and {"update_cumulative", "act"} & set(opts.kinds):  # ReLoRA vs full-rank (dynamics/cross_run.py)
+        paths = dict(zip(labels, runs))
+        for rl, fl in pair_runs([(lb, r.method, r.config) for lb, r in opened.items()]):
+            label = f"{rl}~{fl}"
+            for step in sorted(set(opened[rl].steps) & set(opened[fl].steps)):
+                schedule(label, step, _cross_key(opened[rl], opened[fl], step, opts), _run_cross_cached,
+                         (str(paths[rl]), str(paths[fl]), rl, label, step))
 
     bar = tqdm(total=len(todo) + len(done), initial=len(done), disable=not progress, unit="ckpt", desc="analyze")
 
@@ -350,9 +485,10 @@ def analyze_runs(runs: Iterable[str | Path], out: str | Path, *, options: Analys
         errors.append(msg)
 
     if workers <= 1:
-        for path, label, step, key in todo:
+        for label, step in todo:
+            fn, args = units[(label, step)]
             try:
-                _run_unit_cached(path, label, step, key, opts, str(cache))
+                fn(*args)
                 done.append((label, step))
             except (DynamicsError, OSError, ValueError, KeyError, RuntimeError) as e:
                 failed(label, step, e)
@@ -361,7 +497,7 @@ def analyze_runs(runs: Iterable[str | Path], out: str | Path, *, options: Analys
         import multiprocessing as mp
 
         with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
-            futures = {pool.submit(_run_unit_cached, p, lb, s, k, opts, str(cache)): (lb, s) for p, lb, s, k in todo}
+            futures = {pool.submit(units[u][0], *units[u][1]): u for u in todo}
             for fut in as_completed(futures):
                 label, step = futures[fut]
                 try:
@@ -375,21 +511,41 @@ def analyze_runs(runs: Iterable[str | Path], out: str | Path, *, options: Analys
     frames = [pd.DataFrame(train_rows, columns=COLUMNS)]
     spectra = []
     for label, step in sorted(done):
-        frames.append(pd.read_parquet(cache / label / f"step_{step:06d}.parquet"))
-        sp = cache / label / f"step_{step:06d}.spectra.parquet"
-        if sp.exists():
-            spectra.append(pd.read_parquet(sp))
+        try:
+            frame, spec = _read_cached(cache, label, step)
+        except Exception as e:  # a damaged cache file: recompute that unit (its inputs are verified again)
+            warnings.warn(f"{cache / label} step {step}: cached result unreadable ({type(e).__name__}: {e}); recomputing")
+            try:
+                fn, args = units[(label, step)]
+                fn(*args)
+                frame, spec = _read_cached(cache, label, step)
+            except (DynamicsError, OSError, ValueError, KeyError, RuntimeError) as e2:
+                failed(label, step, e2)
+                continue
+        frames.append(frame)
+        if spec is not None:
+            spectra.append(spec)
     table = pd.concat([f for f in frames if len(f)], ignore_index=True) if any(len(f) for f in frames) else frames[0]
     table = table.astype({"step": "int64", "layer": "int64", "value": "float64"})
     if out.suffix == ".csv":
         atomic_write(out, lambda p: table.to_csv(p, index=False))
     else:
-        atomic_write(out, lambda p: table.to_parquet(p, index=False))
+        atomic_write(out, lambda p: table.to_parquet(p, index=False, **PARQUET_WRITE))
     spectra_path = out.with_name(out.stem + ".spectra.parquet")
     if spectra:
         all_spectra = pd.concat(spectra, ignore_index=True)
-        atomic_write(spectra_path, lambda p: all_spectra.to_parquet(p, index=False))
+        atomic_write(spectra_path, lambda p: all_spectra.to_parquet(p, index=False, **PARQUET_WRITE))
     return table, errors
+
+
+def _read_cached(cache: Path, label: str, step: int) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """One unit's cached rows and spectra, page checksums verified."""
+    frame = pd.read_parquet(cache / label / f"step_{step:06d}.parquet", **PARQUET_READ)
+    missing = [c for c in COLUMNS if c not in frame.columns]
+    if missing:
+        raise ValueError(f"lacks columns {missing}")
+    sp = cache / label / f"step_{step:06d}.spectra.parquet"
+    return frame, (pd.read_parquet(sp, **PARQUET_READ) if sp.exists() else None)
 
 
 def read_results(path: str | Path) -> pd.DataFrame:
@@ -398,7 +554,7 @@ def read_results(path: str | Path) -> pd.DataFrame:
     if not path.is_file():
         raise AnalysisError(f"{path} not found; create it with `dynamics analyze RUN_DIR --out {path}`")
     try:
-        table = pd.read_csv(path) if path.suffix == ".csv" else pd.read_parquet(path)
+        table = pd.read_csv(path) if path.suffix == ".csv" else pd.read_parquet(path, **PARQUET_READ)
     except Exception as e:
         raise AnalysisError(f"{path} is not a readable results table: {e}") from None
     missing = [c for c in COLUMNS if c not in table.columns]

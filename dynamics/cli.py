@@ -7,6 +7,7 @@
 ``dynamics plot``     every figure a results table supports → PNG/PDF files
 ``dynamics demo``     the main job: a micro full-rank and ReLoRA pair → OUT/report.md
 ``dynamics reproduce`` the study's recipe (tiny/small) for a GPU machine
+``dynamics export``   a checkpoint as a Hugging Face ``LlamaForCausalLM`` directory
 
 User mistakes (bad config, missing files, corrupted checkpoints) print one
 ``error: ...`` line and exit with status 2 — never a traceback.
@@ -97,12 +98,17 @@ def _add_analyze(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("analyze", help="spectral metrics of every checkpoint → one tidy table",
                        description="Compute spectra and metrics of weights, gradients, activations and update matrices "
                                    "for every checkpoint of the given runs. Re-running skips what is already computed.")
-    p.add_argument("runs", type=Path, nargs="+", metavar="RUN_DIR", help="run directories")
+    p.add_argument("runs", type=Path, nargs="+", metavar="RUN_DIR",
+                   help="run directories, or checkpoints from elsewhere: a Hugging Face / safetensors model directory, "
+                        "a folder of step directories (step_1000/, checkpoint-1000/ ...), or a .safetensors/.pt/.bin "
+                        "file (pickles are loaded with weights_only=True; one that needs code is refused)")
     p.add_argument("--out", type=Path, default=Path("results.parquet"), help="results table (.parquet, or .csv)")
     p.add_argument("--workers", type=int, default=1, help="parallel processes (default 1)")
     p.add_argument("--keep-going", action="store_true", help="analyse the rest when a checkpoint fails; list failures")
     p.add_argument("--kinds", help="comma-separated subset of weight,grad,act,update,update_cumulative,update_restart,lora")
     p.add_argument("--no-circuits", action="store_true", help="skip per-head OV/QK circuits")
+    p.add_argument("--basic", action="store_true",
+                   help="spectral metrics only: skip heavy tails, Marchenko-Pastur spikes, subspaces and cross-run rows")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_analyze)
 
@@ -121,6 +127,10 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         opts = AnalysisOptions(kinds=kinds, circuits=not args.no_circuits)
     elif args.no_circuits:
         opts = AnalysisOptions(circuits=False)
+    if args.basic:
+        from dataclasses import replace
+
+        opts = replace(opts, heavy_tails=False, spikes=False, subspaces=False, cross_run=False)
     if args.workers < 1:
         from trainer.config import ConfigError
 
@@ -145,7 +155,15 @@ def _cmd_summary(args: argparse.Namespace) -> int:
     from dynamics.analyze import read_results
     from dynamics.summary import summarize
 
-    print(summarize(read_results(args.table), kind=args.kind, metric=args.metric).to_string())
+    table = read_results(args.table)
+    print(summarize(table, kind=args.kind, metric=args.metric).to_string())
+    per_method = table[table["kind"] != "train"].groupby("method")["run"].nunique()
+    if (per_method >= 2).any():  # seed replicates: mean, 95% interval and the test of the method difference
+        from dynamics.seeds import seed_summary
+
+        print("\nAcross seeds (mean, 95% t-interval; test of relora − full per component):")
+        print(seed_summary(table, kind=args.kind, metric=args.metric).to_string(
+            float_format=lambda v: f"{v:.4g}", na_rep="–"))
     return 0
 
 
@@ -209,6 +227,8 @@ def _add_reproduce(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--preset", choices=["tiny", "small"], required=True)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--steps", type=int, help="shorter run (default 20000)")
+    p.add_argument("--seeds", type=int, default=1,
+                   help="seed replicates per method (default 1); N > 1 trains seeds 0..N-1 of both methods")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_reproduce)
@@ -220,8 +240,31 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
 
     threads_hint()
     overrides = ([f"steps={args.steps}"] if args.steps else []) + args.overrides
-    report = reproduce(args.preset, args.out, overrides=overrides, progress=not args.no_progress)
+    if args.seeds < 1:
+        from trainer.config import ConfigError
+
+        raise ConfigError(f"--seeds must be >= 1, got {args.seeds}")
+    report = reproduce(args.preset, args.out, overrides=overrides, progress=not args.no_progress, seeds=args.seeds)
     print(f"open {report}")
+    return 0
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="a checkpoint as a Hugging Face LlamaForCausalLM directory",
+                       description="Write one checkpoint as config.json + model.safetensors loadable by transformers' "
+                                   "LlamaForCausalLM (ReLoRA runs: the effective weights W + s·B·A).")
+    p.add_argument("run", type=Path, metavar="RUN_DIR", help="run directory")
+    p.add_argument("out", type=Path, metavar="OUT_DIR", help="directory to create")
+    p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+    p.add_argument("--to", choices=["hf"], default="hf", help="format (hf: Hugging Face LLaMA)")
+    p.set_defaults(func=_cmd_export)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from trainer.hf import export_hf
+
+    out = export_hf(args.run, args.out, step=args.step)
+    print(f"exported {args.run} step {args.step if args.step is not None else 'latest'} to {out}")
     return 0
 
 
@@ -235,6 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_plot(sub)
     _add_demo(sub)
     _add_reproduce(sub)
+    _add_export(sub)
     return parser
 
 
@@ -257,6 +301,11 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     except TrainingError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # disk full, read-only or unwritable directory ...: what failed and where, no traceback
+        where = f": {e.filename}" if getattr(e, "filename", None) else ""
+        print(f"error: {e.strerror or e}{where}; files completed before the failure are intact "
+              "(fix the problem and re-run; `dynamics train --resume` continues a run)", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -97,6 +97,11 @@ class Run:
             raise SchemaVersionError(
                 f"{mpath} has schema_version {version}, newer than this reader understands ({RUN_SCHEMA_VERSION}); "
                 "upgrade the relora-dynamics package", mpath)
+        from trainer.checkpoint import check_manifest
+
+        problem = check_manifest(manifest, self.path)  # checksum, and paths that stay inside the run directory
+        if problem:
+            raise DynamicsIOError(f"{mpath} {problem}", mpath)
         self.manifest: dict[str, Any] = manifest
         self.config: dict[str, Any] = manifest.get("config", {})
         self.probe: dict[str, Any] | None = manifest.get("probe")
@@ -148,9 +153,9 @@ class Run:
     @property
     def lora_scale(self) -> float | None:
         """``s = relora.alpha / relora.rank`` for ReLoRA runs, else ``None``."""
-        if self.method != "relora":
-            return None
         r = self.config.get("relora", {})
+        if self.method != "relora" or "rank" not in r:  # imported checkpoints carry no adapters
+            return None
         return float(r["alpha"]) / float(r["rank"])
 
     def capture_path(self, step: int) -> Path:

@@ -75,7 +75,7 @@ def run_pair(configs: dict[str, TrainConfig], out: str | Path, *, title: str, pr
     for method, run_dir in runs.items():
         last = configs[method].steps
         ev = evaluate_run(run_dir, steps=[last], n_builtin_pairs=1000, progress=False)
-        evals.append(ev.assign(method=method, run=run_dir.name))
+        evals.append(ev.assign(method=configs[method].method, run=run_dir.name))
     evals_table = pd.concat(evals, ignore_index=True)
     evals_table.to_csv(out / "evaluation.csv", index=False)
     timings["evaluate"] = time.perf_counter() - t0
@@ -126,8 +126,13 @@ def demo(out: str | Path, *, overrides: list[str] | None = None, progress: bool 
     return run_pair(configs, out, title="Full-rank vs ReLoRA: micro demo", progress=progress)
 
 
-def reproduce(preset: str, out: str | Path, *, overrides: list[str] | None = None, progress: bool = True) -> Path:
+def reproduce(preset: str, out: str | Path, *, overrides: list[str] | None = None, progress: bool = True,
+              seeds: int = 1) -> Path:
     """The study's recipe (SPEC §2–3) for ``tiny`` or ``small``; shorten with ``steps=N`` in ``overrides``.
+
+    ``seeds`` > 1 trains seeds ``0 … seeds−1`` of both methods (``out/full``,
+    ``out/relora`` for seed 0, ``out/full-seed1``, ``out/relora-seed1``, …): the
+    analysis pairs them by seed and the summary reports intervals and a paired test.
 
     A shortened run keeps the schedule's shape: warmups, the ReLoRA period and
     the checkpoint interval are scaled by ``steps / 20000`` (see
@@ -135,9 +140,16 @@ def reproduce(preset: str, out: str | Path, *, overrides: list[str] | None = Non
     """
     overrides = list(overrides or [])
     configs = {}
-    for method, recipe in (("full", STUDY_FULL), ("relora", STUDY_RELORA)):
-        settings = STUDY_COMMON + recipe + [f"method={method}"]
-        configs[method] = build_config(preset=preset, overrides=settings + shortened_settings(settings + overrides) + overrides)
+    if seeds < 1:
+        from trainer.config import ConfigError
+
+        raise ConfigError(f"reproduce: seeds must be >= 1, got {seeds}")
+    for seed in range(seeds):
+        for method, recipe in (("full", STUDY_FULL), ("relora", STUDY_RELORA)):
+            settings = STUDY_COMMON + recipe + [f"method={method}"]
+            seeded = overrides + ([f"seed={seed}"] if seeds > 1 else [])
+            name = method if seed == 0 else f"{method}-seed{seed}"
+            configs[name] = build_config(preset=preset, overrides=settings + shortened_settings(settings + seeded) + seeded)
     return run_pair(configs, out, title=f"Full-rank vs ReLoRA: {preset} (study settings)", progress=progress)
 
 

@@ -887,6 +887,11 @@ def _figures(spectra: pd.DataFrame | None) -> list[tuple[str, Callable[[pd.DataF
         ("component_summary", plot_component_summary),
         ("grad_component_summary", lambda t: plot_component_summary(t, kind="grad")),
     ]
+    from dynamics import plots_analyses as A  # heavy tails, spikes, subspaces, intruders, cross-run CKA, seeds
+
+    figures += [("heavy_tails", A.plot_heavy_tails), ("signal_rank", A.plot_signal_rank),
+                ("update_subspaces", A.plot_subspaces), ("intruders", A.plot_intruders),
+                ("cross_run_cka", A.plot_cross_run_cka), ("seed_summary", A.plot_seed_summary)]
     if spectra is not None:
         figures.append(("weight_spectra", lambda t: plot_spectra(spectra, component="mlp.down")))
     return figures

@@ -7,6 +7,12 @@ from pathlib import Path
 
 import pytest
 
+
+def pytest_addoption(parser):
+    parser.addoption("--reliability-scale", type=int, default=None, metavar="N",
+                     help="size of the fault campaign in tests/reliability (default 1, or $RELIABILITY_N); "
+                          "N multiplies the number of cases of every category")
+
 WORDS = "the a cat dog bird sees chases likes runs sleeps big small red quick and then".split()
 
 

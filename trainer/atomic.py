@@ -6,6 +6,7 @@ partial file, whatever moment a process is killed at.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -16,15 +17,20 @@ from typing import Any, Callable
 
 
 def fsync_dir(path: Path) -> None:
-    """Flush a directory entry (the rename) to disk. No-op where directories cannot be opened."""
+    """Flush a directory entry (the rename) to disk. No-op where directories cannot be opened or synced.
+
+    A full disk or an I/O error (``ENOSPC``, ``EDQUOT``, ``EIO``) is raised: the
+    rename may not be durable, and the caller must not report success.
+    """
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
         return
     try:
         os.fsync(fd)
-    except OSError:
-        pass
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO):
+            raise
     finally:
         os.close(fd)
 
@@ -91,3 +97,47 @@ def sha256_file(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def json_checksum(obj: Any) -> str:
+    """sha256 of ``obj``'s canonical JSON (sorted keys, no whitespace): the ``checksum`` of a manifest.
+
+    Canonical, so re-indenting a file does not change it; any change of a key,
+    a value or the structure does.
+    """
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def inside(root: str | Path, rel: Any, *, what: str = "path") -> Path:
+    """``root / rel`` for a relative path that stays inside ``root``; ``ValueError`` otherwise.
+
+    For paths read from files (a manifest's checkpoint paths and file names):
+    absolute paths, ``..`` components and non-strings are refused, so a crafted
+    manifest can make no reader or writer touch anything outside the run directory.
+    """
+    if not isinstance(rel, str) or not rel or "\x00" in rel or "\\" in rel:
+        raise ValueError(f"{what} {rel!r} is not a plain relative path")
+    p = Path(rel)
+    if p.is_absolute() or any(part in ("..", "") for part in rel.split("/")) or p.parts[:1] == ("~",):
+        raise ValueError(f"{what} {rel!r} leaves the run directory (absolute or with '..')")
+    return Path(root) / p
+
+
+def fault_point(point: str, step: int) -> None:
+    """Test hook: ``TRAINER_FAULT=<point>@<step>`` makes the process SIGKILL itself here (a real crash, no cleanup).
+
+    Points (all at checkpoint step ``step``): ``checkpoint-write`` (inside the
+    temporary checkpoint directory, after the weights are written),
+    ``before-manifest`` (after the directory rename, before the manifest lists
+    it), ``manifest-write`` (the new manifest is in its temporary file, not yet
+    renamed), ``capture-write`` (half-way through writing the HDF5 temporary
+    file), ``before-capture-manifest`` (capture file renamed, not yet listed) and
+    ``capture-manifest-write`` (the manifest listing the capture is in its
+    temporary file). Used by ``tests/reliability``.
+    """
+    fault = os.environ.get("TRAINER_FAULT")
+    if fault and fault == f"{point}@{step}":
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)

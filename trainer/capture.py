@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from trainer.atomic import atomic_write, sha256_file
+from trainer.atomic import atomic_write, fault_point, sha256_file
 from trainer.config import ConfigError, TrainConfig
 from trainer.names import select, step_dirname
 
@@ -392,7 +392,10 @@ def write_capture(path: str | Path, captured: Captured, probe: ProbeSet, cfg: Tr
             g.create_dataset("token_index", data=probe.token_index.astype(np.int64))
             g.create_dataset("grad_input_ids", data=probe.grad_ids.numpy().astype(np.int32))
             g.create_dataset("grad_windows", data=probe.grad_windows.astype(np.int64))
-            for kind in CAPTURE_KINDS:
+            for i, kind in enumerate(CAPTURE_KINDS):
+                if i == len(CAPTURE_KINDS) // 2:
+                    f.flush()
+                    fault_point("capture-write", int(attrs.get("step", -1)))  # test hook: a crash mid-file
                 group = f.create_group(kind, track_order=True)
                 dtype = c.act_dtype if kind in ("act", "act_in") else c.grad_dtype if kind == "grad" else "float32"
                 for name, arr in captured.data.get(kind, {}).items():
@@ -498,6 +501,7 @@ class Capturer:
         rel = capture_relpath(step)
         path = self.run_dir / rel
         write_capture(path, captured, self.probe, cfg, attrs)
+        fault_point("before-capture-manifest", step)  # test hook: renamed, not yet listed
         return {"path": rel, "sha256": sha256_file(path), "bytes": path.stat().st_size,
                 "seconds": round(time.perf_counter() - t0, 3)}
 
@@ -537,4 +541,4 @@ class Capturer:
         else:  # the checkpoint is not listed (cannot happen from the trainer): keep the file unlisted
             warnings.warn(f"capture at step {step} has no checkpoint entry in the manifest", stacklevel=2)
             return
-        write_manifest(self.run_dir, manifest)
+        write_manifest(self.run_dir, manifest, fault=f"capture-manifest-write@{step}")

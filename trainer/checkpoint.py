@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
-import signal
 import subprocess
 import time
 from dataclasses import dataclass
@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from trainer.atomic import atomic_write_dir, atomic_write_json, sha256_file
+from trainer.atomic import atomic_write, atomic_write_dir, fault_point, inside, json_checksum, sha256_file
 from trainer.names import parse_step_dirname, step_dirname
 
 MANIFEST = "manifest.json"
@@ -93,11 +93,58 @@ def read_manifest(run_dir: str | Path) -> dict[str, Any]:
         raise CheckpointError(
             f"{path} has schema_version {version}, newer than this toolkit understands ({RUN_SCHEMA_VERSION}); upgrade the package"
         )
+    problem = check_manifest(manifest, Path(run_dir))
+    if problem:
+        raise CheckpointError(f"{path} {problem}")
     return manifest
 
 
-def write_manifest(run_dir: str | Path, manifest: dict[str, Any]) -> None:
-    atomic_write_json(Path(run_dir) / MANIFEST, manifest)
+def check_manifest(manifest: dict[str, Any], run_dir: Path) -> str | None:
+    """What is wrong with a parsed manifest (``None`` when nothing); pops its ``checksum`` key.
+
+    The ``checksum`` (sha256 of the canonical JSON of everything else) catches
+    any change of content, e.g. a flipped digit in a setting; a manifest without
+    one (older, or hand-edited with the key deleted) is accepted. Checkpoint
+    paths and file names must stay inside ``run_dir``.
+    """
+    stored = manifest.pop("checksum", None)
+    if stored is not None and stored != json_checksum(manifest):
+        return ("is corrupted: its checksum does not match its content (after a deliberate hand edit, "
+                "delete the \"checksum\" key)")
+    entries = manifest.get("checkpoints")
+    if not isinstance(entries, list):
+        return "has no checkpoint list; not a run manifest"
+    try:
+        for c in entries:
+            if not isinstance(c, dict) or not isinstance(c.get("step"), int) or not isinstance(c.get("sha256", {}), dict):
+                raise ValueError(f"malformed checkpoint entry {str(c)[:80]!r}")
+            inside(run_dir, c.get("path"), what="checkpoint path")
+            for name in c.get("sha256", {}):
+                if "/" in name or name in (".", "..") or not isinstance(c["sha256"][name], str):
+                    raise ValueError(f"checkpoint file name {name!r} is not a plain file name")
+                inside(run_dir, name, what="checkpoint file name")
+            dyn = c.get("dynamics")
+            if dyn is not None:
+                if not isinstance(dyn, dict):
+                    raise ValueError(f"malformed capture record {str(dyn)[:80]!r}")
+                inside(run_dir, dyn.get("path"), what="capture path")
+    except ValueError as e:
+        return f"is invalid: {e}; refusing to read it"
+    return None
+
+
+def write_manifest(run_dir: str | Path, manifest: dict[str, Any], *, fault: str | None = None) -> None:
+    """Atomically replace the manifest, adding its ``checksum``. ``fault`` names a TRAINER_FAULT point (``point@step``)."""
+    body = {k: v for k, v in manifest.items() if k != "checksum"}
+    data = (json.dumps({**body, "checksum": json_checksum(body)}, indent=2) + "\n").encode()
+
+    def write(tmp: Path) -> None:
+        tmp.write_bytes(data)
+        if fault is not None:
+            point, _, step = fault.partition("@")
+            fault_point(point, int(step))
+
+    atomic_write(Path(run_dir) / MANIFEST, write)
 
 
 def new_manifest(config: dict[str, Any], data_meta: dict[str, Any]) -> dict[str, Any]:
@@ -112,16 +159,7 @@ def new_manifest(config: dict[str, Any], data_meta: dict[str, Any]) -> dict[str,
     }
 
 
-def _fault_point(point: str, step: int) -> None:
-    """Test hook: ``TRAINER_FAULT=<point>@<step>`` makes the process SIGKILL itself here (real crash, no cleanup).
-
-    Points: ``checkpoint-write`` (inside the temporary checkpoint directory,
-    after the weights are written) and ``before-manifest`` (after the rename,
-    before the manifest lists the checkpoint).
-    """
-    fault = os.environ.get("TRAINER_FAULT")
-    if fault and fault == f"{point}@{step}":
-        os.kill(os.getpid(), signal.SIGKILL)
+_fault_point = fault_point  # the TRAINER_FAULT test hook (see trainer.atomic.fault_point)
 
 
 @dataclass
@@ -167,15 +205,21 @@ def save_checkpoint(run_dir: str | Path, payload: CheckpointPayload) -> dict[str
     manifest = read_manifest(run_dir)
     manifest["checkpoints"] = [c for c in manifest["checkpoints"] if c["step"] != step] + [entry]
     manifest["checkpoints"].sort(key=lambda c: c["step"])
-    write_manifest(run_dir, manifest)
+    write_manifest(run_dir, manifest, fault=f"manifest-write@{step}")
     return entry
 
 
 def remove_unlisted_checkpoints(run_dir: str | Path, manifest: dict[str, Any]) -> list[Path]:
-    """Delete checkpoint directories (and temp leftovers) the manifest does not list; return what was removed."""
+    """Delete checkpoint directories the manifest does not list and temp leftovers of interrupted writes; return them."""
     root = Path(run_dir) / CHECKPOINTS
     listed = {Path(c["path"]).name for c in manifest["checkpoints"]}
     removed = []
+    # temporary files of atomic writes a crash interrupted (manifest, step log, tokenised data)
+    for pattern in (f".{MANIFEST}.*.tmp", f".{METRICS}.*.tmp", "data/.*.tmp"):
+        for leftover in Path(run_dir).glob(pattern):
+            if leftover.is_file():
+                leftover.unlink(missing_ok=True)
+                removed.append(leftover)
     if root.exists():
         for d in root.iterdir():
             if d.name not in listed and (d.name.startswith(".") or parse_step_dirname(d.name) is not None):
@@ -199,9 +243,9 @@ def checkpoint_entry(manifest: dict[str, Any], step: int | None = None) -> dict[
 
 def verify_checkpoint(run_dir: str | Path, entry: dict[str, Any]) -> None:
     """Check every file of a checkpoint against the manifest's sha256. Raises :class:`CheckpointError` naming the file."""
-    ckpt = Path(run_dir) / entry["path"]
+    ckpt = inside(run_dir, entry["path"], what="checkpoint path")
     for name, digest in entry["sha256"].items():
-        f = ckpt / name
+        f = inside(ckpt, name, what="checkpoint file name")
         if not f.exists():
             raise CheckpointError(f"{f} is missing (listed in the manifest)")
         if sha256_file(f) != digest:
@@ -221,19 +265,28 @@ def load_checkpoint(run_dir: str | Path, step: int | None = None, *, verify: boo
     if verify:
         verify_checkpoint(run_dir, entry)
     ckpt = run_dir / entry["path"]
-    try:
-        adapters_path = ckpt / ADAPTERS_FILE
-        return CheckpointPayload(
-            model=load_file(ckpt / MODEL_FILE, device=str(map_location)),
-            optimizer=torch.load(ckpt / OPTIMIZER_FILE, map_location=map_location, weights_only=True),
-            rng=torch.load(ckpt / RNG_FILE, map_location="cpu", weights_only=True),
-            state=json.loads((ckpt / STATE_FILE).read_text()),
-            adapters=load_file(adapters_path, device=str(map_location)) if adapters_path.exists() else None,
-        )
-    except CheckpointError:
-        raise
-    except Exception as e:  # safetensors/pickle/json each raise their own types on a damaged file
-        raise CheckpointError(f"checkpoint {ckpt} could not be read: {type(e).__name__}: {e}") from None
+    adapters_path = ckpt / ADAPTERS_FILE
+
+    def read(name: str, load):
+        path = ckpt / name
+        try:
+            return load(path)
+        except pickle.UnpicklingError as e:  # weights_only refused a global: code, or an unknown class
+            first = str(e).strip().splitlines()[-3:] if str(e).strip() else [""]
+            raise CheckpointError(
+                f"{path} is refused: it holds objects other than tensors and plain containers, which could run code "
+                f"when unpickled ({' '.join(x for x in first if x).strip()[:200]}). Do not load it with "
+                "weights_only=False unless you trust where it came from") from None
+        except Exception as e:  # safetensors/pickle/json each raise their own types on a damaged file
+            raise CheckpointError(f"{path} could not be read: {type(e).__name__}: {str(e)[:300]}") from None
+
+    return CheckpointPayload(
+        model=read(MODEL_FILE, lambda p: load_file(p, device=str(map_location))),
+        optimizer=read(OPTIMIZER_FILE, lambda p: torch.load(p, map_location=map_location, weights_only=True)),
+        rng=read(RNG_FILE, lambda p: torch.load(p, map_location="cpu", weights_only=True)),
+        state=read(STATE_FILE, lambda p: json.loads(p.read_text())),
+        adapters=read(ADAPTERS_FILE, lambda p: load_file(p, device=str(map_location))) if adapters_path.exists() else None,
+    )
 
 
 def load_model(run_dir: str | Path, step: int | None = None, *, device: str | torch.device = "cpu"):

@@ -240,7 +240,9 @@ class TrainConfig:
     ``schedule`` is ``cosine`` (linear warmup then cosine to ``min_lr_ratio·lr``),
     ``linear`` (warmup then linear decay to ``min_lr_ratio·lr``) or ``constant``;
     ReLoRA runs always use the jagged cosine of SPEC §3. ``precision`` ``auto``
-    means bf16 autocast on CUDA and float32 on CPU.
+    means bf16 autocast on CUDA and float32 on CPU. ``compile`` runs the
+    training forward and backward through ``torch.compile`` (same function,
+    float32 rounding may differ; the first steps pay the compile time).
     """
 
     preset: str = "micro"
@@ -267,6 +269,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     precision: str = "auto"
+    compile: bool = False
     init_from: str | None = None
 
     @property
@@ -486,7 +489,7 @@ def build_config(
     layered = _merge(layered, {k: v for k, v in (cli or {}).items() if v is not None})
     layered = _merge(layered, parse_overrides(overrides))
     preset = preset or layered.get("preset") or "micro"
-    if preset not in MODEL_PRESETS:
+    if not isinstance(preset, str) or preset not in MODEL_PRESETS:  # a config file may hold any type here
         raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(MODEL_PRESETS)}")
     layered["preset"] = preset
 

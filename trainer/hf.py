@@ -7,7 +7,9 @@ GQA, SwiGLU, untied head, no biases), so export is a renaming of keys plus a
 
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
 
 import torch
 
@@ -64,3 +66,39 @@ def hf_config_dict(cfg: ModelConfig) -> dict:
         "mlp_bias": False,
         "torch_dtype": "float32",
     }
+
+
+def export_hf(run_dir: str | Path, out_dir: str | Path, *, step: int | None = None) -> Path:
+    """Write checkpoint ``step`` (the latest when ``None``) of a run as a ``LlamaForCausalLM`` directory.
+
+    ``out_dir`` gets ``config.json``, ``model.safetensors`` (float32, HF key names)
+    and ``export.json`` (source run, step, sha256 of the source weights). ReLoRA
+    runs export their effective weights ``W + s·B·A`` (the checkpoint's dense
+    ``model.safetensors``). The directory appears atomically; an existing one is refused.
+    """
+    from safetensors.torch import load_file, save_file
+
+    from trainer.atomic import atomic_write_dir
+    from trainer.checkpoint import CheckpointError, checkpoint_entry, read_manifest, verify_checkpoint
+    from trainer.config import config_from_dict
+
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    if out_dir.exists():
+        raise CheckpointError(f"{out_dir} already exists; choose a new export directory")
+    manifest = read_manifest(run_dir)
+    entry = checkpoint_entry(manifest, step)
+    verify_checkpoint(run_dir, entry)
+    cfg = config_from_dict({**manifest["config"], "init_from": None})
+    weights = load_file(str(run_dir / entry["path"] / "model.safetensors"))
+    state = to_hf_state_dict({k: v.to(torch.float32).contiguous() for k, v in weights.items()})
+    provenance = {"source_run": str(run_dir.resolve()), "step": entry["step"], "tokens_seen": entry.get("tokens_seen"),
+                  "method": manifest["config"].get("method"), "source_sha256": entry["sha256"]["model.safetensors"],
+                  "format": "LlamaForCausalLM"}
+
+    def fill(tmp: Path) -> None:
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(hf_config_dict(cfg.model), indent=2) + "\n")
+        (tmp / "export.json").write_text(json.dumps(provenance, indent=2) + "\n")
+
+    atomic_write_dir(out_dir, fill)
+    return out_dir

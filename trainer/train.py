@@ -30,6 +30,7 @@ from trainer import relora
 from trainer.capture import Capturer
 from trainer.config import ConfigError, TrainConfig, config_from_dict
 from trainer.data import prepare, train_micro_batch, validation_batches
+from trainer.distributed import DistContext, init_from_env
 from trainer.model import Decoder, count_parameters
 from trainer.schedule import constant_factor, cosine_factor, jagged_cosine_factor, linear_factor
 
@@ -108,7 +109,7 @@ def truncate_log(path: Path, last_step: int) -> None:
 
 
 # Settings that may differ on resume without changing what is computed.
-RESUME_MUTABLE = ("steps", "eval_interval", "eval_batches", "checkpoint_interval", "device", "precision")
+RESUME_MUTABLE = ("steps", "eval_interval", "eval_batches", "checkpoint_interval", "device", "precision", "compile")
 
 
 class Trainer:
@@ -127,11 +128,22 @@ class Trainer:
         self.last_loss: float | None = None
         self.last_val_loss: float | None = None
         self.wrapped: list[str] = []
+        self.dist = DistContext()  # joined in setup() when launched by torchrun
 
     # -- setup -------------------------------------------------------------------------------
 
     def setup(self) -> None:
         cfg = self.cfg
+        self.device = resolve_device(cfg.device)
+        self.dist = init_from_env(self.device.type)
+        if self.dist.enabled:
+            if self.device.type == "cuda":
+                self.device = torch.device("cuda", self.dist.local_rank)
+            if cfg.micro_batch_size % self.dist.world_size:
+                raise ConfigError(f"batch_size/grad_accum={cfg.micro_batch_size} must be divisible by the number of "
+                                  f"processes ({self.dist.world_size})")
+            if not self.dist.is_main:
+                self.echo = lambda msg: None
         manifest = None
         if (self.run_dir / ckpt.MANIFEST).exists():
             if not self.resume:
@@ -142,14 +154,18 @@ class Trainer:
             raise ConfigError(f"{self.run_dir} exists and is not empty; choose a new --out")
         if manifest is not None and not manifest["checkpoints"]:
             manifest = None  # crashed before the first checkpoint: start over
+        self.dist.barrier()  # every rank has checked the directory before rank 0 writes into it
 
-        self.device = resolve_device(cfg.device)
         bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
         self.autocast = (
             (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
         )
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.data = prepare(cfg.data, self.run_dir / "data")
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.data = prepare(cfg.data, self.run_dir / "data")
+        self.dist.barrier()
+        if not self.dist.is_main:
+            self.data = prepare(cfg.data, self.run_dir / "data")  # rank 0 wrote it: verified and memory-mapped
         if self.data.vocab_size > cfg.model.vocab_size:
             raise ConfigError(
                 f"the data uses {self.data.vocab_size} token ids but model.vocab_size={cfg.model.vocab_size}; "
@@ -168,18 +184,25 @@ class Trainer:
         if cfg.method == "relora" and cfg.relora.warm_start_steps == 0:
             self._wrap()
         self.optimizer = build_optimizer(self.model, cfg, self.device)
+        # training loss, optionally compiled; a bound method, so state-dict keys keep their names
+        self._train_loss = torch.compile(self.model.loss) if cfg.compile else self.model.loss
         from trainer.evaluate import builtin_pairs
 
         self.eval_pairs = builtin_pairs(self.data.meta, n=200)
         self.val_batches = validation_batches(self.data.val, n_batches=cfg.eval_batches,
                                               batch_size=cfg.micro_batch_size, seq_len=cfg.context)
-        self.capturer = Capturer.for_trainer(self)  # the fixed probe set; None when capture.enabled is false
+        # the fixed probe set; None when capture.enabled is false, and on ranks other than 0
+        self.capturer = Capturer.for_trainer(self) if self.dist.is_main else None
+        self.log = None
 
         if manifest is not None:
             self._load(manifest)
             if self.capturer is not None:
                 self.capturer.on_resume(self, manifest)
-            self.log = JsonlLog(self.run_dir / ckpt.METRICS)
+            if self.dist.is_main:
+                self.log = JsonlLog(self.run_dir / ckpt.METRICS)
+        elif not self.dist.is_main:
+            self.save_checkpoint()  # rank 0 writes the manifest and the step-0 checkpoint; the others check and wait
         else:
             manifest = ckpt.new_manifest(cfg.to_dict(), self.data.meta)
             if self.capturer is not None:
@@ -219,7 +242,7 @@ class Trainer:
         self.wrapped = relora.wrap_model(self.model, self.cfg.relora, self.adapter_rng)
 
     def _load(self, manifest: dict[str, Any]) -> None:
-        removed = ckpt.remove_unlisted_checkpoints(self.run_dir, manifest)
+        removed = ckpt.remove_unlisted_checkpoints(self.run_dir, manifest) if self.dist.is_main else []
         for path in removed:
             self.echo(f"removed incomplete checkpoint {path}")
         payload = ckpt.load_checkpoint(self.run_dir, map_location=self.device)
@@ -241,7 +264,8 @@ class Trainer:
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         self.merges = state.get("merges", 0)
         self.last_loss, self.last_val_loss = state.get("loss"), state.get("val_loss")
-        truncate_log(self.run_dir / ckpt.METRICS, self.step)
+        if self.dist.is_main:
+            truncate_log(self.run_dir / ckpt.METRICS, self.step)
         self.echo(f"resumed {self.run_dir} at step {self.step}")
 
     # -- train -------------------------------------------------------------------------------
@@ -261,11 +285,15 @@ class Trainer:
         for micro in range(cfg.grad_accum):
             x, y = train_micro_batch(self.data.train, seed=cfg.seed, step=t, micro=micro, batch_size=cfg.batch_size,
                                      grad_accum=cfg.grad_accum, seq_len=cfg.context)
+            x, y = self.dist.shard(x), self.dist.shard(y)  # this rank's rows of the global micro-batch
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             with self.autocast():
-                loss = self.model.loss(x, y) / cfg.grad_accum
+                loss = self._train_loss(x, y) / cfg.grad_accum
             loss.backward()
             total += loss.detach()
+        if self.dist.enabled:
+            self.dist.average_gradients([p for group in self.optimizer.param_groups for p in group["params"]])
+            total = self.dist.mean(torch.as_tensor(total))
         grads = [p.grad for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
         if cfg.grad_clip is not None:
             grad_norm = torch.nn.utils.clip_grad_norm_(
@@ -349,17 +377,18 @@ class Trainer:
         """
         cfg = self.cfg
         end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
-        bar = _progress_bar(total=cfg.steps, initial=self.step, enabled=self.progress)
+        bar = _progress_bar(total=cfg.steps, initial=self.step, enabled=self.progress and self.dist.is_main)
         last_saved = self.step
         try:
             t0, tokens0 = time.perf_counter(), self.tokens_seen
             while self.step < end:
                 record = self.train_step()
-                if self.step % cfg.eval_interval == 0 or self.step == cfg.steps:
+                if (self.step % cfg.eval_interval == 0 or self.step == cfg.steps) and self.dist.is_main:
                     record.update(self.evaluate_all())
                 elapsed = time.perf_counter() - t0
                 record["tokens_per_s"] = (self.tokens_seen - tokens0) / max(elapsed, 1e-9)
-                self.log.write(record)
+                if self.log is not None:
+                    self.log.write(record)
                 if self.step % cfg.checkpoint_interval == 0 or self.step in (cfg.steps, end):
                     self.save_checkpoint()
                     last_saved = self.step
@@ -378,6 +407,18 @@ class Trainer:
     # -- save / cleanup ----------------------------------------------------------------------
 
     def save_checkpoint(self) -> None:
+        """Rank 0 writes the checkpoint (and its capture file); every rank then meets at a barrier."""
+        if self.dist.enabled:
+            state = [t for p in self.model.parameters() for t in (p, *self.optimizer.state.get(p, {}).values())
+                     if isinstance(t, torch.Tensor)]
+            if not self.dist.in_sync(state):
+                raise TrainingError(f"step {self.step}: the processes' weights or optimizer states differ; "
+                                    f"refusing to checkpoint (the last good checkpoint is kept in {self.run_dir})")
+        if self.dist.is_main:
+            self._write_checkpoint()
+        self.dist.barrier()
+
+    def _write_checkpoint(self) -> None:
         model = self.model
         rng = {"torch": torch.get_rng_state(), "adapter": self.adapter_rng.get_state()}
         if self.device.type == "cuda":
@@ -408,6 +449,7 @@ class Trainer:
         log = getattr(self, "log", None)
         if log is not None:
             log.close()
+        self.dist.close()
 
 
 def _progress_bar(*, total: int, initial: int, enabled: bool):

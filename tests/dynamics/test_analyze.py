@@ -10,7 +10,7 @@ import pytest
 from safetensors.numpy import load_file
 
 import dynamics
-from dynamics.analyze import COLUMNS, AnalysisError, analyze_runs, read_results
+from dynamics.analyze import COLUMNS, AnalysisError, AnalysisOptions, analyze_runs, read_results
 from dynamics.cli import main
 from dynamics.summary import summarize
 from trainer.config import build_config
@@ -111,7 +111,9 @@ def test_rerun_uses_the_cache_and_a_changed_checkpoint_is_recomputed(results, pa
 
     m = json.loads((other / "manifest.json").read_text())
     m["checkpoints"][1]["sha256"]["model.safetensors"] = "0" * 64
-    (other / "manifest.json").write_text(json.dumps(m))
+    from trainer.checkpoint import write_manifest
+
+    write_manifest(other, m)  # a consistent manifest (valid checksum), only the hashes differ
     with pytest.raises(AssertionError, match="recomputed"):  # same name and cache, new hashes: not served from cache
         analyze_runs([other], out, progress=False)
 
@@ -150,7 +152,7 @@ def test_summary_compares_methods(results):
 def test_cli_analyze_and_summary(pair, tmp_path, capsys):
     out = tmp_path / "r.csv"
     assert main(["analyze", *map(str, pair), "--out", str(out), "--kinds", "weight,update", "--no-progress"]) == 0
-    assert set(pd.read_csv(out)["kind"]) == {"weight", "update", "train"}
+    assert set(pd.read_csv(out)["kind"]) == {"weight", "update", "train", "run"}  # run: the seed row, always
     assert main(["summary", str(out)]) == 0
     assert "relora − full" in capsys.readouterr().out
     assert main(["analyze", str(pair[0]), "--out", str(tmp_path / "x.txt")]) == 2
@@ -159,3 +161,37 @@ def test_cli_analyze_and_summary(pair, tmp_path, capsys):
     assert main(["summary", str(tmp_path / "missing.parquet")]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and err.count("error:") == 4
+
+
+def test_issue9_rows_heavy_tails_spikes_subspaces_cross_run_and_seeds(results, pair, tmp_path):
+    table, _ = results
+    w = pick(table, kind="weight", method="full")
+    # every whole matrix has a fit status; alpha only where the fit produced one, never NaN
+    status = pick(w, metric="alpha_status")
+    assert len(status) == len(pick(w, metric="mp_edge")) > 0
+    assert set(status["value"]) <= {0.0, 1.0, 2.0, 3.0}
+    alpha = pick(w, metric="alpha")
+    assert len(alpha) == int((status["value"] <= 1).sum()) and np.isfinite(alpha["value"]).all()
+    assert (alpha["value"] > 1).all()
+    assert (pick(table, kind="grad", metric="signal_rank")["value"] >= 0).all()
+    # intruders: none at the first checkpoint, counted for the wrapped projections only
+    intr = pick(table, kind="weight", metric="intruders")
+    assert (pick(intr, step=0)["value"] == 0).all() and set(intr["component"]) == {
+        "attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "mlp.down"}
+    # ReLoRA merges at 4 and 8: cycle 8 is compared with cycle 4, within [0, 1]
+    ov = pick(table, kind="update_restart", metric="overlap_prev")
+    assert set(ov["step"]) == {8} and ov["value"].between(0, 1).all()
+    # cross-run rows live under the ReLoRA run; CKA at step 0 is 1 (same init, same probe)
+    cross = pick(table, kind="cross_run")
+    assert set(cross["method"]) == {"relora"} and set(cross["run"]) == {pair[1].name}
+    assert {"update_overlap", "update_overlap_chance", "cka", "cka_debiased"} <= set(cross["metric"])
+    np.testing.assert_allclose(pick(cross, step=0, metric="cka_debiased")["value"], 1.0, atol=1e-9)
+    assert pick(cross, metric="update_overlap")["value"].between(0, 1).all()
+    seeds = pick(table, kind="run", metric="seed")
+    assert sorted(seeds["run"]) == sorted(p.name for p in pair) and (seeds["value"] == 0).all()
+    # --basic: none of it
+    basic, _ = analyze_runs(pair, tmp_path / "basic.parquet", options=AnalysisOptions.basic(), progress=False)
+    assert not set(basic["metric"]) & {"alpha", "alpha_status", "signal_rank", "intruders", "overlap_prev"}
+    assert "cross_run" not in set(basic["kind"])
+    assert len(pick(basic, kind="weight", metric="proportional_effective_rank")) == len(
+        pick(table, kind="weight", metric="proportional_effective_rank"))

@@ -1,0 +1,142 @@
+"""Comparisons across runs: which runs are seeds of one experiment, which ReLoRA run pairs with which full-rank run.
+
+``dynamics analyze`` writes, for every (ReLoRA run, full-rank run) pair and
+every checkpoint step both runs have, rows of ``kind = "cross_run"`` under the
+ReLoRA run's label (``method = "relora"``):
+
+===================================== ===================================================================
+metric                                meaning (component: a wrapped projection, or an activation site)
+===================================== ===================================================================
+``update_overlap``                    overlap (mean squared cosine of principal angles, averaged over the
+                                      output and input sides) of the top-``r`` singular subspaces of the
+                                      two runs' cumulative updates ``W_t − W_0``; ``r`` = ReLoRA rank
+``update_overlap_out`` / ``_in``      the same, output (left) and input (right) side alone
+``update_overlap_chance``             the value two random subspaces would give, ``(r/m + r/n)/2``
+``cka_debiased``                      debiased linear CKA of the activations on the shared probe set
+``cka``                               the biased linear CKA of the same activations, for comparison
+===================================== ===================================================================
+
+Pairing: runs are comparable when their model, data, step count, batch and
+context agree (:func:`comparison_key`; method, seed, learning-rate schedule and
+ReLoRA settings may differ). Each ReLoRA run is paired with the comparable
+full-rank run of the same seed, else with the first comparable full-rank run
+(sorted by label). Runs that differ *only* by seed form a seed group
+(:func:`seed_group_key`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from dynamics.validation import DynamicsError
+
+__all__ = ["comparison_key", "seed_group_key", "pair_runs", "cross_run_rows", "WRAPPED_PROJECTIONS"]
+
+#: Matrices compared across runs: the projections ReLoRA wraps.
+WRAPPED_PROJECTIONS = ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "mlp.down")
+_SAME = ("preset", "model", "data", "steps", "batch_size", "grad_accum", "seq_len")
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def comparison_key(config: Mapping[str, Any]) -> str:
+    """Hash of what must agree for two runs to be compared step by step: model, data, steps, batch, context."""
+    return _digest({k: config.get(k) for k in _SAME})
+
+
+def seed_group_key(config: Mapping[str, Any]) -> str:
+    """Hash of the whole resolved config except the run's ``seed``: equal for runs that differ only by seed."""
+    return _digest({k: v for k, v in config.items() if k != "seed"})
+
+
+def pair_runs(runs: Sequence[tuple[str, str, Mapping[str, Any]]]) -> list[tuple[str, str]]:
+    """``(relora label, full label)`` pairs from ``(label, method, config)`` triples (see the module docstring)."""
+    full = sorted((r for r in runs if r[1] == "full"), key=lambda r: r[0])
+    pairs = []
+    for label, method, config in sorted(runs, key=lambda r: r[0]):
+        if method != "relora":
+            continue
+        same = [f for f in full if comparison_key(f[2]) == comparison_key(config)]
+        if not same:
+            continue
+        seeded = [f for f in same if f[2].get("seed") == config.get("seed")]
+        pairs.append((label, (seeded or same)[0][0]))
+    return pairs
+
+
+def _update_rows(add, relora, full, step: int, k: int) -> None:
+    from dynamics.subspaces import update_overlap
+
+    first_r, first_f = relora.steps[0], full.steps[0]
+    names = [f"layers.{i}.{p}" for i in range(relora.n_layers) for p in WRAPPED_PROJECTIONS]
+    now_r, now_f = relora.weights(step, names), full.weights(step, names)
+    init_r, init_f = relora.weights(first_r, names), full.weights(first_f, names)
+    for name in names:
+        dr = now_r[name].astype(np.float64) - init_r[name].astype(np.float64)
+        df = now_f[name].astype(np.float64) - init_f[name].astype(np.float64)
+        try:
+            add(name, update_overlap(dr, df, k).metrics("update_overlap"))
+        except DynamicsError:
+            continue  # a zero update (e.g. a frozen matrix) has no subspace: no row, no number
+
+
+def _cka_rows(add, relora, full, step: int, act_sites: Sequence[str]) -> None:
+    from dynamics.activations import debiased_linear_cka, linear_cka
+
+    for site in act_sites:
+        kind, _, pattern = site.partition(":")
+        try:
+            xs, ys = relora.get(kind, step, pattern), full.get(kind, step, pattern)
+        except DynamicsError:
+            continue  # site not captured in one of the runs
+        for name in sorted(set(xs) & set(ys)):
+            x = xs[name].reshape(-1, xs[name].shape[-1]).astype(np.float64)
+            y = ys[name].reshape(-1, ys[name].shape[-1]).astype(np.float64)
+            if x.shape[0] != y.shape[0]:
+                continue
+            label = name if kind == "act" else f"{name}.in"
+            try:
+                add(label, {"cka_debiased": debiased_linear_cka(x, y), "cka": linear_cka(x, y)})
+            except DynamicsError:
+                continue  # constant activations: CKA undefined, no row
+
+
+def same_probe(relora, full) -> bool:
+    """Whether two runs captured activations on the same probe tokens (manifest ``probe.act`` and ``seq_len``)."""
+    a, b = relora.manifest.get("probe") or {}, full.manifest.get("probe") or {}
+    return bool(a.get("act")) and a.get("act") == b.get("act") and a.get("seq_len") == b.get("seq_len")
+
+
+def cross_run_rows(relora_path: str, full_path: str, step: int, *, act_sites: Sequence[str],
+                   label: str, updates: bool = True, cka: bool = True) -> list[dict]:
+    """Rows (``kind = "cross_run"``) comparing a ReLoRA run with a full-rank run at ``step``; see the module docstring.
+
+    ``label`` is the ReLoRA run's label in the table. Steps at which either run
+    has no checkpoint give no rows; CKA rows need both runs' captures at
+    ``step`` on the same probe set (:func:`same_probe`).
+    """
+    from dynamics.io import open_run
+
+    relora, full = open_run(relora_path), open_run(full_path)
+    entry = next(c for c in relora.manifest["checkpoints"] if c["step"] == step)
+    base = {"run": label, "method": relora.method, "step": step, "tokens": entry.get("tokens_seen")}
+    rows: list[dict] = []
+
+    def add(name: str, metrics: dict[str, float]) -> None:
+        layer, component = (int(name.split(".")[1]), name.split(".", 2)[2]) if name.startswith("layers.") else (-1, name)
+        for metric, value in metrics.items():
+            rows.append({**base, "layer": layer, "component": component, "kind": "cross_run", "metric": metric,
+                         "value": float(value)})
+
+    if updates and step in full.steps and step != relora.steps[0]:
+        k = int((relora.config.get("relora") or {}).get("rank", 8))
+        _update_rows(add, relora, full, step, k)
+    if cka and step in relora.capture_steps and step in full.capture_steps and same_probe(relora, full):
+        _cka_rows(add, relora, full, step, act_sites)
+    return rows

@@ -1,0 +1,212 @@
+"""Update subspaces and intruder dimensions: principal angles between singular subspaces.
+
+Principal angles ``0 <= θ_1 <= … <= θ_k <= π/2`` between the column spaces of
+``A`` (m×a) and ``B`` (m×b), ``k = min(a, b)``, have cosines equal to the
+singular values of ``Q_Aᵀ Q_B`` (orthonormal bases from QR; Björck & Golub
+1973). Their **overlap** is the mean squared cosine ``Σ cos²θ_i / k`` in
+[0, 1]: 1 for the same subspace, 0 for orthogonal ones. Two independent random
+``k``-dimensional subspaces of ``R^m`` have expected overlap ``max(a, b)/m``
+(the chance level; :func:`chance_overlap`).
+
+A matrix's top-``k`` singular subspaces are the spans of its first ``k`` left
+(output space, ``R^m``) and right (input space, ``R^n``) singular vectors.
+:func:`update_overlap` compares two updates (e.g. successive ReLoRA cycles
+``W_merge_k − W_merge_k−1``) on both sides.
+
+**Intruder dimensions** (after Shuttleworth et al. 2024, "LoRA vs full
+fine-tuning: an illusion of equivalence"): among the top-``k`` left singular
+vectors of ``W_t``, those whose largest ``|cos|`` with any of the reference
+left singular vectors of ``W_0`` is below a threshold (default 0.5): new
+directions rather than rotated old ones.
+
+Everything runs in float64 on CPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from .validation import DynamicsError, ShapeError, as_matrix_batch, check_positive_int
+
+__all__ = [
+    "principal_angles",
+    "subspace_overlap",
+    "chance_overlap",
+    "top_singular_vectors",
+    "UpdateOverlap",
+    "update_overlap",
+    "intruder_dimensions",
+]
+
+
+def _svd(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Thin SVD ``(U, s, Vᵀ)`` in float64 through torch (the same LAPACK route and thread settings as the rest)."""
+    u, s, vt = torch.linalg.svd(torch.from_numpy(np.ascontiguousarray(x)), full_matrices=False)
+    return u.numpy(), s.numpy(), vt.numpy()
+
+
+def _matrix(M: Any, name: str, caller: str) -> np.ndarray:
+    t = as_matrix_batch(M, name=name, caller=caller, exact_ndim=2, convert=False)
+    return t.detach().cpu().to(torch.float64).numpy()
+
+
+def _orthonormal(A: np.ndarray, name: str, caller: str) -> np.ndarray:
+    """Orthonormal basis (m, a) of the columns of A, which must be linearly independent."""
+    q, r = np.linalg.qr(A)
+    d = np.abs(np.diag(r))
+    if d.size == 0 or d.min() <= 1e-12 * max(d.max(), np.finfo(float).tiny):
+        raise DynamicsError(f"{caller}(): the columns of `{name}` are (numerically) linearly dependent, so they do "
+                            "not span a subspace of their count; pass a basis (e.g. top singular vectors)")
+    return q
+
+
+def principal_angles(A: Any, B: Any) -> np.ndarray:
+    """Principal angles (radians, ascending) between the column spaces of ``A`` (m×a) and ``B`` (m×b).
+
+    Returns a float64 array of length ``min(a, b)`` in ``[0, π/2]``. The columns
+    need not be orthonormal, only linearly independent (else :class:`DynamicsError`).
+    """
+    caller = "principal_angles"
+    a, b = _matrix(A, "A", caller), _matrix(B, "B", caller)
+    if a.shape[0] != b.shape[0]:
+        raise ShapeError(f"{caller}(): `A` and `B` must have the same number of rows (the ambient dimension), "
+                         f"got {a.shape} and {b.shape}")
+    if a.shape[1] > a.shape[0] or b.shape[1] > b.shape[0]:
+        raise ShapeError(f"{caller}(): a basis must have at most as many columns as rows, got {a.shape} and {b.shape}")
+    cos = np.linalg.svd(_orthonormal(a, "A", caller).T @ _orthonormal(b, "B", caller), compute_uv=False)
+    return np.arccos(np.clip(cos, 0.0, 1.0))
+
+
+def subspace_overlap(A: Any, B: Any) -> float:
+    """Mean squared cosine of the principal angles between the column spaces of ``A`` and ``B``, in [0, 1]."""
+    return float(np.mean(np.cos(principal_angles(A, B)) ** 2))
+
+
+def chance_overlap(dim: int, a: int, b: int | None = None) -> float:
+    """Expected :func:`subspace_overlap` of independent uniformly random ``a``- and ``b``-dim subspaces of ``R^dim``: ``max(a, b)/dim``."""
+    b = a if b is None else b
+    if not (1 <= min(a, b) and max(a, b) <= dim):
+        raise DynamicsError(f"chance_overlap(): need 1 <= a, b <= dim, got dim={dim}, a={a}, b={b}")
+    return max(a, b) / dim
+
+
+def top_singular_vectors(M: Any, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The first ``k`` singular triplets of ``M`` (m×n): ``U_k`` (m, k), ``s_k`` (k,), ``V_k`` (n, k), float64.
+
+    ``k`` is clipped to ``min(m, n)``. One thin SVD with vectors (float64, CPU).
+    """
+    caller = "top_singular_vectors"
+    k = check_positive_int(k, name="k", caller=caller)
+    x = _matrix(M, "M", caller)
+    u, s, vt = _svd(x)
+    k = min(k, s.size)
+    return u[:, :k], s[:k], vt[:k].T
+
+
+@dataclass(frozen=True)
+class UpdateOverlap:
+    """Overlap of the top-``k`` singular subspaces of two updates.
+
+    ``out_``: left singular vectors (output space ``R^m``); ``in_``: right ones
+    (input space ``R^n``); ``mean``: their average; ``chance``: the same average
+    for independent random subspaces, ``(k/m + k/n)/2``. ``k`` is the number of
+    directions compared (``k`` asked, reduced to the numerical rank of either update).
+    """
+
+    out_: float
+    in_: float
+    mean: float
+    chance: float
+    k: int
+
+    def metrics(self, prefix: str = "overlap") -> dict[str, float]:
+        """Table rows: ``<prefix>`` (mean of both sides), ``<prefix>_out``, ``<prefix>_in``, ``<prefix>_chance``."""
+        return {prefix: self.mean, f"{prefix}_out": self.out_, f"{prefix}_in": self.in_,
+                f"{prefix}_chance": self.chance}
+
+
+def _rank(s: np.ndarray, shape: tuple[int, int]) -> int:
+    if s.size == 0 or s[0] == 0:
+        return 0
+    return int(np.sum(s > s[0] * max(shape) * np.finfo(np.float64).eps * 16))
+
+
+def update_overlap(dW1: Any, dW2: Any, k: int) -> UpdateOverlap:
+    """Overlap of the top-``k`` left and right singular subspaces of two same-shape updates ``dW1``, ``dW2`` (m×n).
+
+    ``k`` is reduced to the numerical rank of either update when that is
+    smaller (a rank-``r`` ReLoRA cycle has no ``(r+1)``-th direction); an update
+    that is exactly zero has no subspace: :class:`DynamicsError`.
+    """
+    caller = "update_overlap"
+    a, b = _matrix(dW1, "dW1", caller), _matrix(dW2, "dW2", caller)
+    if a.shape != b.shape:
+        raise ShapeError(f"{caller}(): `dW1` and `dW2` must have the same shape, got {a.shape} and {b.shape}")
+    k = check_positive_int(k, name="k", caller=caller)
+    ua, sa, vta = _svd(a)
+    ub, sb, vtb = _svd(b)
+    k = min(k, _rank(sa, a.shape), _rank(sb, b.shape))
+    if k == 0:
+        raise DynamicsError(f"{caller}(): an update is zero (numerical rank 0), so it has no singular subspace")
+    out_ = float(np.mean(np.linalg.svd(ua[:, :k].T @ ub[:, :k], compute_uv=False) ** 2))
+    in_ = float(np.mean(np.linalg.svd(vta[:k] @ vtb[:k].T, compute_uv=False) ** 2))
+    m, n = a.shape
+    return UpdateOverlap(out_=out_, in_=in_, mean=(out_ + in_) / 2, chance=(k / m + k / n) / 2, k=k)
+
+
+_REFERENCE: dict[bytes, np.ndarray] = {}
+
+
+def _reference_vectors(w0: np.ndarray) -> np.ndarray:
+    """Left singular vectors of ``w0``, remembered for the last few matrices (``W_0`` is the reference of every
+    checkpoint of a run, so an analysis computes each once per process)."""
+    import hashlib
+
+    key = hashlib.sha1(w0.tobytes()).digest() + repr(w0.shape).encode()
+    if key not in _REFERENCE:
+        if len(_REFERENCE) >= 512:
+            _REFERENCE.pop(next(iter(_REFERENCE)))
+        _REFERENCE[key] = _svd(w0)[0]
+    return _REFERENCE[key]
+
+
+def intruder_dimensions(W: Any, W0: Any, *, k: int = 10, threshold: float = 0.5,
+                        reference_k: int | None = None) -> int:
+    """Number of the top-``k`` left singular vectors of ``W`` with ``max |cos|`` below ``threshold`` against ``W0``'s.
+
+    Parameters
+    ----------
+    W, W0
+        Same-shape matrices ``(m, n)``: a checkpoint and the reference (the
+        initial weights).
+    k
+        How many of ``W``'s top singular vectors to test (clipped to ``min(m, n)``).
+    threshold
+        In (0, 1]; a vector whose best ``|cos|`` with the reference vectors is
+        below it is an intruder. Default 0.5 (60°).
+    reference_k
+        How many of ``W0``'s top left singular vectors form the reference
+        (default all ``min(m, n)``).
+
+    Returns
+    -------
+    int
+        In ``[0, k]``; 0 when ``W = W0``.
+    """
+    caller = "intruder_dimensions"
+    w, w0 = _matrix(W, "W", caller), _matrix(W0, "W0", caller)
+    if w.shape != w0.shape:
+        raise ShapeError(f"{caller}(): `W` and `W0` must have the same shape, got {w.shape} and {w0.shape}")
+    if not 0 < threshold <= 1:
+        raise DynamicsError(f"{caller}(): `threshold` must be in (0, 1], got {threshold!r}")
+    k = min(check_positive_int(k, name="k", caller=caller), min(w.shape))
+    rk = min(w.shape) if reference_k is None else min(check_positive_int(reference_k, name="reference_k",
+                                                                         caller=caller), min(w.shape))
+    u = _svd(w)[0][:, :k]
+    u0 = _reference_vectors(w0)[:, :rk]
+    best = np.max(np.abs(u.T @ u0), axis=1)
+    return int(np.sum(best < threshold))
