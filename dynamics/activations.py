@@ -134,6 +134,21 @@ def anisotropy(X: Any) -> Result:
     return _out(value.to("cpu", torch.float64).numpy().clip(-1.0 / (n - 1), 1.0))
 
 
+def _paired_activations(X: Any, Y: Any, caller: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``X`` and ``Y`` as ``(..., tokens, features)`` batches: same token count, one device, broadcastable batches."""
+    x = as_matrix_batch(X, name="X", caller=caller)
+    y = as_matrix_batch(Y, name="Y", caller=caller)
+    check_same_batch(x, y, names=("X", "Y"), caller=caller, axis=-2)
+    if x.device != y.device:
+        raise DynamicsError(f"{caller}(): `X` and `Y` are on different devices")
+    try:
+        torch.broadcast_shapes(x.shape[:-2], y.shape[:-2])
+    except RuntimeError:
+        raise ShapeError(f"{caller}(): batch dimensions of `X` {tuple(x.shape[:-2])} and `Y` "
+                         f"{tuple(y.shape[:-2])} do not broadcast") from None
+    return x, y
+
+
 def linear_cka(X: Any, Y: Any, *, route: str = "auto") -> Result:
     """Linear centred kernel alignment (Kornblith et al. 2019).
 
@@ -166,18 +181,7 @@ def linear_cka(X: Any, Y: Any, *, route: str = "auto") -> Result:
     """
     caller = "linear_cka"
     check_option(route, ("auto", "features", "tokens"), name="route", caller=caller)
-    x = as_matrix_batch(X, name="X", caller=caller)
-    y = as_matrix_batch(Y, name="Y", caller=caller)
-    check_same_batch(x, y, names=("X", "Y"), caller=caller, axis=-2)
-    if x.device != y.device:
-        raise DynamicsError(f"{caller}(): `X` and `Y` are on different devices")
-    try:
-        torch.broadcast_shapes(x.shape[:-2], y.shape[:-2])
-    except RuntimeError:
-        raise ShapeError(
-            f"{caller}(): batch dimensions of `X` {tuple(x.shape[:-2])} and `Y` "
-            f"{tuple(y.shape[:-2])} do not broadcast"
-        ) from None
+    x, y = _paired_activations(X, Y, caller)
     dt = torch.promote_types(x.dtype, y.dtype)
     x, y = x.to(dt), y.to(dt)
     n, p, q = x.shape[-2], x.shape[-1], y.shape[-1]
@@ -257,16 +261,7 @@ def debiased_linear_cka(X: Any, Y: Any) -> Result:
         features, or too few tokens for the estimate): undefined, never NaN.
     """
     caller = "debiased_linear_cka"
-    x = as_matrix_batch(X, name="X", caller=caller)
-    y = as_matrix_batch(Y, name="Y", caller=caller)
-    check_same_batch(x, y, names=("X", "Y"), caller=caller, axis=-2)
-    if x.device != y.device:
-        raise DynamicsError(f"{caller}(): `X` and `Y` are on different devices")
-    try:
-        torch.broadcast_shapes(x.shape[:-2], y.shape[:-2])
-    except RuntimeError:
-        raise ShapeError(f"{caller}(): batch dimensions of `X` {tuple(x.shape[:-2])} and `Y` "
-                         f"{tuple(y.shape[:-2])} do not broadcast") from None
+    x, y = _paired_activations(X, Y, caller)
     n = x.shape[-2]
     if n < 4:
         raise DynamicsError(f"{caller}(): the unbiased HSIC estimator needs at least 4 rows (tokens), got {n}")

@@ -91,6 +91,24 @@ def _stack(weights: Any, *, name: str, caller: str) -> tuple[torch.Tensor, Any, 
     return x, template, out_dtype
 
 
+def _checked_pair(new: Any, old: Any, caller: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``new`` and ``old`` as tensors and as matrix batches, checked for equal shape and one device."""
+    tn = as_tensor(new, name="new", caller=caller)
+    to = as_tensor(old, name="old", caller=caller)
+    if tuple(tn.shape) != tuple(to.shape):
+        raise ShapeError(
+            f"{caller}(): `new` and `old` must have the same shape, got "
+            f"{tuple(tn.shape)} and {tuple(to.shape)}"
+        )
+    a = as_matrix_batch(tn, name="new", caller=caller)
+    b = as_matrix_batch(to, name="old", caller=caller)
+    if a.device != b.device:
+        raise DynamicsError(
+            f"{caller}(): `new` is on {a.device} and `old` on {b.device}; move both to the same device"
+        )
+    return tn, to, a, b
+
+
 def weight_update(new: Any, old: Any) -> Any:
     """``new - old`` for two weight matrices (or batches) of the same shape.
 
@@ -105,20 +123,7 @@ def weight_update(new: Any, old: Any) -> Any:
         Same framework as ``new``; dtype as described in the module docstring.
     """
     caller = "weight_update"
-    tn = as_tensor(new, name="new", caller=caller)
-    to = as_tensor(old, name="old", caller=caller)
-    if tuple(tn.shape) != tuple(to.shape):
-        raise ShapeError(
-            f"{caller}(): `new` and `old` must have the same shape, got "
-            f"{tuple(tn.shape)} and {tuple(to.shape)}"
-        )
-    a = as_matrix_batch(tn, name="new", caller=caller)
-    b = as_matrix_batch(to, name="old", caller=caller)
-    if a.device != b.device:
-        raise DynamicsError(
-            f"{caller}(): `new` is on {a.device} and `old` on {b.device}; move both "
-            "to the same device"
-        )
+    tn, to, a, b = _checked_pair(new, old, caller)
     dt = torch.promote_types(a.dtype, b.dtype)
     return _like(a.to(dt) - b.to(dt), new, _result_dtype(tn, to))
 
@@ -202,18 +207,8 @@ def update_spectrum(new: Any, old: Any, *, method: str = "auto") -> Spectrum:
     """
     caller = "update_spectrum"
     check_option(method, ("auto", "direct", "gram"), name="method", caller=caller)
-    tn = as_tensor(new, name="new", caller=caller)
-    to = as_tensor(old, name="old", caller=caller)
+    tn, to, a, b = _checked_pair(new, old, caller)
     original = dtype_name(torch.promote_types(tn.dtype, to.dtype))
-    if tuple(tn.shape) != tuple(to.shape):
-        raise ShapeError(
-            f"{caller}(): `new` and `old` must have the same shape, got "
-            f"{tuple(tn.shape)} and {tuple(to.shape)}"
-        )
-    a = as_matrix_batch(tn, name="new", caller=caller)
-    b = as_matrix_batch(to, name="old", caller=caller)
-    if a.device != b.device:
-        raise DynamicsError(f"{caller}(): `new` and `old` are on different devices")
     dt = torch.promote_types(a.dtype, b.dtype)
     values, route = _svdvals(a.to(dt) - b.to(dt), method)
     _finite_or_raise(values, caller)
