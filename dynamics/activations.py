@@ -15,6 +15,7 @@ import torch
 from .metrics import _out
 from .spectra import Spectrum, _finite_or_raise, _svdvals
 from .validation import (
+    check_compatible_pair,
     DynamicsError,
     ShapeError,
     as_matrix_batch,
@@ -139,13 +140,7 @@ def _paired_activations(X: Any, Y: Any, caller: str) -> tuple[torch.Tensor, torc
     x = as_matrix_batch(X, name="X", caller=caller)
     y = as_matrix_batch(Y, name="Y", caller=caller)
     check_same_batch(x, y, names=("X", "Y"), caller=caller, axis=-2)
-    if x.device != y.device:
-        raise DynamicsError(f"{caller}(): `X` and `Y` are on different devices")
-    try:
-        torch.broadcast_shapes(x.shape[:-2], y.shape[:-2])
-    except RuntimeError:
-        raise ShapeError(f"{caller}(): batch dimensions of `X` {tuple(x.shape[:-2])} and `Y` "
-                         f"{tuple(y.shape[:-2])} do not broadcast") from None
+    check_compatible_pair(x, y, names=("X", "Y"), caller=caller)
     return x, y
 
 

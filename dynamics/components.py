@@ -38,6 +38,7 @@ import torch
 
 from .spectra import Spectrum, _direct, _finite_or_raise, _r_factor
 from .validation import (
+    check_compatible_pair,
     DynamicsError,
     ShapeError,
     as_matrix_batch,
@@ -165,15 +166,7 @@ def _validate_pair(
             f"({g}*{hd}, {d}) = {(g * hd, d)} to match `{names[0]}` of shape "
             f"{tuple(a.shape)} {expect_a}; got {tuple(b.shape)}"
         )
-    if a.device != b.device:
-        raise DynamicsError(f"{caller}(): `{names[0]}` and `{names[1]}` are on different devices")
-    try:
-        torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
-    except RuntimeError:
-        raise ShapeError(
-            f"{caller}(): batch dimensions {tuple(a.shape[:-2])} and "
-            f"{tuple(b.shape[:-2])} do not broadcast"
-        ) from None
+    check_compatible_pair(a, b, names=names, caller=caller)
     dt = torch.promote_types(a.dtype, b.dtype)
     return a.to(dt), b.to(dt), h, g, hd, original
 

@@ -47,6 +47,7 @@ import torch
 
 from . import metrics as _m
 from .validation import (
+    check_compatible_pair,
     DynamicsError,
     DynamicsWarning,
     NonFiniteError,
@@ -564,18 +565,7 @@ def product_spectrum(
             f"{tuple(L.shape)} (..., m, r) and `{names[1]}` has shape {tuple(R.shape)} "
             "(..., r, n); expected left.shape[-1] == right.shape[-2]"
         )
-    if L.device != R.device:
-        raise DynamicsError(
-            f"{caller}(): `{names[0]}` is on {L.device} and `{names[1]}` on {R.device}; "
-            "move both to the same device"
-        )
-    try:
-        torch.broadcast_shapes(L.shape[:-2], R.shape[:-2])
-    except RuntimeError:
-        raise ShapeError(
-            f"{caller}(): batch dimensions of `{names[0]}` {tuple(L.shape[:-2])} and "
-            f"`{names[1]}` {tuple(R.shape[:-2])} do not broadcast"
-        ) from None
+    check_compatible_pair(L, R, names=names, caller=caller)
     dt = torch.promote_types(L.dtype, R.dtype)
     values = _factored_values(L.to(dt), R.to(dt)) * abs(scale_f)
     _finite_or_raise(values, caller)

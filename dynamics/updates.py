@@ -22,6 +22,7 @@ import torch
 
 from .spectra import Spectrum, _svdvals, _finite_or_raise, product_spectrum
 from .validation import (
+    check_compatible_pair,
     DynamicsError,
     ShapeError,
     as_matrix_batch,
@@ -102,10 +103,7 @@ def _checked_pair(new: Any, old: Any, caller: str) -> tuple[torch.Tensor, torch.
         )
     a = as_matrix_batch(tn, name="new", caller=caller)
     b = as_matrix_batch(to, name="old", caller=caller)
-    if a.device != b.device:
-        raise DynamicsError(
-            f"{caller}(): `new` is on {a.device} and `old` on {b.device}; move both to the same device"
-        )
+    check_compatible_pair(a, b, names=("new", "old"), caller=caller)
     return tn, to, a, b
 
 

@@ -354,3 +354,21 @@ def check_same_batch(
             f"size along axis {axis}, got shapes {tuple(a.shape)} and "
             f"{tuple(b.shape)}"
         )
+
+
+def check_compatible_pair(
+    a: torch.Tensor, b: torch.Tensor, *, names: tuple[str, str], caller: str
+) -> None:
+    """Require two matrix batches ``(..., m, n)`` on one device with broadcastable batch dimensions."""
+    if a.device != b.device:
+        raise DynamicsError(
+            f"{caller}(): `{names[0]}` is on {a.device} and `{names[1]}` on {b.device}; "
+            "move both to the same device"
+        )
+    try:
+        torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    except RuntimeError:
+        raise ShapeError(
+            f"{caller}(): batch dimensions of `{names[0]}` {tuple(a.shape[:-2])} and "
+            f"`{names[1]}` {tuple(b.shape[:-2])} do not broadcast"
+        ) from None
