@@ -44,13 +44,15 @@ d_model, ``T`` sequence length (attention scores and values, forward and
 backward, unmasked). For ReLoRA the frozen base matrices ``N_frozen`` need no
 weight gradient: ``4·N_frozen + 6·N_trainable + 12·L·d·T``, ``N_trainable`` the
 adapters and the LM head. The peak is ``--peak-tflops`` (989: H100 SXM dense bf16).
+
+``benchmarks/gpu_bench.py`` reuses these loops, the interleaved timing (:func:`time_loops`),
+the amortisation (:func:`trainer_step_time`) and :func:`flops_per_token`.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import json
 import os
 import platform
@@ -61,7 +63,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 try:
     import trainer  # noqa: F401
@@ -72,10 +74,10 @@ import torch
 from torch import nn
 
 from trainer import relora
+from trainer.batch_size import release_memory, training_model
 from trainer.config import build_config
 from trainer.data import train_micro_batch
-from trainer.model import Decoder
-from trainer.train import Trainer, resolve_device
+from trainer.train import Trainer, build_optimizer, resolve_device
 
 METHODS = ("full", "relora")
 DEFAULT_PEAK_TFLOPS = 989.0  # H100 SXM, dense bf16
@@ -91,25 +93,38 @@ def build_parser() -> argparse.ArgumentParser:
         description="Tokens/s of the trainer against a bare training loop over the same model and data (same process).",
     )
     p.add_argument("--preset", choices=["micro", "tiny", "small"], default="micro", help="model size (default micro)")
+    p.add_argument("--batch-size", type=int, help="sequences per optimizer step (default: the trainer's, 16)")
+    p.add_argument("--seq-len", type=int, help="tokens per sequence (default: the model's context)")
+    add_common_arguments(p)
+    return p
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def add_common_arguments(p: argparse.ArgumentParser) -> None:
+    """The options every trainer benchmark shares: timing, device, methods, intervals, MFU peak, ``--set``, output."""
     p.add_argument("--steps", type=int, help="timed steps per loop, split over --repeats chunks (default 60 on CPU, 150 on CUDA)")
     p.add_argument("--warmup", type=int, help="untimed steps per loop before timing (default 5 on CPU, 10 on CUDA)")
     p.add_argument("--repeats", type=int, help="interleaved timed chunks per loop; medians are reported (default 3 on CPU, 5 on CUDA)")
-    p.add_argument("--batch-size", type=int, help="sequences per optimizer step (default: the trainer's, 16)")
-    p.add_argument("--seq-len", type=int, help="tokens per sequence (default: the model's context)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: cuda if available")
     p.add_argument("--methods", default="full,relora", help="comma-separated subset of full,relora (default both)")
     p.add_argument("--eval-interval", type=int, default=100, help="trainer validation every N steps (default 100)")
     p.add_argument("--checkpoint-interval", type=int, default=100, help="trainer checkpoint every N steps (default 100)")
     p.add_argument("--peak-tflops", type=float, default=DEFAULT_PEAK_TFLOPS,
                    help=f"accelerator peak for MFU, TFLOP/s (default {DEFAULT_PEAK_TFLOPS:g}: H100 dense bf16)")
-    p.add_argument("--threads", type=int, help="torch intra-op threads (default: as `dynamics train`, every core unless OMP_NUM_THREADS)")
+    p.add_argument("--threads", type=positive_int, help="torch intra-op threads (default: as `dynamics train`, every core unless OMP_NUM_THREADS)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="extra trainer setting, as `dynamics train --set` (relora.rank=8, grad_accum=2, ...); repeatable")
     p.add_argument("--workdir", type=Path, help="where the temporary run directories go (default: the system temp dir); "
                    "checkpoint cost depends on the file system")
     p.add_argument("--json", type=Path, metavar="PATH", help="also write the numbers as JSON")
     p.add_argument("--quick", action="store_true", help="tiny sizes and few steps (a smoke check, seconds)")
-    return p
 
 
 @dataclass
@@ -237,12 +252,16 @@ class Loop:
 
 
 class TrainerLoop(Loop):
-    def __init__(self, cfg, run_dir: Path, device: torch.device) -> None:
-        super().__init__(name=f"{cfg.method}/trainer", method=cfg.method, kind="trainer")
+    def __init__(self, cfg, run_dir: Path, device: torch.device, *, name: str | None = None) -> None:
+        super().__init__(name=name or f"{cfg.method}/trainer", method=cfg.method, kind="trainer")
         self.sync = _sync(device)
         self.device = device
         self.trainer = Trainer(cfg, run_dir, progress=False, echo=lambda _msg: None)
-        self.trainer.setup()  # data, model, step-0 eval and checkpoint: not timed
+        try:
+            self.trainer.setup()  # data, model, step-0 eval and checkpoint: not timed
+        except BaseException:
+            self.trainer.cleanup()
+            raise
         self.cfg = self.trainer.cfg
         # Seconds per event. "checkpoint" excludes the capture it triggers, which is timed on its own.
         self.events: dict[str, list[float]] = {"eval": [], "checkpoint": [], "capture": [], "reset": []}
@@ -257,6 +276,9 @@ class TrainerLoop(Loop):
         tr.save_checkpoint = self._outer("checkpoint", tr.save_checkpoint)
         self.capturer = getattr(tr, "capturer", None)  # dense dynamics capture, run by save_checkpoint when due
         if self.capturer is not None:
+            # a checkpoint submits the capture: the pass (and any wait for the previous write) blocks training,
+            # the file write overlaps it in a background thread; `capture` is the synchronous path
+            self.capturer.submit = self._nested_capture(self.capturer.submit)
             self.capturer.capture = self._nested_capture(self.capturer.capture)
 
     def _outer(self, kind: str, fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -305,6 +327,8 @@ class TrainerLoop(Loop):
     def after_chunk(self) -> None:
         """Untimed: samples of the events that did not occur in the chunk, and drop all but the newest outputs."""
         tr = self.trainer
+        if self.capturer is not None:
+            self.capturer.flush()  # the chunk's last background write ends here, not inside another loop's timing
         getattr(tr, self.eval_attr)()
         if self.capturer is not None and not self._captured_this_chunk:
             self.capturer.capture(tr)  # capture.every > checkpoint_interval: the chunk-end checkpoint was not due
@@ -345,27 +369,23 @@ class TrainerLoop(Loop):
 
 
 class BareLoop(Loop):
-    """Forward, backward, AdamW step, zero_grad: nothing else."""
+    """Forward, backward, AdamW step, zero_grad: nothing else.
 
-    def __init__(self, cfg, stream, device: torch.device) -> None:
-        super().__init__(name=f"{cfg.method}/bare", method=cfg.method, kind="bare")
+    ``loss_fn(x, y)`` (default: the model's own loss) maps token ids ``(B, T)`` int64 and targets ``(B, T)`` int64
+    to the mean cross-entropy, a 0-d tensor; subclasses may swap it (e.g. for a compiled one).
+    """
+
+    def __init__(self, cfg, stream, device: torch.device, *, name: str | None = None, kind: str = "bare") -> None:
+        super().__init__(name=name or f"{cfg.method}/bare", method=cfg.method, kind=kind)
         self.cfg, self.stream, self.device = cfg, stream, device
-        torch.manual_seed(cfg.seed)
-        model = Decoder(cfg.model).to(device)
-        if cfg.method == "relora":
-            relora.wrap_model(model, cfg.relora, torch.Generator().manual_seed(cfg.seed + 1))
-        model.train()
-        decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-        no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        extra = {"fused": True} if device.type == "cuda" else {}
-        self.model = model
-        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **extra)
+        self.model = model = training_model(cfg, device)  # as the trainer's: same seed, init, wrapping, loss settings
+        self.loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = model.loss
+        self.optimizer = build_optimizer(model, cfg, device)  # the trainer's groups; fused on CUDA
         bf16 = _uses_bf16(cfg, device)
         self.autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
 
     def chunk(self, start: int, n: int) -> float:
-        cfg, model, opt = self.cfg, self.model, self.optimizer
+        cfg, opt = self.cfg, self.optimizer
         ga = cfg.grad_accum
         for t in range(start, start + n):
             for micro in range(ga):
@@ -373,7 +393,7 @@ class BareLoop(Loop):
                                          grad_accum=ga, seq_len=cfg.context)
                 x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
                 with self.autocast():
-                    loss = model.loss(x, y)
+                    loss = self.loss_fn(x, y)
                 if ga > 1:
                     loss = loss / ga
                 loss.backward()
@@ -439,8 +459,69 @@ def _time_chunk(loop: Loop, start: int, n: int, device: torch.device) -> None:
         loop.peak_bytes.append(loop.resident() + max(transient, 0))
 
 
+def _warm(loop: Loop, steps: int) -> None:
+    loop.chunk(0, steps)
+    if isinstance(loop, TrainerLoop):
+        loop.after_chunk()  # warms the evaluation, capture and reset paths too
+        loop.reset_events()
+
+
+def _timed(loop: Loop, start: int, s: Settings) -> None:
+    _time_chunk(loop, start, s.chunk, s.device)
+    if isinstance(loop, TrainerLoop):
+        loop.after_chunk()
+
+
+def run_guarded(fn: Callable[[], Any], failure: Callable[[BaseException], str | None] | None) -> tuple[Any, str | None]:
+    """``(fn(), None)``, or ``(None, reason)`` when ``fn`` raises an exception that ``failure`` names; others propagate.
+
+    The exception is dropped before this returns, so memory its traceback held (a failed step's tensors) can be freed.
+    """
+    reason = None
+    try:
+        return fn(), None
+    except Exception as e:
+        reason = failure(e) if failure is not None else None
+        if reason is None:
+            raise
+    return None, reason
+
+
+def time_loops(loops: list[Loop], s: Settings, *, tag: str = "train_bench",
+               failure: Callable[[BaseException], str | None] | None = None) -> dict[str, str]:
+    """Warm ``loops`` up for ``s.warmup`` steps, then time ``s.repeats`` chunks of ``s.chunk`` steps each.
+
+    The chunks are interleaved in counterbalanced order (A B C, C B A, ...) and fill each loop's
+    ``step_s`` and ``peak_bytes``. ``failure`` names the exceptions a loop may die of without ending
+    the benchmark (e.g. out of memory → ``"OOM"``; ``None`` for any other): such a loop is closed,
+    removed from ``loops`` (in place) and its memory released. Returns ``{loop name: reason}``.
+    """
+    failed: dict[str, str] = {}
+
+    def attempt(loop: Loop, fn: Callable[[], None]) -> None:
+        _, reason = run_guarded(fn, failure)
+        if reason is not None:
+            _log(f"[{tag}] {loop.name}: {reason}; left out of the rest of the run")
+            failed[loop.name] = reason
+            loops.remove(loop)
+            loop.close()
+            release_memory()
+
+    _log(f"[{tag}] warmup: {s.warmup} steps per loop")
+    for loop in list(loops):
+        attempt(loop, lambda: _warm(loop, s.warmup))
+    _sync(s.device)()
+    for r in range(s.repeats):
+        start = s.warmup + r * s.chunk
+        order = list(loops) if r % 2 == 0 else loops[::-1]
+        _log(f"[{tag}] repeat {r + 1}/{s.repeats}: steps {start}..{start + s.chunk - 1}, "
+             f"order {' '.join(lp.name for lp in order)}")
+        for loop in order:
+            attempt(loop, lambda: _timed(loop, start, s))
+    return failed
+
+
 def run_benchmark(s: Settings) -> dict[str, Any]:
-    cuda = s.device.type == "cuda"
     root = Path(tempfile.mkdtemp(prefix="train_bench.", dir=s.workdir))
     loops: list[Loop] = []
     try:
@@ -451,34 +532,42 @@ def run_benchmark(s: Settings) -> dict[str, Any]:
             _log(f"[train_bench] setting up {method}: trainer run dir, data, model (not timed)")
             tl = TrainerLoop(cfg, root / method, s.device)
             loops += [tl, BareLoop(tl.cfg, tl.trainer.data.train, s.device)]
-
-        _log(f"[train_bench] warmup: {s.warmup} steps per loop")
-        for loop in loops:
-            loop.chunk(0, s.warmup)
-            if isinstance(loop, TrainerLoop):
-                loop.after_chunk()  # warms the evaluation, capture and reset paths too
-                loop.reset_events()
-        _sync(s.device)()
-
-        for r in range(s.repeats):
-            start = s.warmup + r * s.chunk
-            order = loops if r % 2 == 0 else loops[::-1]
-            _log(f"[train_bench] repeat {r + 1}/{s.repeats}: steps {start}..{start + s.chunk - 1}, "
-                 f"order {' '.join(lp.name for lp in order)}")
-            for loop in order:
-                _time_chunk(loop, start, s.chunk, s.device)
-                if isinstance(loop, TrainerLoop):
-                    loop.after_chunk()
-
+        time_loops(loops, s)
         return summarise(s, cfgs, loops)
     finally:
         for loop in loops:
             loop.close()
         loops.clear()
-        gc.collect()
-        if cuda:
-            torch.cuda.empty_cache()
+        release_memory()
         shutil.rmtree(root, ignore_errors=True)
+
+
+def trainer_step_time(tl: TrainerLoop) -> dict[str, Any]:
+    """Seconds per step of a timed trainer loop, with eval, checkpoint, capture and ReLoRA reset amortised.
+
+    Keys: ``trainer_step_s`` (all included), ``trainer_steps_only_step_s`` (median chunk, events excluded),
+    ``amortised_events_s_per_step``, and the median seconds of one ``eval_s``, ``checkpoint_s``,
+    ``capture_s`` (``None`` with capture disabled) and ``reset_s`` (``None`` for full-rank).
+    """
+    cfg = tl.cfg
+    eval_s, ckpt_s = _median(tl.events["eval"]), _median(tl.events["checkpoint"])
+    reset_s = _median(tl.events["reset"]) if tl.events["reset"] else 0.0
+    capture_s = _median(tl.events["capture"]) if tl.capture_period else 0.0
+    steps_only = _median(tl.step_s)
+    amortised = eval_s / cfg.eval_interval + ckpt_s / cfg.checkpoint_interval
+    if tl.capture_period:
+        amortised += capture_s / tl.capture_period
+    if tl.method == "relora":
+        amortised += reset_s / cfg.relora.reset_every
+    return {
+        "trainer_step_s": steps_only + amortised,
+        "trainer_steps_only_step_s": steps_only,
+        "eval_s": eval_s,
+        "checkpoint_s": ckpt_s,
+        "capture_s": capture_s if tl.capture_period else None,
+        "reset_s": reset_s if tl.method == "relora" else None,
+        "amortised_events_s_per_step": amortised,
+    }
 
 
 def summarise(s: Settings, cfgs: dict, loops: list[Loop]) -> dict[str, Any]:
@@ -491,16 +580,8 @@ def summarise(s: Settings, cfgs: dict, loops: list[Loop]) -> dict[str, Any]:
         tl: TrainerLoop = by[(method, "trainer")]  # type: ignore[assignment]
         bl: BareLoop = by[(method, "bare")]  # type: ignore[assignment]
         cfg = tl.cfg
-        eval_s, ckpt_s = _median(tl.events["eval"]), _median(tl.events["checkpoint"])
-        reset_s = _median(tl.events["reset"]) if tl.events["reset"] else 0.0
-        capture_s = _median(tl.events["capture"]) if tl.capture_period else 0.0
-        steps_only = _median(tl.step_s)
-        amortised = eval_s / cfg.eval_interval + ckpt_s / cfg.checkpoint_interval
-        if tl.capture_period:
-            amortised += capture_s / tl.capture_period
-        if method == "relora":
-            amortised += reset_s / cfg.relora.reset_every
-        trainer_step = steps_only + amortised
+        t = trainer_step_time(tl)
+        trainer_step, steps_only = t["trainer_step_s"], t["trainer_steps_only_step_s"]
         bare_step = _median(bl.step_s)
         rec: dict[str, Any] = {
             "trainer_tokens_per_s": tokens_per_step / trainer_step,
@@ -508,14 +589,8 @@ def summarise(s: Settings, cfgs: dict, loops: list[Loop]) -> dict[str, Any]:
             "ratio": bare_step / trainer_step,
             "trainer_steps_only_tokens_per_s": tokens_per_step / steps_only,
             "steps_only_ratio": bare_step / steps_only,
-            "trainer_step_s": trainer_step,
-            "trainer_steps_only_step_s": steps_only,
             "bare_step_s": bare_step,
-            "eval_s": eval_s,
-            "checkpoint_s": ckpt_s,
-            "capture_s": capture_s if tl.capture_period else None,
-            "reset_s": reset_s if method == "relora" else None,
-            "amortised_events_s_per_step": amortised,
+            **t,
             "n_trainable": sum(p.numel() for p in tl.trainer.model.parameters() if p.requires_grad),
             "raw": {"trainer_step_s": tl.step_s, "bare_step_s": bl.step_s, "eval_s": tl.events["eval"],
                     "checkpoint_s": tl.events["checkpoint"], "capture_s": tl.events["capture"],
@@ -632,34 +707,49 @@ def format_table(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+@contextlib.contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Intra-op threads while benchmarking: ``n``, else as `dynamics train` (every core unless OMP_NUM_THREADS); restored after."""
+    before = torch.get_num_threads()
+    try:
+        if n is not None:
+            torch.set_num_threads(n)
+        elif "OMP_NUM_THREADS" not in os.environ:
+            torch.set_num_threads(os.cpu_count() or 1)  # as trainer.train.threads_hint
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def write_json(path: Path | None, res: dict[str, Any]) -> None:
+    """Write ``res`` as indented JSON to ``path`` (parents created; non-JSON values as strings); nothing if ``None``."""
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(res, indent=2, default=str) + "\n")
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the benchmark, print the table, optionally write JSON; returns the results dict."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    threads_before = torch.get_num_threads()
-    try:
-        if args.threads is not None:
-            if args.threads < 1:
-                parser.error("--threads must be >= 1")
-            torch.set_num_threads(args.threads)
-        elif "OMP_NUM_THREADS" not in os.environ:
-            torch.set_num_threads(os.cpu_count() or 1)  # as `dynamics train` (trainer.train.threads_hint)
+    with torch_threads(args.threads):
         s = resolve_settings(args, parser)
         res = run_benchmark(s)
-    finally:
-        torch.set_num_threads(threads_before)
     print(format_table(res), flush=True)
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(res, indent=2, default=str) + "\n")
+    write_json(args.json, res)
     return res
 
 
-if __name__ == "__main__":
+def run_script(main_fn: Callable[[], Any]) -> None:
+    """Run a benchmark's ``main()`` as a script: an invalid trainer setting prints one ``error:`` line, exit status 2."""
     from trainer.config import ConfigError
 
     try:
-        main()
+        main_fn()
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+if __name__ == "__main__":
+    run_script(main)

@@ -8,6 +8,7 @@
 ``dynamics demo``     the main job: a micro full-rank and ReLoRA pair → OUT/report.md
 ``dynamics reproduce`` the study's recipe (tiny/small) for a GPU machine
 ``dynamics export``   a checkpoint as a Hugging Face ``LlamaForCausalLM`` directory
+``dynamics batch-size`` the largest micro-batch that fits on this GPU, and batch_size/grad_accum for a target
 
 User mistakes (bad config, missing files, corrupted checkpoints) print one
 ``error: ...`` line and exit with status 2 — never a traceback.
@@ -268,6 +269,65 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_batch_size(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("batch-size", help="largest micro-batch that fits on this GPU; batch_size/grad_accum for a target",
+                       description="Run real training steps of the configured model (ReLoRA-wrapped for --method relora, "
+                                   "AdamW, bf16 autocast and torch.compile as the trainer would) on the CUDA device at "
+                                   "growing micro-batches, doubling then bisecting, until memory runs out. Prints the "
+                                   "largest micro-batch with its peak memory and the batch_size/grad_accum to use for "
+                                   "--target-batch sequences per optimizer step. Needs a CUDA device.")
+    p.add_argument("--preset", choices=["micro", "tiny", "small"], default="tiny", help="model size (default tiny)")
+    p.add_argument("--method", choices=["full", "relora"], help="full-rank or ReLoRA (default full)")
+    p.add_argument("--seq-len", type=int, help="tokens per sequence (default: the model's context, 2048 for tiny/small)")
+    p.add_argument("--target-batch", type=int, default=1024,
+                   help="sequences per optimizer step to split into micro-batches (default 1024, the study's)")
+    p.add_argument("--limit", type=int, help="largest micro-batch to try (default: --target-batch)")
+    p.add_argument("--config", type=Path, help="YAML or JSON file of settings")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a setting as in `dynamics train` (compile=false, relora.rank=8, precision=fp32 ...); "
+                        "repeatable")
+    p.set_defaults(func=_cmd_batch_size)
+
+
+def _cmd_batch_size(args: argparse.Namespace) -> int:
+    import torch
+
+    from trainer.config import ConfigError, build_config
+
+    if not torch.cuda.is_available():
+        raise ConfigError("dynamics batch-size measures GPU memory and needs a CUDA device; none is available on this "
+                          "machine (on a CPU memory is rarely the limit: keep the preset's batch_size)")
+    for flag, value in (("--target-batch", args.target_batch), ("--limit", args.limit)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag} must be >= 1, got {value}")
+    cfg = build_config(preset=args.preset, file=args.config, cli={"method": args.method, "seq_len": args.seq_len},
+                       overrides=args.overrides)
+    from trainer.batch_size import GIB, measure_batch_size
+    from trainer.train import resolve_device
+
+    device = resolve_device(cfg.device)
+    if device.type != "cuda":
+        raise ConfigError(f"dynamics batch-size needs a CUDA device, got device={cfg.device!r}; drop that setting")
+
+    def echo(msg: str) -> None:
+        print(f"  {msg}", file=sys.stderr, flush=True)
+
+    print(f"trying micro-batches of {cfg.preset} {cfg.method} ({cfg.context} tokens per sequence) on {device}:",
+          file=sys.stderr, flush=True)
+    try:
+        r = measure_batch_size(cfg, target_batch=args.target_batch, limit=args.limit, device=device, echo=echo)
+    except MemoryError as e:
+        print(f"error: {e}; try a shorter --seq-len", file=sys.stderr)
+        return 1
+    mode = f"{'bf16 autocast' if r.bf16 else 'float32'}, {'compiled' if r.compiled else 'eager'}"
+    capped = " (the search limit; more may fit: raise --limit)" if r.max_micro_batch == r.limit else ""
+    print(f"{r.device_name}, {r.total_bytes / GIB:.1f} GiB; {cfg.preset} {cfg.method}, seq_len {r.seq_len}, {mode}")
+    print(f"largest micro-batch: {r.max_micro_batch} sequences{capped}, peak {r.max_peak_bytes / GIB:.2f} GiB allocated")
+    print(f"for {r.target_batch} sequences per step: --set batch_size={r.target_batch} --set grad_accum={r.grad_accum} "
+          f"(micro-batch {r.micro_batch}, peak {r.peak_bytes / GIB:.2f} GiB allocated)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dynamics", description="Learning dynamics of full-rank vs ReLoRA pretraining.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -279,6 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo(sub)
     _add_reproduce(sub)
     _add_export(sub)
+    _add_batch_size(sub)
     return parser
 
 

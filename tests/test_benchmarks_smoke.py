@@ -1,22 +1,26 @@
-"""Smoke test of benchmarks/train_bench.py: its --quick mode runs end to end and reports sane numbers."""
+"""Smoke tests of benchmarks/train_bench.py and benchmarks/gpu_bench.py: their --quick modes run end to end and
+report sane numbers; gpu_bench's out-of-memory handling and goal checks work on synthetic results."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "train_bench.py"
+GPU_BENCH = BENCH.with_name("gpu_bench.py")
 
 
-def load_bench():
-    """Import the benchmark by path (benchmarks/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("train_bench", BENCH)
+def load_bench(path: Path = BENCH):
+    """Import a benchmark by path (benchmarks/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
-    sys.modules["train_bench"] = module  # dataclasses look their module up in sys.modules
+    sys.modules[path.stem] = module  # dataclasses look their module up in sys.modules
     spec.loader.exec_module(module)
     return module
 
@@ -39,3 +43,102 @@ def test_train_bench_quick(tmp_path, capsys):
     assert "trainer tok/s" in printed and "bare tok/s" in printed
     assert json.loads(out_json.read_text())["methods"].keys() == res["methods"].keys()
     assert list(tmp_path.glob("train_bench.*")) == []  # temporary run directories removed
+
+
+def test_gpu_bench_quick(tmp_path, capsys):
+    gpu = load_bench(GPU_BENCH)
+    out_json = tmp_path / "gpu.json"
+    res = gpu.main(["--quick", "--device", "cpu", "--threads", "1", "--steps", "2", "--repeats", "2",
+                    "--workdir", str(tmp_path), "--json", str(out_json)])
+    printed = capsys.readouterr().out
+
+    configs = [(m, loop, cap) for m in ("full", "relora")
+               for loop, cap in (("trainer", "off"), ("trainer", "every 100"), ("reference", "-"))]
+    rows = res["rows"]
+    assert [(r["method"], r["loop"], r["capture"]) for r in rows] == configs
+    for r in rows:
+        assert r["preset"] == "micro" and r["status"] == "ok", r
+        assert math.isfinite(r["tokens_per_s"]) and r["tokens_per_s"] > 0, r
+        assert r["vs_reference"] > 0 and r["flops_per_token"] > 0
+        assert r["mfu"] is None and r["peak_gib"] is None  # CUDA only
+    by = {(r["method"], r["loop"], r["capture"]): r for r in rows}
+    assert by[("relora", "trainer", "off")]["relora_vs_full"] > 0
+    assert math.isfinite(by[("full", "trainer", "every 100")]["capture_overhead"])
+    assert by[("full", "trainer", "every 100")]["capture_s"] > 0
+    assert by[("full", "trainer", "off")]["capture_s"] is None  # capture disabled
+    assert [g["status"] for g in res["goals"]][::3] == ["not checked", "not checked"]  # MFU and memory need CUDA
+
+    table = [line for line in printed.splitlines() if line.startswith("micro ")]
+    assert len(table) == 6 and all(("trainer" in line) or ("reference" in line) for line in table)
+    assert "tok/s" in printed and "MFU" in printed and "goals:" in printed
+    assert len(json.loads(out_json.read_text())["rows"]) == 6
+    assert list(tmp_path.glob("gpu_bench.*")) == []  # temporary run directories removed
+
+
+def test_time_loops_drops_a_loop_that_runs_out_of_memory():
+    bench = load_bench()
+    from trainer.batch_size import is_out_of_memory
+
+    class Fake(bench.Loop):
+        def __init__(self, name, fail_at=None):
+            super().__init__(name=name, method="full", kind="bare")
+            self.calls, self.fail_at, self.closed = 0, fail_at, False
+
+        def chunk(self, start, n):
+            self.calls += 1
+            if self.calls == self.fail_at:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 26.00 GiB")
+            return 0.0
+
+        def resident(self):
+            return 0
+
+        def close(self):
+            self.closed = True
+
+    a, b, c = Fake("a"), Fake("b", fail_at=2), Fake("c")
+    loops = [a, b, c]
+    s = bench.Settings(preset="micro", device=torch.device("cpu"), methods=["full"], steps=4, warmup=1, repeats=2,
+                       batch_size=None, seq_len=None, eval_interval=100, checkpoint_interval=100, peak_tflops=1.0,
+                       overrides=[], quick=True, workdir=None)
+    failed = bench.time_loops(loops, s, failure=lambda e: "OOM" if is_out_of_memory(e) else None)
+    assert failed == {"b": "OOM"} and loops == [a, c] and b.closed
+    assert len(a.step_s) == len(c.step_s) == 2 and b.step_s == []
+    with pytest.raises(torch.cuda.OutOfMemoryError):  # an exception `failure` does not name ends the run
+        bench.time_loops([Fake("d", fail_at=1)], s, failure=lambda e: None)
+
+
+def test_gpu_bench_rows_and_goals_with_oom_and_cuda_numbers():
+    gpu = load_bench(GPU_BENCH)
+    from trainer.config import build_config
+
+    def slot(preset, method, loop, every, status="ok", step=1.0, peak=30.0, batch=64):
+        cfg = build_config(preset=preset, overrides=[f"method={method}", f"batch_size={batch}"])
+        s = gpu.Slot(preset, method, loop, every, cfg, compiled=True, status=status, flops=1e9)
+        if status == "ok":
+            tps = cfg.tokens_per_step / step
+            s.result = {"step_s": step, "tokens_per_s": tps, "steps_only_tokens_per_s": tps, "mfu": tps * 1e9 / 989e12,
+                        "steps_only_mfu": tps * 1e9 / 989e12, "peak_gib": peak, "capture_s": 0.5 if every else None}
+        return s
+
+    slots = [slot("tiny", "full", "trainer", None), slot("tiny", "full", "trainer", 100, step=1.02),
+             slot("tiny", "full", "reference", None, status="OOM"),
+             slot("tiny", "relora", "trainer", None, step=1.25), slot("tiny", "relora", "trainer", 100, status="OOM"),
+             slot("small", "full", "trainer", None, step=0.05, batch=32)]
+    rows = gpu.build_rows(slots)
+    assert rows[1]["capture_overhead"] == pytest.approx(0.02) and rows[1]["capture_share"] == pytest.approx(0.005)
+    assert rows[3]["relora_vs_full"] == pytest.approx(0.8) and rows[0]["vs_reference"] is None
+    goals = {g["goal"].split()[0]: g for g in gpu.check_goals(rows, cuda=True, capture_every=100)}
+    assert goals["small"]["status"] == "met"  # 32*2048/0.05 tok/s * 1e9 FLOPs = 1.3 PFLOP/s > 40% of 989 TFLOP/s
+    assert goals["ReLoRA"]["status"] == "not met" and "0.80x" in goals["ReLoRA"]["detail"]
+    assert goals["capture"]["status"] == "not met" and "OOM" in goals["capture"]["detail"]  # relora capture row
+    assert goals["tiny"]["status"] == "not met" and "OOM" in goals["tiny"]["detail"]
+    res = {"settings": {"device": "cuda", "device_name": "test", "threads": 1, "precision": "bf16 autocast",
+                        "torch": torch.__version__, "python": "3", "timed_steps_per_loop": 4, "repeats": 2,
+                        "steps_per_chunk": 2, "warmup_steps": 1, "eval_interval": 100, "checkpoint_interval": 100,
+                        "reference": "bare", "peak_tflops": 989.0},
+           "presets": {"tiny": {"batch_size": 64, "grad_accum": 1, "seq_len": 2048, "tokens_per_step": 131072,
+                                "flops_per_token": {"full": "6*N"}}},
+           "rows": rows, "goals": list(goals.values())}
+    text = gpu.format_table(res)
+    assert text.count("OOM") >= 2 and "[not met]" in text and "[met]" in text and "30.0" in text

@@ -24,6 +24,11 @@ The pass cannot change training: it runs in eval mode (no dropout) inside
 ``.grad`` is touched), restores the train/eval mode and never sees the
 optimizer. Files are written atomically (temp file, fsync, rename) and listed
 with their sha256 in the manifest's checkpoint entry.
+
+Training does not wait for the file: the pass runs in the training thread (on
+CUDA, copies to pinned host memory without a sync per tensor, one sync per
+pass), then a background thread writes, hashes and lists the file while the
+next steps train; the next checkpoint waits for it (:class:`Capturer`).
 """
 
 from __future__ import annotations
@@ -31,17 +36,19 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import sys
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
 from torch import nn
 
 from trainer.atomic import atomic_write, fault_point, sha256_file
+from trainer.background import BackgroundJob
 from trainer.config import ConfigError, TrainConfig
 from trainer.names import select, step_dirname
 
@@ -199,7 +206,12 @@ def choose_probe(cfg: TrainConfig, train: np.ndarray, val: np.ndarray) -> ProbeS
 
 @dataclass
 class Captured:
-    """One step's capture in memory: ``{kind: {name: float32 array}}`` plus the losses of the pass."""
+    """One step's capture in host memory: ``{kind: {name: float32 array}}`` plus the losses of the pass.
+
+    On CUDA the arrays are views of pinned (page-locked) host tensors, filled by
+    non-blocking copies; the functions that return a ``Captured`` synchronise
+    once before returning, so the arrays are complete.
+    """
 
     data: dict[str, dict[str, np.ndarray]]
     probe_loss: float
@@ -210,54 +222,112 @@ def _chunks(n: int, size: int) -> list[tuple[int, int]]:
     return [(s, min(s + size, n)) for s in range(0, n, size)]
 
 
-@torch.no_grad()
-def capture_activations(model: nn.Module, probe: ProbeSet, sites: list[tuple[str, str]], *, device: torch.device,
-                        batch_size: int) -> tuple[dict[str, dict[str, np.ndarray]], float]:
-    """Forward the probe sequences in chunks of ``batch_size``; rows ``token_index`` of every site, float32.
+def _host_empty(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """An uninitialised float32 CPU tensor of ``shape``, page-locked when ``device`` is CUDA (for async copies)."""
+    return torch.empty(shape, dtype=torch.float32, pin_memory=device.type == "cuda")
 
-    Returns ``({kind: {name: (K, features)}}, mean probe loss in nats/token)``.
+
+def _start_copy(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """Copy ``src`` (any device, any float dtype) into the float32 host tensor ``dst``.
+
+    The float32 conversion runs where ``src`` lives (on the GPU: before the
+    transfer, so the pinned buffer is written by one DMA). From CUDA into pinned
+    memory the copy is queued on the current stream and not waited for: call
+    :func:`_synchronize` before reading ``dst``.
+    """
+    dst.copy_(src.detach().float(), non_blocking=dst.is_pinned())
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device``; from the CPU to CUDA through pinned memory, without waiting for the device.
+
+    (A plain ``.to("cuda")`` from pageable memory synchronises the stream: once per chunk it would stall the pass.)
+    """
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def _synchronize(device: torch.device) -> None:
+    """Wait for the work queued on ``device``'s current stream (every :func:`_start_copy` before it); no-op on CPU."""
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
+
+
+@torch.no_grad()
+def _activation_pass(model: nn.Module, probe: ProbeSet, sites: list[tuple[str, str]], *, device: torch.device,
+                     batch_size: int) -> tuple[dict[str, dict[str, torch.Tensor]], torch.Tensor]:
+    """:func:`capture_activations` without its final synchronisation.
+
+    Returns ``({kind: {name: (K, features) float32 host tensor}}, Σ_chunks loss·rows)`` as a 0-d
+    float64 tensor on ``device``; on CUDA neither is valid before :func:`_synchronize`.
     """
     by_name: dict[str, list[str]] = {}
     for kind, name in sites:
         by_name.setdefault(name, []).append(kind)
-    parts: dict[tuple[str, str], list[torch.Tensor]] = {s: [] for s in sites}
-    rows: dict[str, torch.Tensor] = {}
+    n_rows = len(probe.token_index)
+    bufs: dict[tuple[str, str], torch.Tensor] = {}  # (kind, name) → (K, features), filled chunk by chunk
+    where: dict[str, Any] = {}  # the current chunk: "rows" (its local token positions, on device) and "offset" (in K)
 
     def hook_for(name: str, kinds: list[str]):
         def hook(module, inputs, output):
             for kind in kinds:
                 t = inputs[0] if kind == "act_in" else output
                 flat = t.detach().reshape(-1, t.shape[-1])  # (b·T, features)
-                parts[(kind, name)].append(flat.index_select(0, rows["local"]).float().cpu())
+                rows = flat.index_select(0, where["rows"])  # (k, features), k sampled positions of this chunk
+                if (kind, name) not in bufs:
+                    bufs[(kind, name)] = _host_empty((n_rows, rows.shape[1]), device)
+                o = where["offset"]
+                _start_copy(bufs[(kind, name)][o:o + rows.shape[0]], rows)
         return hook
 
+    # every input on the device before the first forward: no transfer (and no wait) between chunks
+    T, chunks = probe.seq_len, _chunks(len(probe.act_ids), batch_size)
+    act_ids, act_targets = _to_device(probe.act_ids, device), _to_device(probe.act_targets, device)
+    local_rows = [_to_device(torch.from_numpy(probe.token_index[(probe.token_index >= s * T)
+                                                                & (probe.token_index < e * T)] - s * T), device)
+                  for s, e in chunks]  # per chunk: its sampled flat positions, relative to the chunk
+    total = torch.zeros((), dtype=torch.float64, device=device)
     handles = [model.get_submodule(n).register_forward_hook(hook_for(n, k)) for n, k in by_name.items()]
-    T, total = probe.seq_len, 0.0
     try:
-        for s, e in _chunks(len(probe.act_ids), batch_size):
-            sel = probe.token_index[(probe.token_index >= s * T) & (probe.token_index < e * T)] - s * T
-            rows["local"] = torch.from_numpy(sel).to(device)
-            x, y = probe.act_ids[s:e].to(device), probe.act_targets[s:e].to(device)
-            total += float(model.loss(x, y)) * (e - s)
+        offset = 0
+        for (s, e), rows in zip(chunks, local_rows):
+            where["rows"], where["offset"] = rows, offset
+            # float64 sum of loss·rows on the device: the same value a float() per chunk gave, without its sync
+            total += model.loss(act_ids[s:e], act_targets[s:e]).detach().double() * (e - s)
+            offset += len(rows)
     finally:
         for h in handles:
             h.remove()
-    out: dict[str, dict[str, np.ndarray]] = {"act": {}, "act_in": {}}
-    for (kind, name), p in parts.items():
-        out[kind][name] = torch.cat(p).numpy()
-    return out, total / len(probe.act_ids)
+    out: dict[str, dict[str, torch.Tensor]] = {"act": {}, "act_in": {}}
+    for kind, name in sites:  # model order, as the file stores them
+        if (kind, name) not in bufs:
+            raise RuntimeError(f"capture site {kind} {name!r} was not reached by the forward pass")
+        out[kind][name] = bufs[(kind, name)]
+    return out, total
 
 
-def capture_gradients(model: nn.Module, ids: torch.Tensor, targets: torch.Tensor, names: list[str], *,
-                      device: torch.device, batch_size: int) -> tuple[dict[str, np.ndarray], float]:
-    """``dL/dW`` (out×in, float32) of the mean next-token loss over ``ids`` for each name of :func:`gradient_names`.
+@torch.no_grad()
+def capture_activations(model: nn.Module, probe: ProbeSet, sites: list[tuple[str, str]], *, device: torch.device,
+                        batch_size: int) -> tuple[dict[str, dict[str, np.ndarray]], float]:
+    """Forward the probe sequences in chunks of ``batch_size``; rows ``token_index`` of every site, float32.
 
-    Plain parameters (full-rank matrices, LoRA factors) use ``torch.autograd.grad``;
-    a ReLoRA-wrapped matrix gets the gradient with respect to its effective weight,
-    ``Σ_tokens g xᵀ``, from forward hooks on its input ``x`` and output (whose
-    gradient ``g`` is asked of autograd too). No parameter's ``.grad`` is touched.
-    The caller puts the model in eval mode (LoRA dropout off, so the effective
-    weight is exactly what acts on ``x``).
+    Returns ``({kind: {name: (K, features)}}, mean probe loss in nats/token)``. On
+    CUDA every site is copied into pinned host memory without waiting, and the
+    device is synchronised once at the end.
+    """
+    out, total = _activation_pass(model, probe, sites, device=device, batch_size=batch_size)
+    _synchronize(device)
+    return ({kind: {n: t.numpy() for n, t in d.items()} for kind, d in out.items()},
+            float(total) / len(probe.act_ids))
+
+
+def _gradient_pass(model: nn.Module, ids: torch.Tensor, targets: torch.Tensor, names: list[str], *,
+                   device: torch.device, batch_size: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """:func:`capture_gradients` without its final synchronisation.
+
+    Returns ``({name: (out, in) float32 host tensor}, Σ_chunks loss·rows)`` as a 0-d float64
+    tensor on ``device``; on CUDA neither is valid before :func:`_synchronize`.
     """
     from trainer.relora import ReLoRALinear
 
@@ -272,9 +342,10 @@ def capture_gradients(model: nn.Module, ids: torch.Tensor, targets: torch.Tensor
             wrapped.append(name)
         else:
             params[name] = module.weight
+    total = torch.zeros((), dtype=torch.float64, device=device)
     if not names:
-        return {}, float("nan")
-    sums = {n: None for n in names}
+        return {}, total.fill_(float("nan"))
+    sums: dict[str, torch.Tensor | None] = {n: None for n in names}
     seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def hook_for(name: str):
@@ -283,13 +354,14 @@ def capture_gradients(model: nn.Module, ids: torch.Tensor, targets: torch.Tensor
         return hook
 
     handles = [model.get_submodule(n).register_forward_hook(hook_for(n)) for n in wrapped]
-    n, total = len(ids), 0.0
+    n = len(ids)
+    ids, targets = _to_device(ids, device), _to_device(targets, device)  # one transfer per pass, no wait
     try:
         with torch.enable_grad():
             for s, e in _chunks(n, batch_size):
                 seen.clear()
-                loss = model.loss(ids[s:e].to(device), targets[s:e].to(device))
-                total += float(loss.detach()) * (e - s)
+                loss = model.loss(ids[s:e], targets[s:e])
+                total += loss.detach().double() * (e - s)  # no per-chunk sync (see _activation_pass)
                 inputs = list(params.values()) + [seen[w][1] for w in wrapped]
                 grads = torch.autograd.grad(loss * ((e - s) / n), inputs, allow_unused=True)
                 for name, g in zip(list(params) + wrapped, grads):
@@ -308,12 +380,42 @@ def capture_gradients(model: nn.Module, ids: torch.Tensor, targets: torch.Tensor
         for h in handles:
             h.remove()
         seen.clear()
-    return {k: v.cpu().numpy() for k, v in sums.items()}, total / n
+    host: dict[str, torch.Tensor] = {}
+    for name, g in sums.items():
+        if device.type == "cuda":
+            host[name] = _host_empty(tuple(g.shape), device)
+            _start_copy(host[name], g)
+        else:
+            host[name] = g.detach().float()  # already a fresh CPU tensor: no copy
+    return host, total
+
+
+def capture_gradients(model: nn.Module, ids: torch.Tensor, targets: torch.Tensor, names: list[str], *,
+                      device: torch.device, batch_size: int) -> tuple[dict[str, np.ndarray], float]:
+    """``dL/dW`` (out×in, float32) of the mean next-token loss over ``ids`` for each name of :func:`gradient_names`.
+
+    Plain parameters (full-rank matrices, LoRA factors) use ``torch.autograd.grad``;
+    a ReLoRA-wrapped matrix gets the gradient with respect to its effective weight,
+    ``Σ_tokens g xᵀ``, from forward hooks on its input ``x`` and output (whose
+    gradient ``g`` is asked of autograd too). No parameter's ``.grad`` is touched.
+    The caller puts the model in eval mode (LoRA dropout off, so the effective
+    weight is exactly what acts on ``x``). ``ids``/``targets`` are ``(M, T)``
+    token ids; the loss returned is the mean over them in nats/token (NaN when
+    ``names`` is empty). On CUDA the sums are copied into pinned host memory
+    without waiting and the device is synchronised once at the end.
+    """
+    host, total = _gradient_pass(model, ids, targets, names, device=device, batch_size=batch_size)
+    _synchronize(device)
+    return {k: v.numpy() for k, v in host.items()}, float(total) / len(ids) if names else float("nan")
 
 
 def capture_model(model: nn.Module, probe: ProbeSet, cfg: TrainConfig, *, device: torch.device,
                   batch_size: int) -> Captured:
-    """The whole extra pass, with no effect on training: eval mode, forked RNG, no ``.grad`` left behind."""
+    """The whole extra pass, with no effect on training: eval mode, forked RNG, no ``.grad`` left behind.
+
+    On CUDA every captured tensor is copied into pinned host memory as soon as
+    it is computed, without waiting; the device is synchronised once, at the end.
+    """
     from trainer.relora import relora_modules
 
     c = cfg.capture
@@ -323,20 +425,26 @@ def capture_model(model: nn.Module, probe: ProbeSet, cfg: TrainConfig, *, device
     try:
         with torch.random.fork_rng(devices=fork_devices, enabled=True):
             model.eval()
-            acts, probe_loss = capture_activations(model, probe, activation_sites(model, c.act_names),
-                                                   device=device, batch_size=batch_size)
-            grads, grad_loss = capture_gradients(model, probe.grad_ids, probe.grad_targets,
-                                                 gradient_names(model, c.grad_names), device=device,
-                                                 batch_size=batch_size)
+            acts, act_total = _activation_pass(model, probe, activation_sites(model, c.act_names),
+                                               device=device, batch_size=batch_size)
+            names = gradient_names(model, c.grad_names)
+            grads, grad_total = _gradient_pass(model, probe.grad_ids, probe.grad_targets, names, device=device,
+                                               batch_size=batch_size)
     finally:
         model.train(was_training)
         for p in model.parameters():
             p.grad = grads_before.get(id(p))
-    factors = {}
+    factors: dict[str, torch.Tensor] = {}
     for name, m in relora_modules(model).items():
-        factors[f"{name}.lora_a"] = m.lora_a.weight.detach().float().cpu().numpy()
-        factors[f"{name}.lora_b"] = m.lora_b.weight.detach().float().cpu().numpy()
-    return Captured({**acts, "grad": grads, "weight": factors}, probe_loss, grad_loss)
+        for leaf in ("lora_a", "lora_b"):
+            w = getattr(m, leaf).weight
+            factors[f"{name}.{leaf}"] = _host_empty(tuple(w.shape), device)
+            _start_copy(factors[f"{name}.{leaf}"], w)
+    _synchronize(device)  # the one wait of the pass: every copy above is complete after it
+    data = {kind: {n: t.numpy() for n, t in d.items()} for kind, d in (*acts.items(), ("grad", grads),
+                                                                       ("weight", factors))}
+    grad_loss = float(grad_total) / len(probe.grad_ids) if names else float("nan")
+    return Captured(data, float(act_total) / len(probe.act_ids), grad_loss)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -370,9 +478,18 @@ def _as_stored(arr: np.ndarray, dtype: str) -> tuple[np.ndarray, bool]:
     return half, False
 
 
+class CaptureCancelled(Exception):
+    """A capture write stopped early on request (``should_stop``); its temporary file is removed, nothing renamed."""
+
+
 def write_capture(path: str | Path, captured: Captured, probe: ProbeSet, cfg: TrainConfig,
-                  attrs: dict[str, Any]) -> None:
-    """Write one capture file atomically (temp file in the same directory, fsync, rename)."""
+                  attrs: dict[str, Any], *, should_stop: Callable[[], bool] | None = None) -> None:
+    """Write one capture file atomically (temp file in the same directory, fsync, rename).
+
+    ``should_stop`` is asked before every dataset; when it returns true the write
+    raises :class:`CaptureCancelled` and ``path`` is left as it was. Safe to call
+    from a background thread: it reads ``captured`` and ``probe`` only.
+    """
     import h5py
 
     c = cfg.capture
@@ -399,6 +516,8 @@ def write_capture(path: str | Path, captured: Captured, probe: ProbeSet, cfg: Tr
                 group = f.create_group(kind, track_order=True)
                 dtype = c.act_dtype if kind in ("act", "act_in") else c.grad_dtype if kind == "grad" else "float32"
                 for name, arr in captured.data.get(kind, {}).items():
+                    if should_stop is not None and should_stop():
+                        raise CaptureCancelled(f"writing {Path(path).name} was cancelled")
                     stored, fell_back = _as_stored(arr, dtype)
                     ds = group.create_dataset(name, data=stored, **_dataset_kwargs(cfg, stored.shape, stored.dtype))
                     if fell_back:
@@ -445,18 +564,75 @@ def _finite(x: float | None) -> float:
     return float("nan") if x is None or not math.isfinite(float(x)) else float(x)
 
 
-class Capturer:
-    """The trainer's side of capture: the probe set, when to capture, writing and listing files."""
+class CaptureError(RuntimeError):
+    """A capture could not be written; raised in the training thread for a background write, naming the step."""
 
-    def __init__(self, cfg: TrainConfig, probe: ProbeSet, run_dir: Path) -> None:
+
+def _naming_step(error: Exception, step: int, rel: str) -> Exception:
+    """``error`` of a background write, re-expressed for the training thread with the step it concerns.
+
+    An :class:`OSError` (disk full, permissions ...) stays an ``OSError`` of the
+    same class, errno and file name, its message extended, so code that reports
+    I/O errors (the CLI's one-line ``error:``) handles it as before; anything else
+    becomes a :class:`CaptureError`. The caller chains the original.
+    """
+    if isinstance(error, OSError):
+        where = f"writing {rel}, the capture of step {step}, in the background"
+        try:
+            if error.errno is not None:
+                extra = (error.filename,) if error.filename is not None else ()
+                return type(error)(error.errno, f"{error.strerror} ({where})", *extra)
+            return type(error)(f"{error} ({where})")
+        except Exception:  # noqa: BLE001 - an OSError subclass with another constructor: wrap it instead
+            pass
+    return CaptureError(f"the capture of step {step} ({rel}) failed in the background writer: "
+                        f"{type(error).__name__}: {error}")
+
+
+class Capturer:
+    """The trainer's side of capture: the probe set, when to capture, writing and listing files.
+
+    At a due checkpoint (:meth:`on_checkpoint`) the capture *pass* runs in the
+    training thread; on CUDA its tensors reach pinned host memory by
+    non-blocking copies and one synchronisation. The *write* then runs on a
+    background thread while training goes on: the HDF5 file (temporary name,
+    fsync, rename), its sha256, and the ``dynamics`` record in the manifest
+    entry (``background=False``: all in the calling thread). One write at a
+    time: a new capture first waits for the previous write, so the host holds
+    at most one step's captured tensors (the one being written).
+
+    **One manifest writer at a time.** The training thread rewrites
+    ``manifest.json`` in ``checkpoint.save_checkpoint``; the trainer calls
+    :meth:`flush` just before (at the start of ``Trainer._write_checkpoint``),
+    so the background :meth:`_list` (read the manifest, add the record, write it)
+    only runs while the training thread is between two checkpoints, and neither
+    loses the other's change. Any other code that writes the manifest while a
+    capture may be pending must call :meth:`flush` first.
+
+    **Crash safety is that of a synchronous write.** A kill at any moment leaves
+    the capture file absent, present but unlisted (``on_resume`` redoes it), or
+    complete and listed; never listed and partial. Because the next checkpoint
+    waits for the write, an unlisted capture always belongs to the last listed
+    checkpoint, the one a resume starts from. An error of a background write is
+    raised in the training thread by the next :meth:`flush` (the next
+    checkpoint) or :meth:`close`, naming the step; the failed capture is not
+    listed.
+    """
+
+    def __init__(self, cfg: TrainConfig, probe: ProbeSet, run_dir: Path, *, background: bool = True) -> None:
         self.cfg, self.probe, self.run_dir = cfg, probe, Path(run_dir)
+        self.background = background
+        self.code_version: Any = None
+        self._writer = BackgroundJob("capture writer")
+        self._pending: tuple[int, str] | None = None  # (step, relative path) of the write handed to the writer
 
     @classmethod
-    def for_trainer(cls, trainer: Any) -> "Capturer | None":
+    def for_trainer(cls, trainer: Any, *, background: bool = True) -> "Capturer | None":
         """Build from a set-up trainer (``cfg``, ``data``, ``run_dir``); ``None`` when capture is disabled."""
         if not trainer.cfg.capture.enabled:
             return None
-        return cls(trainer.cfg, choose_probe(trainer.cfg, trainer.data.train, trainer.data.val), trainer.run_dir)
+        return cls(trainer.cfg, choose_probe(trainer.cfg, trainer.data.train, trainer.data.val), trainer.run_dir,
+                   background=background)
 
     def due(self, step: int) -> bool:
         every = self.cfg.capture.every
@@ -476,8 +652,10 @@ class Capturer:
                 f"drawn now ({self.probe.sha256[:12]}…); captures would not be comparable. Use a new run directory"
             )
 
-    def capture(self, trainer: Any) -> dict[str, Any]:
-        """Capture ``trainer``'s model at its current step into ``dynamics/step_XXXXXX.h5``; returns the manifest record."""
+    # -- the pass (training thread) and the write (any thread) ----------------------------------------
+
+    def _pass(self, trainer: Any) -> tuple[Captured, dict[str, Any], float]:
+        """Run the capture pass on ``trainer``'s model now; returns the host tensors, the file's attributes, seconds."""
         from trainer.train import lr_at
 
         cfg, step = self.cfg, trainer.step
@@ -496,26 +674,66 @@ class Capturer:
             "lora_scale": cfg.relora.scale if trainer.wrapped else float("nan"),
             "seed": cfg.seed,
             "config": json.dumps(cfg.to_dict()),
-            "code_version": json.dumps(getattr(self, "code_version", None)),
+            "code_version": json.dumps(self.code_version),
         }
+        return captured, attrs, time.perf_counter() - t0
+
+    def _write(self, step: int, captured: Captured, attrs: dict[str, Any], pass_seconds: float, *,
+               should_stop: Callable[[], bool] | None = None) -> dict[str, Any]:
+        """Write the file of ``step``; returns its manifest record (``seconds``: the pass plus the write)."""
+        t0 = time.perf_counter()
         rel = capture_relpath(step)
         path = self.run_dir / rel
-        write_capture(path, captured, self.probe, cfg, attrs)
+        write_capture(path, captured, self.probe, self.cfg, attrs, should_stop=should_stop)
         fault_point("before-capture-manifest", step)  # test hook: renamed, not yet listed
         return {"path": rel, "sha256": sha256_file(path), "bytes": path.stat().st_size,
-                "seconds": round(time.perf_counter() - t0, 3)}
+                "seconds": round(pass_seconds + time.perf_counter() - t0, 3)}
+
+    def capture(self, trainer: Any) -> dict[str, Any]:
+        """Capture ``trainer``'s model at its current step into ``dynamics/step_XXXXXX.h5``; returns the manifest record.
+
+        Synchronous: the file exists when this returns (a pending background write
+        is waited for first). It is not listed in the manifest (see :meth:`submit`).
+        """
+        self.flush()
+        captured, attrs, seconds = self._pass(trainer)
+        return self._write(trainer.step, captured, attrs, seconds)
+
+    def submit(self, trainer: Any) -> None:
+        """Capture ``trainer``'s model now; write the file and list it in the manifest entry of its step.
+
+        The pass runs here, after waiting for the previous write (whose error, if
+        any, is raised here). With ``background`` the write and the listing are
+        handed to the writer thread and this returns at once; :meth:`flush` waits
+        for them.
+        """
+        self.flush()
+        step = trainer.step
+        captured, attrs, seconds = self._pass(trainer)
+        if not self.background:
+            self._list(step, self._write(step, captured, attrs, seconds))
+            return
+
+        def job(stop_requested: Callable[[], bool]) -> None:
+            try:
+                record = self._write(step, captured, attrs, seconds, should_stop=stop_requested)
+            except CaptureCancelled:
+                return  # abandoned by close(): nothing renamed, nothing listed; on_resume redoes it
+            self._list(step, record)
+
+        self._pending = (step, capture_relpath(step))
+        self._writer.submit(job, label=f"capture of step {step}")
 
     def on_checkpoint(self, trainer: Any) -> None:
-        """After a checkpoint is listed: capture if due and add ``dynamics`` to its manifest entry."""
-        if not self.due(trainer.step):
-            return
-        record = self.capture(trainer)
-        self._list(trainer.step, record)
+        """After a checkpoint is listed: capture if due (:meth:`submit`: written and listed in the background)."""
+        if self.due(trainer.step):
+            self.submit(trainer)
 
     def on_resume(self, trainer: Any, manifest: dict[str, Any]) -> None:
         """After loading a checkpoint: drop temp leftovers; redo a capture that a crash left unlisted."""
         from trainer.checkpoint import read_manifest, write_manifest
 
+        self.flush()  # (nothing is pending in a fresh capturer; the manifest is written below)
         self.check_manifest(manifest)
         self.code_version = manifest.get("code_version")
         if "probe" not in manifest:  # a run started before capture existed
@@ -530,7 +748,49 @@ class Capturer:
         if entry is not None and self.due(trainer.step) and "dynamics" not in entry:
             self.on_checkpoint(trainer)
 
+    def flush(self) -> None:
+        """Block until the capture handed to the writer (if any) is written and listed.
+
+        Re-raises its error here: an ``OSError`` as the same class and errno, any
+        other error as :class:`CaptureError`, the message naming the step (the
+        original is chained). The failed capture is not listed.
+        """
+        if self._pending is None:
+            return
+        step, rel = self._pending
+        try:
+            self._writer.wait()  # a KeyboardInterrupt while waiting leaves the write pending
+        except Exception as e:
+            self._pending = None
+            raise _naming_step(e, step, rel) from e
+        self._pending = None
+
+    def close(self, *, abandon: bool | None = None) -> None:
+        """Finish the pending write; the trainer calls this from ``cleanup``, after success or an error.
+
+        ``abandon`` (default: whether an exception is being handled, i.e. the
+        trainer is unwinding from an error) asks the writer to stop at its next
+        dataset: its temporary file is removed and nothing is listed (``on_resume``
+        redoes the capture); a file already renamed is still hashed and listed.
+        An error of the write is then a warning, so the original error is the one
+        that propagates. Without ``abandon`` this is :meth:`flush`.
+        """
+        if abandon is None:
+            abandon = sys.exc_info()[1] is not None
+        if not abandon:
+            self.flush()
+            return
+        self._writer.cancel()
+        try:
+            self.flush()
+        except Exception as e:  # noqa: BLE001 - reported, not raised: another error is already propagating
+            warnings.warn(f"{e}; not listed (`--resume` redoes it)", stacklevel=2)
+
     def _list(self, step: int, record: dict[str, Any]) -> None:
+        """Add ``record`` as ``dynamics`` of the manifest entry of ``step`` (read, modify, atomic write).
+
+        Runs on the writer thread; see the class docstring for why it never races the trainer's own writes.
+        """
         from trainer.checkpoint import read_manifest, write_manifest
 
         manifest = read_manifest(self.run_dir)

@@ -242,7 +242,14 @@ class TrainConfig:
     ReLoRA runs always use the jagged cosine of SPEC §3. ``precision`` ``auto``
     means bf16 autocast on CUDA and float32 on CPU. ``compile`` runs the
     training forward and backward through ``torch.compile`` (same function,
-    float32 rounding may differ; the first steps pay the compile time).
+    float32 rounding may differ; the first steps pay the compile time);
+    ``None`` means on for CUDA, off on CPU. ``tf32`` lets float32 matrix
+    products use TF32 tensor cores on CUDA (no effect on CPU).
+    ``loss_chunk_tokens`` is how many tokens' logits the fused LM-head
+    cross-entropy holds at once (``None``: about 512 MiB of float32 logits;
+    ``0``: the plain loss over the full logits). ``prefetch`` is how many
+    micro-batches a background thread prepares ahead (pinned memory on CUDA;
+    ``0``: prepare each in the training loop).
     """
 
     preset: str = "micro"
@@ -269,7 +276,10 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     precision: str = "auto"
-    compile: bool = False
+    compile: bool | None = None
+    tf32: bool = True
+    loss_chunk_tokens: int | None = None
+    prefetch: int = 2
     init_from: str | None = None
 
     @property
@@ -329,6 +339,10 @@ class TrainConfig:
                 p.append(f"init_from must be RUN_DIR or RUN_DIR@STEP, got {self.init_from!r}")
             elif not (Path(run) / "manifest.json").exists():
                 p.append(f"init_from: {run!r} is not a run directory (no manifest.json)")
+        if self.loss_chunk_tokens is not None and self.loss_chunk_tokens < 0:
+            p.append(f"loss_chunk_tokens must be >= 0 (0: the plain loss) or null (auto), got {self.loss_chunk_tokens}")
+        if self.prefetch < 0:
+            p.append(f"prefetch must be >= 0, got {self.prefetch}")
         if self.precision not in ("auto", "fp32", "bf16"):
             p.append(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
         return p

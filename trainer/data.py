@@ -181,22 +181,39 @@ def window_indices(seed: int, start: int, count: int, n: int) -> np.ndarray:
     return out
 
 
-def get_windows(stream: np.ndarray, windows: np.ndarray, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs and targets, each ``(len(windows), seq_len)`` int64, for the given window ids."""
+def get_rows(stream: np.ndarray, windows: np.ndarray, seq_len: int) -> torch.Tensor:
+    """The windows themselves, ``(len(windows), seq_len + 1)`` int64: inputs are ``[:, :-1]``, targets ``[:, 1:]``."""
     w = seq_len + 1
     rows = np.stack([np.asarray(stream[i * w : (i + 1) * w], dtype=np.int64) for i in windows])  # (N, seq_len+1)
-    rows_t = torch.from_numpy(rows)
-    return rows_t[:, :-1], rows_t[:, 1:]
+    return torch.from_numpy(rows)
+
+
+def split_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and targets ``(N, seq_len)`` of windows ``(N, seq_len + 1)`` (views, no copy)."""
+    return rows[:, :-1], rows[:, 1:]
+
+
+def get_windows(stream: np.ndarray, windows: np.ndarray, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and targets, each ``(len(windows), seq_len)`` int64, for the given window ids."""
+    return split_rows(get_rows(stream, windows, seq_len))
+
+
+def train_micro_rows(
+    stream: np.ndarray, *, seed: int, step: int, micro: int, batch_size: int, grad_accum: int, seq_len: int
+) -> torch.Tensor:
+    """Windows ``(b, seq_len + 1)`` int64 of micro-batch ``micro`` (of ``grad_accum``) of optimizer step ``step``."""
+    n = n_windows(stream, seq_len)
+    b = batch_size // grad_accum
+    ids = window_indices(seed, step * batch_size + micro * b, b, n)
+    return get_rows(stream, ids, seq_len)
 
 
 def train_micro_batch(
     stream: np.ndarray, *, seed: int, step: int, micro: int, batch_size: int, grad_accum: int, seq_len: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Micro-batch ``micro`` (of ``grad_accum``) of optimizer step ``step``: inputs, targets ``(b, seq_len)`` int64."""
-    n = n_windows(stream, seq_len)
-    b = batch_size // grad_accum
-    ids = window_indices(seed, step * batch_size + micro * b, b, n)
-    return get_windows(stream, ids, seq_len)
+    return split_rows(train_micro_rows(stream, seed=seed, step=step, micro=micro, batch_size=batch_size,
+                                       grad_accum=grad_accum, seq_len=seq_len))
 
 
 def validation_batches(stream: np.ndarray, *, n_batches: int, batch_size: int, seq_len: int) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainer.config import ModelConfig
+from trainer.loss import linear_cross_entropy
 
 
 class RMSNorm(nn.Module):
@@ -129,6 +130,7 @@ class Decoder(nn.Module):
         cos, sin = rope_tables(cfg.max_seq_len, cfg.d_model // cfg.n_heads, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        self.loss_chunk_tokens: int | None = None  # see loss(); set by the trainer from its config
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -142,7 +144,8 @@ class Decoder(nn.Module):
             else:
                 nn.init.normal_(p, mean=0.0, std=std)
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+    def hidden_states(self, idx: torch.Tensor) -> torch.Tensor:
+        """Final-normed hidden states ``(B, T, D)`` of token ids ``(B, T)`` int64: the LM head's input."""
         B, T = idx.shape
         if T > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds max_seq_len {self.cfg.max_seq_len}")
@@ -150,12 +153,24 @@ class Decoder(nn.Module):
         x = self.embed(idx)  # (B, T, D)
         for layer in self.layers:
             x = layer(x, cos, sin)
-        return self.lm_head(self.final_norm(x))  # (B, T, V)
+        return self.final_norm(x)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.hidden_states(idx))  # (B, T, V)
 
     def loss(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean next-token cross-entropy (nats) of ``targets`` ``(B, T)`` given ``idx`` ``(B, T)``."""
-        logits = self(idx)
-        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+        """Mean next-token cross-entropy (nats) of ``targets`` ``(B, T)`` given ``idx`` ``(B, T)``; a 0-d float32 tensor.
+
+        Fused with the LM head and chunked over tokens (:func:`trainer.loss.linear_cross_entropy`),
+        so the float32 logits ``(B·T, V)`` are never held at once; ``loss_chunk_tokens``
+        sets the chunk (``None``: about 512 MiB of logits; ``0``: the plain, unchunked loss).
+        """
+        h = self.hidden_states(idx)  # (B, T, D)
+        if self.loss_chunk_tokens == 0:
+            logits = self.lm_head(h)
+            return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+        return linear_cross_entropy(h.reshape(-1, h.shape[-1]), self.lm_head.weight, targets.reshape(-1),
+                                    chunk_tokens=self.loss_chunk_tokens)
 
 
 def count_parameters(model: nn.Module, *, trainable_only: bool = False) -> int:

@@ -49,8 +49,13 @@ class ReLoRALinear(nn.Module):
         self.lora_b.weight.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: (..., in) → (..., out)
-        return F.linear(x, self.weight) + self.scale * self.lora_b(self.lora_a(self.dropout(x)))
+        # x: (..., in) → (..., out). The adapter's product is accumulated into the base output by one
+        # addmm (out = W x + s · (A x') Bᵀ), so the scale and the sum cost no extra passes over (N, out).
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)  # (N, in)
+        u = self.lora_a(self.dropout(x2))  # (N, r)
+        out = torch.addmm(F.linear(x2, self.weight), u, self.lora_b.weight.T, alpha=self.scale)  # (N, out)
+        return out.view(*lead, self.out_features)
 
     @torch.no_grad()
     def delta_weight(self) -> torch.Tensor:

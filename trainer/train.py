@@ -29,9 +29,10 @@ from trainer import checkpoint as ckpt
 from trainer import relora
 from trainer.capture import Capturer
 from trainer.config import ConfigError, TrainConfig, config_from_dict
-from trainer.data import prepare, train_micro_batch, validation_batches
+from trainer.data import prepare, split_rows, train_micro_rows, validation_batches
 from trainer.distributed import DistContext, init_from_env
 from trainer.model import Decoder, count_parameters
+from trainer.prefetch import Prefetcher
 from trainer.schedule import constant_factor, cosine_factor, jagged_cosine_factor, linear_factor
 
 
@@ -76,6 +77,49 @@ def global_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
 
 
+class CompiledLoss:
+    """``torch.compile`` of a loss function that falls back to eager mode, with one warning, if compiling fails.
+
+    A failure to compile (a missing compiler toolchain, an unsupported op on an
+    older torch) should cost speed, not the run. Running out of device memory is
+    not a compiler failure: it is raised as it is and compiling stays on. Any
+    other error that eager mode also raises (a bad input) comes from the eager call.
+    """
+
+    def __init__(self, fn: Callable[..., torch.Tensor], **compile_kwargs: Any) -> None:
+        self.eager = fn
+        self.compiled: Callable[..., torch.Tensor] | None = torch.compile(fn, **compile_kwargs)
+
+    def __call__(self, *args: Any) -> torch.Tensor:
+        if self.compiled is not None:
+            try:
+                return self.compiled(*args)
+            except Exception as e:  # noqa: BLE001 - any compiler failure; eager mode re-raises real errors
+                from trainer.batch_size import is_out_of_memory
+
+                if is_out_of_memory(e):
+                    raise
+                self.compiled = None
+                first = (str(e).strip().splitlines() or [""])[0][:200]
+                warnings.warn(f"torch.compile failed ({type(e).__name__}: {first}); training continues without compile",
+                              stacklevel=2)
+        return self.eager(*args)
+
+
+def memory_footprint(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
+    """Bytes of parameters (all, and trainable), of gradients they will get and of AdamW state (two moments each).
+
+    Frozen parameters (ReLoRA's base matrices) have no gradient buffer and no
+    optimizer state; the optimizer state is counted as AdamW allocates it at its
+    first step (``exp_avg`` and ``exp_avg_sq`` of every parameter it updates).
+    """
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    optimized = sum(p.numel() * p.element_size() for g in optimizer.param_groups for p in g["params"])
+    return {"param_bytes": params, "trainable_bytes": trainable, "grad_bytes": trainable,
+            "optimizer_state_bytes": 2 * optimized}
+
+
 class JsonlLog:
     """Append-only JSON-lines log, flushed after every record."""
 
@@ -109,7 +153,8 @@ def truncate_log(path: Path, last_step: int) -> None:
 
 
 # Settings that may differ on resume without changing what is computed.
-RESUME_MUTABLE = ("steps", "eval_interval", "eval_batches", "checkpoint_interval", "device", "precision", "compile")
+RESUME_MUTABLE = ("steps", "eval_interval", "eval_batches", "checkpoint_interval", "device", "precision", "compile",
+                  "tf32", "loss_chunk_tokens", "prefetch")
 
 
 class Trainer:
@@ -175,8 +220,12 @@ class Trainer:
             if len(stream) < cfg.context + 1:
                 raise ConfigError(f"the {split} split has {len(stream)} tokens, fewer than one sequence of seq_len+1={cfg.context + 1}")
 
+        if self.device.type == "cuda":  # TF32 for float32 matrix products (the bf16 autocast ones are unaffected)
+            torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
+            torch.backends.cudnn.allow_tf32 = cfg.tf32
         torch.manual_seed(cfg.seed)
         self.model = Decoder(cfg.model)  # initialised on CPU from the seed: the same on every device
+        self.model.loss_chunk_tokens = cfg.loss_chunk_tokens
         self.adapter_rng = torch.Generator().manual_seed(cfg.seed + 1)  # adapter re-draws and optimizer pruning
         if cfg.init_from is not None and manifest is None:
             self._init_from(cfg.init_from)
@@ -184,8 +233,11 @@ class Trainer:
         if cfg.method == "relora" and cfg.relora.warm_start_steps == 0:
             self._wrap()
         self.optimizer = build_optimizer(self.model, cfg, self.device)
-        # training loss, optionally compiled; a bound method, so state-dict keys keep their names
-        self._train_loss = torch.compile(self.model.loss) if cfg.compile else self.model.loss
+        # training loss, compiled by default on CUDA; a bound method, so state-dict keys keep their names
+        use_compile = cfg.compile if cfg.compile is not None else self.device.type == "cuda"
+        self._train_loss = CompiledLoss(self.model.loss) if use_compile else self.model.loss
+        self.batches = Prefetcher(self._micro_rows, self._next_micro, depth=cfg.prefetch, name="trainer-prefetch")
+        self._echo_memory()
         from trainer.evaluate import builtin_pairs
 
         self.eval_pairs = builtin_pairs(self.data.meta, n=200)
@@ -283,10 +335,7 @@ class Trainer:
             self.model.train()
         total = 0.0
         for micro in range(cfg.grad_accum):
-            x, y = train_micro_batch(self.data.train, seed=cfg.seed, step=t, micro=micro, batch_size=cfg.batch_size,
-                                     grad_accum=cfg.grad_accum, seq_len=cfg.context)
-            x, y = self.dist.shard(x), self.dist.shard(y)  # this rank's rows of the global micro-batch
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            x, y = split_rows(self.batches.get((t, micro)).to(self.device, non_blocking=True))
             with self.autocast():
                 loss = self._train_loss(x, y) / cfg.grad_accum
             loss.backward()
@@ -300,7 +349,8 @@ class Trainer:
                 [p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None], cfg.grad_clip)
         else:
             grad_norm = global_norm(grads)
-        loss_value = float(total)
+        # one host sync per step, for both numbers (the loss must be checked before the update)
+        loss_value, norm_value = torch.stack([total.float(), grad_norm.float().to(total.device)]).tolist()
         if not math.isfinite(loss_value):
             raise TrainingError(
                 f"loss became {loss_value} at step {t}; the last good checkpoint is kept in {self.run_dir}. "
@@ -311,11 +361,24 @@ class Trainer:
         self.step = t + 1
         self.tokens_seen += cfg.tokens_per_step
         self.last_loss = loss_value
-        record = {"step": self.step, "loss": loss_value, "lr": lr, "grad_norm": float(grad_norm),
+        record = {"step": self.step, "loss": loss_value, "lr": lr, "grad_norm": norm_value,
                   "tokens_seen": self.tokens_seen}
         if cfg.method == "relora" and self.wrapped:
             record.update(self._relora_events(t))
         return record
+
+    def _micro_rows(self, key: tuple[int, int]) -> torch.Tensor:
+        """This rank's windows ``(b, seq_len + 1)`` int64 of micro-batch ``key = (step, micro)``; pinned on CUDA."""
+        cfg = self.cfg
+        step, micro = key
+        rows = train_micro_rows(self.data.train, seed=cfg.seed, step=step, micro=micro, batch_size=cfg.batch_size,
+                                grad_accum=cfg.grad_accum, seq_len=cfg.context)
+        rows = self.dist.shard(rows).contiguous()  # this rank's rows of the global micro-batch
+        return rows.pin_memory() if self.device.type == "cuda" else rows
+
+    def _next_micro(self, key: tuple[int, int]) -> tuple[int, int]:
+        step, micro = key
+        return (step, micro + 1) if micro + 1 < self.cfg.grad_accum else (step + 1, 0)
 
     def _switch_to_relora(self) -> None:
         """End of the warm start: wrap the projections and rebuild the optimizer.
@@ -330,6 +393,13 @@ class Trainer:
             for p in group["params"]:
                 if p in old.state:
                     self.optimizer.state[p] = old.state[p]
+        self._echo_memory()
+
+    def _echo_memory(self) -> None:
+        m = memory_footprint(self.model, self.optimizer)
+        mib = {k: v / 2**20 for k, v in m.items()}
+        self.echo(f"memory: weights {mib['param_bytes']:.1f} MiB ({mib['trainable_bytes']:.1f} MiB trainable), "
+                  f"gradients {mib['grad_bytes']:.1f} MiB, AdamW state {mib['optimizer_state_bytes']:.1f} MiB")
 
     def _relora_events(self, t: int) -> dict[str, Any]:
         """Merge and/or prune after update ``t`` when its index is a multiple of the respective period."""
@@ -419,6 +489,8 @@ class Trainer:
         self.dist.barrier()
 
     def _write_checkpoint(self) -> None:
+        if getattr(self, "capturer", None) is not None:
+            self.capturer.flush()  # the previous capture is written and listed before the manifest changes again
         model = self.model
         rng = {"torch": torch.get_rng_state(), "adapter": self.adapter_rng.get_state()}
         if self.device.type == "cuda":
@@ -434,6 +506,7 @@ class Trainer:
             "merges": self.merges,
             "n_params": count_parameters(model),
             "n_trainable": count_parameters(model, trainable_only=True),
+            "memory": memory_footprint(model, self.optimizer),
         }
         ckpt.save_checkpoint(self.run_dir, ckpt.CheckpointPayload(
             model=relora.dense_state_dict(model),
@@ -446,10 +519,19 @@ class Trainer:
             self.capturer.on_checkpoint(self)  # dynamics/step_XXXXXX.h5 when due, listed in the manifest entry
 
     def cleanup(self) -> None:
-        log = getattr(self, "log", None)
-        if log is not None:
-            log.close()
-        self.dist.close()
+        """Finish the pending capture write, stop the prefetch thread, close the log and leave the process group."""
+        try:
+            capturer = getattr(self, "capturer", None)
+            if capturer is not None:
+                capturer.close()  # finishes (or, after a crash, abandons cleanly) any capture still being written
+        finally:
+            batches = getattr(self, "batches", None)
+            if batches is not None:
+                batches.close()
+            log = getattr(self, "log", None)
+            if log is not None:
+                log.close()
+            self.dist.close()
 
 
 def _progress_bar(*, total: int, initial: int, enabled: bool):
