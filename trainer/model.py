@@ -76,11 +76,9 @@ class Attention(nn.Module):
         k = self.k(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, G, T, Hd)
         v = self.v(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, G, T, Hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        group = self.n_heads // self.n_kv_heads
-        if group > 1:  # query head h reads KV head h // group
-            k = k.repeat_interleave(group, dim=1)  # (B, H, T, Hd)
-            v = v.repeat_interleave(group, dim=1)  # (B, H, T, Hd)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, Hd)
+        # query head h reads KV head h // (H / G); SDPA does the grouping without copying K and V H/G times
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                           enable_gqa=self.n_heads != self.n_kv_heads)  # (B, H, T, Hd)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H*Hd)
         return self.o(y)  # (B, T, D)
 
