@@ -142,3 +142,18 @@ def test_gpu_bench_rows_and_goals_with_oom_and_cuda_numbers():
            "rows": rows, "goals": list(goals.values())}
     text = gpu.format_table(res)
     assert text.count("OOM") >= 2 and "[not met]" in text and "[met]" in text and "30.0" in text
+
+
+def test_loss_bench_quick(tmp_path, capsys):
+    bench = load_bench(BENCH.with_name("loss_bench.py"))
+    out_json = tmp_path / "loss.json"
+    # 2 000 tokens at V 4 096: 31 MiB of float32 logits, 16 MiB per fused chunk of 1 000 tokens
+    res = bench.main(["--quick", "--device", "cpu", "--tokens", "2000", "--chunk-tokens", "1000", "--json", str(out_json)])
+    printed = capsys.readouterr().out
+    assert set(res["seconds"]) == {"plain", "fused"} and all(v > 0 for v in res["seconds"].values())
+    assert res["loss_rel_diff"] < 1e-5
+    peaks = res["peak_bytes"]
+    assert peaks["plain"] > 2 * 31 * 2**20  # logits and their gradient, at least
+    assert 0 < res["memory_ratio_fused_over_plain"] < 0.8
+    assert "fused/plain" in printed
+    assert json.loads(out_json.read_text())["settings"]["chunk_tokens"] == 1000
