@@ -71,9 +71,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.batch_size import is_out_of_memory, release_memory, uses_compile
+from trainer.batch_size import is_out_of_memory, release_memory
 from trainer.config import MODEL_PRESETS, TrainConfig
 from trainer.data import prepare
+from trainer.train import uses_bf16, uses_compile
 
 PRESETS = ("tiny", "small")
 #: Sequences per step when --batch-size does not say: the issue's reference sizes.
@@ -407,7 +408,7 @@ def run(presets: list[tb.Settings], *, capture_every: int, reference_compile: st
             "device": str(first.device),
             "device_name": torch.cuda.get_device_name(first.device) if cuda else platform.processor() or platform.machine(),
             "threads": torch.get_num_threads(),
-            "precision": "bf16 autocast" if tb._uses_bf16(slots[0].cfg, first.device) else "fp32",
+            "precision": "bf16 autocast" if uses_bf16(slots[0].cfg, first.device) else "fp32",
             "methods": first.methods,
             "warmup_steps": first.warmup,
             "timed_steps_per_loop": first.chunk * first.repeats,

@@ -77,7 +77,7 @@ from trainer import relora
 from trainer.batch_size import release_memory, training_model
 from trainer.config import build_config
 from trainer.data import train_micro_batch
-from trainer.train import Trainer, build_optimizer, resolve_device
+from trainer.train import Trainer, build_optimizer, resolve_device, uses_bf16
 
 METHODS = ("full", "relora")
 DEFAULT_PEAK_TFLOPS = 989.0  # H100 SXM, dense bf16
@@ -217,10 +217,6 @@ def _sync(device: torch.device) -> Callable[[], None]:
     if device.type == "cuda":
         return lambda: torch.cuda.synchronize(device)
     return lambda: None
-
-
-def _uses_bf16(cfg, device: torch.device) -> bool:
-    return cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
 
 
 def _resident_bytes(model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device) -> int:
@@ -381,7 +377,7 @@ class BareLoop(Loop):
         self.model = model = training_model(cfg, device)  # as the trainer's: same seed, init, wrapping, loss settings
         self.loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = model.loss
         self.optimizer = build_optimizer(model, cfg, device)  # the trainer's groups; fused on CUDA
-        bf16 = _uses_bf16(cfg, device)
+        bf16 = uses_bf16(cfg, device)
         self.autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
 
     def chunk(self, start: int, n: int) -> float:
@@ -624,7 +620,7 @@ def summarise(s: Settings, cfgs: dict, loops: list[Loop]) -> dict[str, Any]:
             "grad_accum": cfg.grad_accum,
             "seq_len": cfg.context,
             "tokens_per_step": tokens_per_step,
-            "precision": "bf16 autocast" if _uses_bf16(cfg, s.device) else "fp32",
+            "precision": "bf16 autocast" if uses_bf16(cfg, s.device) else "fp32",
             "warmup_steps": s.warmup,
             "timed_steps_per_loop": s.chunk * s.repeats,
             "repeats": s.repeats,

@@ -37,7 +37,7 @@ from torch import nn
 from trainer import relora
 from trainer.config import TrainConfig
 from trainer.model import Decoder
-from trainer.train import CompiledLoss, build_optimizer
+from trainer.train import CompiledLoss, build_optimizer, uses_bf16, uses_compile
 
 GIB = 2**30
 
@@ -132,21 +132,14 @@ def split_batch(max_micro: int, target: int) -> tuple[int, int]:
     return micro, target // micro
 
 
-def uses_compile(cfg: TrainConfig, device: torch.device) -> bool:
-    """Whether the trainer compiles its loss for ``cfg`` on ``device`` (``compile`` unset or ``None``: on CUDA only)."""
-    flag = getattr(cfg, "compile", None)
-    return device.type == "cuda" if flag is None else bool(flag)
-
-
 def training_model(cfg: TrainConfig, device: torch.device | str) -> nn.Module:
     """The model a run of ``cfg`` trains, on ``device`` in train mode: :class:`~trainer.model.Decoder` initialised
     from ``cfg.seed`` (the caller's RNG is left as it was), ReLoRA-wrapped for ``method=relora`` (the state after
-    the warm start), with the trainer's loss settings (``loss_chunk_tokens`` where the config has it)."""
+    the warm start), with the trainer's loss settings (``loss_chunk_tokens``)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         model = Decoder(cfg.model).to(device)
-    if hasattr(cfg, "loss_chunk_tokens"):
-        model.loss_chunk_tokens = cfg.loss_chunk_tokens
+    model.loss_chunk_tokens = cfg.loss_chunk_tokens
     if cfg.method == "relora":
         relora.wrap_model(model, cfg.relora, torch.Generator().manual_seed(cfg.seed + 1))
     return model.train()
@@ -169,7 +162,7 @@ class TrainStepProbe:
         self.cfg, self.device, self.steps = cfg, torch.device(device), steps
         self.model = training_model(cfg, self.device)
         self.optimizer = build_optimizer(self.model, cfg, self.device)
-        self.bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
+        self.bf16 = uses_bf16(cfg, self.device)
         self.compiled = uses_compile(cfg, self.device)
         self.peaks: dict[int, int] = {}  # micro-batch → peak allocated bytes of one call (CUDA only)
 

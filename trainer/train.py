@@ -48,6 +48,16 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def uses_bf16(cfg: TrainConfig, device: torch.device) -> bool:
+    """Whether training runs under bf16 autocast: ``precision=bf16``, or ``auto`` on CUDA."""
+    return cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+
+
+def uses_compile(cfg: TrainConfig, device: torch.device) -> bool:
+    """Whether the training loss is compiled: ``compile`` if set, else on CUDA only."""
+    return cfg.compile if cfg.compile is not None else device.type == "cuda"
+
+
 def lr_at(cfg: TrainConfig, t: int) -> float:
     """Learning rate of update ``t`` (0-based)."""
     kw = dict(total=cfg.steps, warmup=cfg.warmup, min_ratio=cfg.min_lr_ratio)
@@ -201,9 +211,9 @@ class Trainer:
             manifest = None  # crashed before the first checkpoint: start over
         self.dist.barrier()  # every rank has checked the directory before rank 0 writes into it
 
-        bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
         self.autocast = (
-            (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+            (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if uses_bf16(cfg, self.device)
+            else contextlib.nullcontext
         )
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -234,8 +244,7 @@ class Trainer:
             self._wrap()
         self.optimizer = build_optimizer(self.model, cfg, self.device)
         # training loss, compiled by default on CUDA; a bound method, so state-dict keys keep their names
-        use_compile = cfg.compile if cfg.compile is not None else self.device.type == "cuda"
-        self._train_loss = CompiledLoss(self.model.loss) if use_compile else self.model.loss
+        self._train_loss = CompiledLoss(self.model.loss) if uses_compile(cfg, self.device) else self.model.loss
         self.batches = Prefetcher(self._micro_rows, self._next_micro, depth=cfg.prefetch, name="trainer-prefetch")
         self._echo_memory()
         from trainer.evaluate import builtin_pairs
@@ -373,7 +382,7 @@ class Trainer:
         step, micro = key
         rows = train_micro_rows(self.data.train, seed=cfg.seed, step=step, micro=micro, batch_size=cfg.batch_size,
                                 grad_accum=cfg.grad_accum, seq_len=cfg.context)
-        rows = self.dist.shard(rows).contiguous()  # this rank's rows of the global micro-batch
+        rows = self.dist.shard(rows)  # this rank's rows of the global micro-batch
         return rows.pin_memory() if self.device.type == "cuda" else rows
 
     def _next_micro(self, key: tuple[int, int]) -> tuple[int, int]:
