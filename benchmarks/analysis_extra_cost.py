@@ -12,7 +12,7 @@ root = Path(sys.argv[1]); root.mkdir(parents=True, exist_ok=True)
 base = ["steps=6", "checkpoint_interval=2", "eval_interval=6", "seq_len=64", "batch_size=4", "warmup_steps=1",
         "data.train_tokens=200000", "data.val_tokens=20000", "eval_batches=1"]
 runs = []
-for method, extra in (("full", []), ("relora", ["relora.rank=8", "relora.reset_every=2", "relora.restart_warmup=1"])):
+for method, extra in (("full", []), ("relora", ["relora.rank=8", "relora.merge_every=2", "relora.lr_restart_warmup=1"])):
     d = root / method
     if not (d / "manifest.json").exists():
         train(build_config(preset="tiny", overrides=base + [f"method={method}"] + extra), d, progress=False)

@@ -25,6 +25,7 @@ of the default settings at each preset (``trainer.capture.estimate_bytes``).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import tempfile
@@ -61,12 +62,13 @@ def interleaved(base: list[str], out: Path, *, every: int, block: int, repeats: 
             t.train_step()
             steps.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        record = t.capturer.capture(t)
-        t.capturer._list(0, record)  # the manifest update, as on a checkpoint (entry 0 exists)
+        record = t.capturer.capture(t.model, t.training_state(), t.device)
+        # the manifest update, as on a checkpoint (entry 0 exists)
+        t.capturer._list(dataclasses.replace(record, step=0))
         captures.append(time.perf_counter() - t0)
         # as the trainer does it: the pass here, the write in the background while training goes on
         t0 = time.perf_counter()
-        t.capturer.submit(t)
+        t.capturer.submit(t.model, t.training_state(), t.device)
         t1 = time.perf_counter()
         submits.append(t1 - t0)
         n_during = 0
@@ -88,7 +90,7 @@ def interleaved(base: list[str], out: Path, *, every: int, block: int, repeats: 
     return {"step_s": step_s, "capture_s": capture_s, "overhead": capture_s / (every * step_s),
             "submit_s": submit_s, "write_s": statistics.median(writes), "slowdown_s": slowdown,
             "steps_per_write": steps_per_write, "wait_s": wait_s, "overhead_background": background / (every * step_s),
-            "bytes": record["bytes"], "steps": steps, "captures": captures}
+            "bytes": record.bytes, "steps": steps, "captures": captures}
 
 
 def main(argv: list[str] | None = None) -> int:

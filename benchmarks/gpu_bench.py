@@ -71,10 +71,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.batch_size import is_out_of_memory, release_memory
 from trainer.config import MODEL_PRESETS, TrainConfig
 from trainer.data import prepare
-from trainer.train import uses_bf16, uses_compile
+from trainer.runtime import is_out_of_memory, release_memory, uses_bf16, uses_compile
 
 PRESETS = ("tiny", "small")
 #: Sequences per step when --batch-size does not say: the issue's reference sizes.

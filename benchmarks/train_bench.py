@@ -21,7 +21,7 @@ For each method (``full``, ``relora``) it builds two loops over the same
   how many interval boundaries happen to fall inside the timed window. (Each
   ``run(stop_at=...)`` chunk ends with a checkpoint; that one is measured and
   charged only at the interval, like every other.) For ReLoRA the adapter merge
-  and optimizer-state reset are charged the same way, every ``relora.reset_every``
+  and optimizer-state reset are charged the same way, every ``relora.merge_every``
   steps. Settings the benchmark does not set (capture, ReLoRA rank ...) are the
   trainer's defaults; change them with ``--set``.
 * **bare** — the same model (same seed and init; ReLoRA-wrapped for ``relora``),
@@ -74,10 +74,11 @@ import torch
 from torch import nn
 
 from trainer import relora
-from trainer.batch_size import release_memory, training_model
+from trainer.batch_size import training_model
 from trainer.config import build_config
 from trainer.data import train_micro_batch
-from trainer.train import Trainer, build_optimizer, resolve_device, uses_bf16
+from trainer.runtime import build_optimizer, release_memory, resolve_device, uses_bf16
+from trainer.train import Trainer
 
 METHODS = ("full", "relora")
 DEFAULT_PEAK_TFLOPS = 989.0  # H100 SXM, dense bf16
@@ -327,7 +328,8 @@ class TrainerLoop(Loop):
             self.capturer.flush()  # the chunk's last background write ends here, not inside another loop's timing
         getattr(tr, self.eval_attr)()
         if self.capturer is not None and not self._captured_this_chunk:
-            self.capturer.capture(tr)  # capture.every > checkpoint_interval: the chunk-end checkpoint was not due
+            # capture.every > checkpoint_interval: the chunk-end checkpoint was not due
+            self.capturer.capture(tr.model, tr.training_state(), tr.device)
         if self.method == "relora" and tr.wrapped:
             self.events["reset"].append(self._time_reset())
         for sub in ("checkpoints", "dynamics"):
@@ -350,8 +352,8 @@ class TrainerLoop(Loop):
                                          ratio=r.prune_ratio, generator=tr.adapter_rng)
             self.sync()
             prune = time.perf_counter() - t0
-        # Amortised later over reset_every: express the reset's cost at that period.
-        return merge + prune * r.reset_every / r.optimizer_reset_period
+        # Amortised later over merge_every: express the optimizer reset's cost at the merge period.
+        return merge + prune * r.merge_every / r.optimizer_reset_period
 
     def reset_events(self) -> None:
         for v in self.events.values():
@@ -554,7 +556,7 @@ def trainer_step_time(tl: TrainerLoop) -> dict[str, Any]:
     if tl.capture_period:
         amortised += capture_s / tl.capture_period
     if tl.method == "relora":
-        amortised += reset_s / cfg.relora.reset_every
+        amortised += reset_s / cfg.relora.merge_every
     return {
         "trainer_step_s": steps_only + amortised,
         "trainer_steps_only_step_s": steps_only,
@@ -630,7 +632,7 @@ def summarise(s: Settings, cfgs: dict, loops: list[Loop]) -> dict[str, Any]:
             "checkpoint_interval": cfg.checkpoint_interval,
             "eval_call": by[(s.methods[0], "trainer")].eval_attr,
             "capture_every": by[(s.methods[0], "trainer")].capture_period,
-            "relora_reset_every": cfg.relora.reset_every if "relora" in s.methods else None,
+            "relora_merge_every": cfg.relora.merge_every if "relora" in s.methods else None,
             "peak_tflops": s.peak_tflops if cuda else None,
             "overrides": s.overrides,
             "quick": s.quick,
@@ -659,7 +661,7 @@ def format_table(res: dict[str, Any]) -> str:
         f"trainer = Trainer.run() steps + {st['eval_call']} ({st['eval_batches']} val batches) every {st['eval_interval']} steps "
         f"+ checkpoint every {st['checkpoint_interval']} steps"
         + (f" + dynamics capture every {st['capture_every']} steps" if st["capture_every"] else " (capture disabled)")
-        + (f" + ReLoRA merge/reset every {st['relora_reset_every']} steps" if st["relora_reset_every"] else ""),
+        + (f" + ReLoRA merge + optimizer reset every {st['relora_merge_every']} steps" if st["relora_merge_every"] else ""),
         "  (each event's cost is measured on the calls Trainer.run makes and amortised over its interval)",
         "",
     ]
@@ -693,7 +695,7 @@ def format_table(res: dict[str, Any]) -> str:
                  "vs full = trainer step time / full-rank trainer step time")
     for method, r in methods.items():
         if r.get("reset_s"):
-            lines.append(f"{method}: merge + optimizer reset {r['reset_s'] * 1e3:.0f} ms per {st['relora_reset_every']} steps")
+            lines.append(f"{method}: merge + optimizer reset {r['reset_s'] * 1e3:.0f} ms per {st['relora_merge_every']} steps")
     if cuda:
         formulas = {m: r["flops_formula"] for m, r in methods.items()}
         for m, f in formulas.items():
@@ -711,7 +713,7 @@ def torch_threads(n: int | None) -> Iterator[None]:
         if n is not None:
             torch.set_num_threads(n)
         elif "OMP_NUM_THREADS" not in os.environ:
-            torch.set_num_threads(os.cpu_count() or 1)  # as trainer.train.threads_hint
+            torch.set_num_threads(os.cpu_count() or 1)  # as trainer.runtime.threads_hint
         yield
     finally:
         torch.set_num_threads(before)

@@ -8,14 +8,28 @@ matrix or a numpy array of the batch shape.  Natural logarithms throughout.
 
 from __future__ import annotations
 
-from .validation import (
-    DynamicsError,
-    DynamicsWarning,
-    EmptyMatrixError,
-    NonFiniteError,
-    ShapeError,
+from typing import Any
+
+from .activations import (
+    activation_effective_rank,
+    activation_spectrum,
+    anisotropy,
+    debiased_linear_cka,
+    linear_cka,
 )
-from .spectra import Spectrum, product_spectrum, singular_values, spectrum
+from .components import (
+    attention_views,
+    kv_head_index,
+    layer_views,
+    mlp_views,
+    ov_circuit,
+    ov_circuit_spectra,
+    qk_circuit,
+    qk_circuit_spectra,
+    split_heads,
+)
+from .heavy_tails import PowerLawFit, esd_power_law, fit_power_law
+from .io import DynamicsIOError, Run, SchemaVersionError, open_run
 from .metrics import (
     condition_number,
     effective_rank,
@@ -29,35 +43,8 @@ from .metrics import (
     top_k_energy,
     truncated_condition_number,
 )
-from .updates import (
-    cumulative_updates,
-    lora_update,
-    lora_update_spectrum,
-    restart_updates,
-    update_spectrum,
-    weight_update,
-    weight_updates,
-)
-from .components import (
-    attention_views,
-    kv_head_index,
-    layer_views,
-    mlp_views,
-    ov_circuit,
-    ov_circuit_spectra,
-    qk_circuit,
-    qk_circuit_spectra,
-    split_heads,
-)
-from .activations import (
-    activation_effective_rank,
-    activation_spectrum,
-    anisotropy,
-    debiased_linear_cka,
-    linear_cka,
-)
-from .heavy_tails import PowerLawFit, esd_power_law, fit_power_law
 from .noise import SignalRank, mp_edge, signal_rank
+from .spectra import Spectrum, product_spectrum, singular_values, spectrum
 from .subspaces import (
     UpdateOverlap,
     chance_overlap,
@@ -67,7 +54,23 @@ from .subspaces import (
     top_singular_vectors,
     update_overlap,
 )
-from .io import DynamicsIOError, Run, SchemaVersionError, open_run
+from .updates import (
+    cumulative_updates,
+    lora_update,
+    lora_update_spectrum,
+    merge_updates,
+    restart_updates,
+    update_spectrum,
+    weight_update,
+    weight_updates,
+)
+from .validation import (
+    DynamicsError,
+    DynamicsWarning,
+    EmptyMatrixError,
+    NonFiniteError,
+    ShapeError,
+)
 
 # pandas/matplotlib-backed parts load on first use, so `import dynamics` stays light.
 _LAZY = {
@@ -80,7 +83,8 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Any:
+    """The lazily loaded public names of :data:`_LAZY`, imported on first access (PEP 562)."""
     if name not in _LAZY:
         raise AttributeError(f"module 'dynamics' has no attribute {name!r}")
     import importlib
@@ -90,6 +94,7 @@ def __getattr__(name: str):
     value = module if attr is None else getattr(module, attr)
     globals()[name] = value
     return value
+
 
 __all__ = [
     # errors and warnings (every error subclasses DynamicsError(ValueError))
@@ -115,9 +120,10 @@ __all__ = [
     "top_k_energy",
     "tail_energy",
     "spectrum_metrics",
-    # update matrices: W_t - W_{t-lag}, restarts, cumulative, LoRA s*B*A
+    # update matrices: W_t - W_{t-lag}, per merge (restart_updates: its former name), cumulative, LoRA s*B*A
     "weight_update",
     "weight_updates",
+    "merge_updates",
     "restart_updates",
     "cumulative_updates",
     "update_spectrum",

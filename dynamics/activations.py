@@ -7,19 +7,19 @@ CPU (float32 on CUDA unless float64); half-precision inputs are upcast.
 
 from __future__ import annotations
 
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 import torch
 
-from .metrics import _out
-from .spectra import Spectrum, _finite_or_raise, _svdvals
+from ._kernels import SVD_METHODS, Result, as_result, finite_or_raise, svdvals
+from .spectra import Spectrum
 from .validation import (
-    check_compatible_pair,
     DynamicsError,
     ShapeError,
     as_matrix_batch,
     as_tensor,
+    check_compatible_pair,
     check_option,
     check_same_batch,
     dtype_name,
@@ -32,8 +32,6 @@ __all__ = [
     "linear_cka",
     "debiased_linear_cka",
 ]
-
-Result = Union[float, np.ndarray]
 
 
 def activation_spectrum(X: Any, *, center: bool = True, method: str = "auto") -> Spectrum:
@@ -58,15 +56,15 @@ def activation_spectrum(X: Any, *, center: bool = True, method: str = "auto") ->
         ``shape = (tokens, features)``; every metric derives from it.
     """
     caller = "activation_spectrum"
-    check_option(method, ("auto", "direct", "gram"), name="method", caller=caller)
+    check_option(method, SVD_METHODS, name="method", caller=caller)
     t = as_tensor(X, name="X", caller=caller)
     original = dtype_name(t)
     x = as_matrix_batch(t, name="X", caller=caller)
     if center:
         x = x - x.mean(dim=-2, keepdim=True)
-    values, route = _svdvals(x, method)
-    _finite_or_raise(values, caller)
-    return Spectrum(values, tuple(x.shape[-2:]), original, route)
+    values, route = svdvals(x, method)
+    finite_or_raise(values, caller)
+    return Spectrum(values, (x.shape[-2], x.shape[-1]), original, route)
 
 
 def activation_effective_rank(X: Any, *, center: bool = True, method: str = "auto") -> Result:
@@ -132,7 +130,7 @@ def anisotropy(X: Any) -> Result:
     total = (x / norms).sum(dim=-2)
     sq = (total * total).sum(dim=-1)
     value = (sq - n) / (n * (n - 1))
-    return _out(value.to("cpu", torch.float64).numpy().clip(-1.0 / (n - 1), 1.0))
+    return as_result(value.to("cpu", torch.float64).numpy().clip(-1.0 / (n - 1), 1.0))
 
 
 def _paired_activations(X: Any, Y: Any, caller: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -206,8 +204,8 @@ def linear_cka(X: Any, Y: Any, *, route: str = "auto") -> Result:
         hxx = torch.linalg.matrix_norm(k)
         hyy = torch.linalg.matrix_norm(l_)
     value = (hxy / (hxx * hyy)).to("cpu", torch.float64).numpy()
-    _finite_or_raise(value, caller)
-    return _out(np.clip(value, 0.0, 1.0))
+    finite_or_raise(value, caller)
+    return as_result(np.clip(value, 0.0, 1.0))
 
 
 def _unbiased_hsic(k_diag: torch.Tensor, k_rows: torch.Tensor, k_total: torch.Tensor, kl: torch.Tensor,
@@ -266,17 +264,18 @@ def debiased_linear_cka(X: Any, Y: Any) -> Result:
     xc = xc / torch.linalg.matrix_norm(xc).clamp_min(torch.finfo(dt).tiny)[..., None, None]  # scale invariant
     yc = yc / torch.linalg.matrix_norm(yc).clamp_min(torch.finfo(dt).tiny)[..., None, None]
 
-    def pieces(z: torch.Tensor):
-        diag = (z * z).sum(dim=-1)                                  # K_ii, (..., n)
-        rows = z @ z.sum(dim=-2, keepdim=True).mT                   # K 1, (..., n, 1)
-        rows = rows[..., 0] - diag                                  # K̃ 1
+    def pieces(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        diag = (z * z).sum(dim=-1)  # K_ii, (..., n)
+        rows = z @ z.sum(dim=-2, keepdim=True).mT  # K 1, (..., n, 1)
+        rows = rows[..., 0] - diag  # K̃ 1
         return diag, rows, rows.sum(dim=-1)
 
     kd, kr, kt = pieces(xc)
     ld, lr, lt = pieces(yc)
 
     def trace(a: torch.Tensor, b: torch.Tensor, ad: torch.Tensor, bd: torch.Tensor) -> torch.Tensor:
-        return torch.linalg.matrix_norm(b.mT @ a) ** 2 - (ad * bd).sum(dim=-1)  # tr(K̃ L̃) = tr(KL) − Σ K_ii L_ii
+        t: torch.Tensor = torch.linalg.matrix_norm(b.mT @ a) ** 2 - (ad * bd).sum(dim=-1)  # tr(K̃ L̃) = tr(KL) − Σ K_ii L_ii
+        return t
 
     hxy = _unbiased_hsic(kd, kr, kt, trace(xc, yc, kd, ld), ld, lr, lt, n)
     hxx = _unbiased_hsic(kd, kr, kt, trace(xc, xc, kd, kd), kd, kr, kt, n)
@@ -286,5 +285,5 @@ def debiased_linear_cka(X: Any, Y: Any) -> Result:
             raise DynamicsError(f"{caller}(): HSIC_1 of `{name}` with itself is <= 0 (constant features, or too few "
                                 "tokens for the unbiased estimate), so debiased CKA is undefined")
     value = (hxy / torch.sqrt(hxx * hyy)).to("cpu", torch.float64).numpy()
-    _finite_or_raise(value, caller)
-    return _out(value)
+    finite_or_raise(value, caller)
+    return as_result(value)

@@ -16,8 +16,10 @@ circuit, ``embed``, ``lm_head``, ``model`` for run-level numbers). ``kind``:
                      also ``anisotropy``, ``cka_prev`` and ``cka_final`` rows
 ``update``           ``W_t − W_prev`` between consecutive checkpoints
 ``update_cumulative`` ``W_t − W_first``
-``update_restart``   ReLoRA: ``W`` at merge ``k`` minus ``W`` at merge ``k−1`` (rank ≤ r)
-``lora``             ReLoRA: the live adapter's update ``s·B·A``
+``update_merge``     ReLoRA: ``W`` at merge ``k`` minus ``W`` at merge ``k−1`` (rank ≤ r for a wrapped
+                     matrix); ``update_restart`` is its old name (accepted in ``kinds``; old tables are
+                     read with it renamed)
+``lora``             ReLoRA: the live adapter's update ``s·B·A`` (the wrapped matrices only)
 ``train``            ``loss``, ``val_loss``, ``lr``, ``pair_acc`` from ``metrics.jsonl``, every step
 ``cross_run``        ReLoRA vs full-rank at the same step, under the ReLoRA run: cumulative-update
                      subspace overlap, debiased CKA (:mod:`dynamics.cross_run`)
@@ -27,8 +29,10 @@ circuit, ``embed``, ``lm_head``, ``model`` for run-level numbers). ``kind``:
 Weights and gradients also get heavy-tail (``alpha``…, ``alpha_status``) and
 Marchenko–Pastur (``mp_edge``, ``signal_rank``, ``signal_energy``) rows,
 weights ``intruders`` rows and ReLoRA cycles ``overlap_prev`` rows: see
-:mod:`dynamics.analyze_extra`; ``AnalysisOptions.basic()`` (``--basic``) turns
-these and the cross-run rows off.
+:mod:`dynamics.analyze_rows`; ``AnalysisOptions.basic()`` (``--basic``) turns
+these and the cross-run rows off. Which matrices a ReLoRA run wraps, and at
+which rank, is read from its stored config (:attr:`dynamics.io.Run.wrapped`);
+a ReLoRA run whose config does not say is an error, never a default.
 
 Spectral metrics (one SVD per matrix, see :meth:`dynamics.Spectrum.metrics`)
 are named as in :func:`dynamics.spectrum_metrics`. Update matrices use the rank
@@ -36,7 +40,11 @@ tolerance of :func:`update_tolerance` (float32 rounding noise of the weights is
 not rank). Work is split into units
 (one run × one checkpoint); each unit's rows are cached under
 ``<out>.cache/`` keyed by the sha256 of every input file, so re-running skips
-what is done and a crash loses at most the unit in progress.
+what is done and a crash loses at most the unit in progress. With
+``keep_going`` a unit whose input is bad or holds no data (the project's
+errors: :class:`~dynamics.validation.DynamicsError`,
+:class:`~trainer.errors.TrainerError`) is listed and skipped; any other
+exception is a bug and stops the analysis.
 """
 
 from __future__ import annotations
@@ -45,27 +53,57 @@ import hashlib
 import json
 import os
 import warnings
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from dynamics.io import DynamicsIOError, Run
+from dynamics.spectra import Spectrum
 from dynamics.validation import DynamicsError
+from trainer.errors import TrainerError
+from trainer.names import ATTN_PROJS
+from trainer.run_format import (
+    ADAPTERS_FILE,
+    MANIFEST,
+    METRICS,
+    MODEL_FILE,
+    RESULTS_COLUMNS,
+    Wrapped,
+    checkpoint_file_problems,
+    step_dirname,
+)
+from trainer.run_format import SPECTRA_COLUMNS as _SPECTRA_COLUMNS
 
-ANALYSIS_VERSION = 1
-COLUMNS = ["run", "method", "step", "tokens", "layer", "component", "kind", "metric", "value"]
-SPECTRA_COLUMNS = ["run", "method", "step", "layer", "component", "kind", "shape", "values"]
+#: Version of the rows a unit computes; part of every cache key (2: wrapped matrices from the run's config, update_merge).
+ANALYSIS_VERSION = 2
+#: Columns of the results table (:data:`trainer.run_format.RESULTS_COLUMNS`).
+COLUMNS: list[str] = list(RESULTS_COLUMNS)
+#: Columns of the spectra table (:data:`trainer.run_format.SPECTRA_COLUMNS`).
+SPECTRA_COLUMNS: list[str] = list(_SPECTRA_COLUMNS)
+#: Kinds :class:`AnalysisOptions` computes (``train`` and ``run`` rows are always on).
+ANALYSIS_KINDS: tuple[str, ...] = ("weight", "grad", "act", "update", "update_cumulative", "update_merge", "lora")
+#: Old kind names still accepted in ``AnalysisOptions.kinds`` / ``--kinds`` and renamed in saved tables.
+KIND_ALIASES: dict[str, str] = {"update_restart": "update_merge"}
+#: What ``--keep-going`` skips: a bad or empty input. Anything else is a bug and surfaces.
+INPUT_ERRORS: tuple[type[Exception], ...] = (DynamicsError, TrainerError)
 TRAIN_METRICS = ("loss", "val_loss", "lr", "grad_norm", "pair_acc")
 #: Parquet files carry a CRC per page, checked on read: a damaged table is an error, not wrong numbers.
-PARQUET_WRITE = {"write_page_checksum": True}
-PARQUET_READ = {"page_checksum_verification": True}
+PARQUET_WRITE: dict[str, Any] = {"write_page_checksum": True}
+PARQUET_READ: dict[str, Any] = {"page_checksum_verification": True}
 
 #: Activation sites analysed by default: the residual stream, attention output, SwiGLU hidden.
-DEFAULT_ACT_SITES = ("act:layers.*.resid_pre", "act:layers.*.resid_post", "act:layers.*.attn.o",
-                     "act_in:layers.*.mlp.down")
+DEFAULT_ACT_SITES = (
+    "act:layers.*.resid_pre",
+    "act:layers.*.resid_post",
+    "act:layers.*.attn.o",
+    "act_in:layers.*.mlp.down",
+)
 
 
 class AnalysisError(DynamicsError):
@@ -74,13 +112,16 @@ class AnalysisError(DynamicsError):
 
 @dataclass(frozen=True)
 class AnalysisOptions:
-    """What :func:`analyze_runs` computes. ``kinds`` is any subset of the table's kinds (except ``train``, always on)."""
+    """What :func:`analyze_runs` computes. ``kinds`` is any subset of :data:`ANALYSIS_KINDS` (``train`` is always on).
 
-    kinds: tuple[str, ...] = ("weight", "grad", "act", "update", "update_cumulative", "update_restart", "lora")
+    Old kind names (:data:`KIND_ALIASES`: ``update_restart``) are accepted and stored under the new name.
+    """
+
+    kinds: tuple[str, ...] = ANALYSIS_KINDS
     act_sites: tuple[str, ...] = DEFAULT_ACT_SITES
     circuits: bool = True  # per-head OV and QK circuits of weights
     keep_spectra: bool = True
-    # analyses beyond spectral metrics (dynamics/analyze_extra.py, dynamics/cross_run.py)
+    # analyses beyond spectral metrics (dynamics/analyze_rows.py, dynamics/cross_run.py)
     heavy_tails: bool = True  # power-law alpha of weight/grad ESDs
     spikes: bool = True  # Marchenko–Pastur edge, signal rank and energy of weights/grads
     subspaces: bool = True  # intruder dimensions; ReLoRA cycle-update overlaps
@@ -88,13 +129,39 @@ class AnalysisOptions:
     intruder_k: int = 10
     intruder_threshold: float = 0.5
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kinds", normalize_kinds(self.kinds))
+
     @classmethod
-    def basic(cls, **kw: Any) -> "AnalysisOptions":
+    def basic(cls, **kw: Any) -> AnalysisOptions:
         """Spectral metrics only: every analysis of issue 9 (heavy tails, spikes, subspaces, cross-run) off."""
         return cls(heavy_tails=False, spikes=False, subspaces=False, cross_run=False, **kw)
 
     def key(self) -> str:
-        return hashlib.sha256(json.dumps({"v": ANALYSIS_VERSION, **asdict(self)}, sort_keys=True).encode()).hexdigest()[:16]
+        """Hash of these options and :data:`ANALYSIS_VERSION`: part of every cache key."""
+        payload = json.dumps({"v": ANALYSIS_VERSION, **asdict(self)}, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def normalize_kinds(kinds: Iterable[str]) -> tuple[str, ...]:
+    """``kinds`` with old names mapped to new ones (:data:`KIND_ALIASES`), order kept, duplicates dropped.
+
+    Raises :class:`AnalysisError` naming any kind outside :data:`ANALYSIS_KINDS` (and its aliases).
+    """
+    if isinstance(kinds, str):
+        raise AnalysisError(f"analysis kinds must be a list of names, got the string {kinds!r}")
+    out: list[str] = []
+    for kind in kinds:
+        kind = KIND_ALIASES.get(kind, kind)
+        if kind not in out:
+            out.append(kind)
+    unknown = [k for k in out if k not in ANALYSIS_KINDS]
+    if unknown:
+        raise AnalysisError(
+            f"unknown analysis kinds {unknown}; choose from {','.join(ANALYSIS_KINDS)} "
+            f"(old names accepted: {', '.join(KIND_ALIASES)})"
+        )
+    return tuple(out)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -112,27 +179,41 @@ class _Rows:
     """Accumulates table rows and spectra for one unit."""
 
     def __init__(self, run: str, method: str, step: int, tokens: int | None, keep_spectra: bool) -> None:
-        self.base = {"run": run, "method": method, "step": step, "tokens": tokens}
-        self.rows: list[dict] = []
-        self.spectra: list[dict] = []
+        self.base: dict[str, Any] = {"run": run, "method": method, "step": step, "tokens": tokens}
+        self.rows: list[dict[str, Any]] = []
+        self.spectra: list[dict[str, Any]] = []
         self.keep_spectra = keep_spectra
 
-    def add(self, name: str, kind: str, metrics: dict[str, Any]) -> None:
+    def add(self, name: str, kind: str, metrics: Mapping[str, Any]) -> None:
         layer, component = _split(name)
         for metric, value in metrics.items():
-            self.rows.append({**self.base, "layer": layer, "component": component, "kind": kind, "metric": metric,
-                              "value": float(value)})
+            self.rows.append(
+                {
+                    **self.base,
+                    "layer": layer,
+                    "component": component,
+                    "kind": kind,
+                    "metric": metric,
+                    "value": float(value),
+                }
+            )
 
-    def add_spectrum(self, name: str, kind: str, spec, *, tol: float | None = None) -> None:
-        from dynamics.spectra import Spectrum
-
-        assert isinstance(spec, Spectrum)
+    def add_spectrum(self, name: str, kind: str, spec: Spectrum, *, tol: float | None = None) -> None:
         self.add(name, kind, spec.metrics(tol=tol))
         if self.keep_spectra:
             layer, component = _split(name)
-            self.spectra.append({"run": self.base["run"], "method": self.base["method"], "step": self.base["step"],
-                                 "layer": layer, "component": component, "kind": kind,
-                                 "shape": list(spec.shape), "values": spec.values.astype(np.float64).tolist()})
+            self.spectra.append(
+                {
+                    "run": self.base["run"],
+                    "method": self.base["method"],
+                    "step": self.base["step"],
+                    "layer": layer,
+                    "component": component,
+                    "kind": kind,
+                    "shape": list(spec.shape),
+                    "values": spec.values.astype(np.float64).tolist(),
+                }
+            )
 
 
 def update_tolerance(w_new: np.ndarray, w_old: np.ndarray) -> float:
@@ -143,21 +224,31 @@ def update_tolerance(w_new: np.ndarray, w_old: np.ndarray) -> float:
     the default tolerance, relative to ``σ₁(ΔW)``, would count that noise as
     rank (e.g. a ReLoRA cycle's update, rank ≤ r, would look full-rank).
     """
-    eps = max(np.finfo(w_new.dtype).eps if np.issubdtype(w_new.dtype, np.floating) else 0.0,
-              np.finfo(w_old.dtype).eps if np.issubdtype(w_old.dtype, np.floating) else 0.0)
+    eps = max(
+        np.finfo(w_new.dtype).eps if np.issubdtype(w_new.dtype, np.floating) else 0.0,
+        np.finfo(w_old.dtype).eps if np.issubdtype(w_old.dtype, np.floating) else 0.0,
+    )
     scale = max(float(np.linalg.norm(w_new.astype(np.float64))), float(np.linalg.norm(w_old.astype(np.float64))))
-    return max(w_new.shape) * eps * scale
+    return float(max(w_new.shape) * eps * scale)
 
 
-def _weight_rows(out: _Rows, run, step: int, prev: int | None, first: int, restart_prev: int | None,
-                 opts: AnalysisOptions, restart_prev2: int | None = None) -> None:
+def _weight_rows(
+    out: _Rows, run: _RunView, step: int, prev: int | None, first: int, merges: list[int], opts: AnalysisOptions
+) -> None:
+    """Rows of the checkpoint's weights, their updates, circuits and adapters.
+
+    ``prev``/``first`` are the previous and the first checkpoint (``None``: none
+    usable); ``merges`` the ReLoRA merge checkpoints before ``step`` when
+    ``step`` is itself a merge (most recent first; see :meth:`_RunView.merge_chain`).
+    """
     from dynamics import lora_update_spectrum, ov_circuit_spectra, qk_circuit_spectra, spectrum
-    from dynamics.analyze_extra import spectrum_extra, subspace_rows
+    from dynamics.analyze_rows import spectrum_extra, subspace_rows
 
-    names = [n for n in run.weights_names(step)]
+    merge_prev = merges[0] if merges else None
+    merge_prev2 = merges[1] if len(merges) > 1 else None
     model = run.config["model"]
     layer_cache: dict[str, np.ndarray] = {}
-    for name in names:
+    for name in run.weights_names(step):
         w = run.weights(step, name)[name]
         if "weight" in opts.kinds and w.ndim == 2:
             spec = spectrum(w)
@@ -165,38 +256,57 @@ def _weight_rows(out: _Rows, run, step: int, prev: int | None, first: int, resta
             out.add(name, "weight", spectrum_extra(spec, opts))
         if w.ndim != 2:
             continue
-        subspace_rows(out, run, step, name, w, first, restart_prev, restart_prev2, opts)
-        for kind, other in (("update", prev), ("update_cumulative", first if first != step else None),
-                            ("update_restart", restart_prev)):
+        subspace_rows(out, run, step, name, w, first, merge_prev, merge_prev2, opts)
+        for kind, other in (
+            ("update", prev),
+            ("update_cumulative", first if first != step else None),
+            ("update_merge", merge_prev),
+        ):
             if kind in opts.kinds and other is not None:
                 w_old = run.weights(other, name)[name]
-                out.add_spectrum(name, kind, spectrum(w.astype(np.float64) - w_old.astype(np.float64)),
-                                 tol=update_tolerance(w, w_old))
-        if opts.circuits and name.split(".")[-1] in ("q", "k", "v", "o"):
+                out.add_spectrum(
+                    name,
+                    kind,
+                    spectrum(w.astype(np.float64) - w_old.astype(np.float64)),
+                    tol=update_tolerance(w, w_old),
+                )
+        if opts.circuits and name.split(".")[-1] in ATTN_PROJS:
             layer_cache[name] = w
     if opts.circuits and "weight" in opts.kinds and "n_heads" in model:  # imports without config.json: no head split
         heads = dict(n_heads=model["n_heads"], n_kv_heads=model["n_kv_heads"])
         for i in range(model["n_layers"]):
-            get = lambda p: layer_cache.get(f"layers.{i}.attn.{p}")  # noqa: E731
-            if get("o") is not None and get("v") is not None:
-                ov = ov_circuit_spectra(get("o"), get("v"), **heads)
+            proj = {p: layer_cache.get(f"layers.{i}.attn.{p}") for p in ATTN_PROJS}
+            q, k, v, o = proj["q"], proj["k"], proj["v"], proj["o"]
+            if o is not None and v is not None:
+                ov = ov_circuit_spectra(o, v, **heads)
                 for h in range(model["n_heads"]):
                     out.add_spectrum(f"layers.{i}.attn.ov.h{h}", "weight", ov[h])
-            if get("q") is not None and get("k") is not None:
-                qk = qk_circuit_spectra(get("q"), get("k"), **heads)
+            if q is not None and k is not None:
+                qk = qk_circuit_spectra(q, k, **heads)
                 for h in range(model["n_heads"]):
                     out.add_spectrum(f"layers.{i}.attn.qk.h{h}", "weight", qk[h])
-    if "lora" in opts.kinds and run.lora_scale is not None:
-        factors = run.lora_factors(step)
+    factors = run.lora_factors(step) if "lora" in opts.kinds and run.method == "relora" else {}
+    if factors:  # a checkpoint with live adapters: their scale must be stated (Run.lora_scale raises otherwise)
+        scale = run.lora_scale
+        assert scale is not None  # a ReLoRA run states its rank, so its scale is known or the read raised
         for key in [k for k in factors if k.endswith(".lora_a")]:
             name = key[: -len(".lora_a")]
-            out.add_spectrum(name, "lora", lora_update_spectrum(factors[f"{name}.lora_b"], factors[key], scale=run.lora_scale))
+            if not run.wrapped.wraps(name):
+                mpath = Path(run.path) / MANIFEST
+                raise DynamicsIOError(
+                    f"{run.checkpoint_path(step) / ADAPTERS_FILE} holds adapters of {name}, which "
+                    f"{mpath} does not list in relora.targets {list(run.wrapped.targets)}",
+                    mpath,
+                )
+            out.add_spectrum(name, "lora", lora_update_spectrum(factors[f"{name}.lora_b"], factors[key], scale=scale))
 
 
-def _capture_rows(out: _Rows, run, step: int, prev: int | None, final: int | None, opts: AnalysisOptions) -> None:
+def _capture_rows(
+    out: _Rows, run: _RunView, step: int, prev: int | None, final: int | None, opts: AnalysisOptions
+) -> None:
     from dynamics import anisotropy, linear_cka, spectrum
     from dynamics.activations import activation_spectrum
-    from dynamics.analyze_extra import spectrum_extra
+    from dynamics.analyze_rows import spectrum_extra
 
     if "grad" in opts.kinds:
         for name, g in run.get("grad", step).items():
@@ -224,7 +334,7 @@ def _capture_rows(out: _Rows, run, step: int, prev: int | None, final: int | Non
             out.add(label, "act", extra)
 
 
-def analyze_unit(run_path: str, step: int, opts: AnalysisOptions) -> tuple[list[dict], list[dict]]:
+def analyze_unit(run_path: str, step: int, opts: AnalysisOptions) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Rows and spectra of one run at one checkpoint (see the module docstring)."""
     from dynamics.io import open_run
 
@@ -235,16 +345,21 @@ def analyze_unit(run_path: str, step: int, opts: AnalysisOptions) -> tuple[list[
     out = _Rows(run.label, run.method, step, entry.get("tokens_seen"), opts.keep_spectra)
     run.verify(step, capture=step in run.capture_steps)  # the unit's own files: a damaged one fails the unit
     # files it only compares against: a damaged one loses those rows (with a warning), not the unit
-    prev, first, restart_prev = (s if s is None or run.intact(s) else None
-                                 for s in (steps[i - 1] if i > 0 else None, steps[0], run.previous_merge(step)))
-    restart_prev2 = run.previous_merge(restart_prev) if restart_prev is not None else None
-    restart_prev2 = restart_prev2 if restart_prev2 is None or run.intact(restart_prev2) else None
-    _weight_rows(out, run, step, prev, first if first is not None else step, restart_prev, opts, restart_prev2)
+    prev = steps[i - 1] if i > 0 and run.intact(steps[i - 1]) else None
+    first = steps[0] if run.intact(steps[0]) else step
+    merges = []
+    for s in run.merge_chain(step):
+        if not run.intact(s):
+            break
+        merges.append(s)
+    _weight_rows(out, run, step, prev, first, merges, opts)
     if step in run.capture_steps and ({"grad", "act"} & set(opts.kinds)):
         cap = run.capture_steps
         j = cap.index(step)
-        cap_prev, cap_final = (s if s is None or run.intact(s, capture=True) else None
-                               for s in (cap[j - 1] if j > 0 else None, cap[-1] if cap[-1] != step else None))
+        cap_prev, cap_final = (
+            s if s is None or run.intact(s, capture=True) else None
+            for s in (cap[j - 1] if j > 0 else None, cap[-1] if cap[-1] != step else None)
+        )
         _capture_rows(out, run, step, cap_prev, cap_final, opts)
     return out.rows, out.spectra
 
@@ -252,17 +367,27 @@ def analyze_unit(run_path: str, step: int, opts: AnalysisOptions) -> tuple[list[
 class _RunView:
     """The few facts about a run the analysis needs, on top of :class:`dynamics.io.Run`."""
 
-    def __init__(self, run) -> None:
+    def __init__(self, run: Run) -> None:
         self._run = run
+        self.path = run.path
         self.config = run.config
         self.label = Path(run.path).name
         self.method = run.method
         self.steps = run.steps
         self.capture_steps = run.capture_steps
-        self.lora_scale = run.lora_scale
         self.get, self.weights, self.lora_factors = run.get, run.weights, run.lora_factors
+        self.checkpoint_path = run.checkpoint_path
 
-    def entry(self, step: int) -> dict:
+    @property
+    def wrapped(self) -> Wrapped:
+        """What the run wraps, from its stored config (:attr:`dynamics.io.Run.wrapped`; raises when a ReLoRA run's is missing)."""
+        return self._run.wrapped
+
+    @property
+    def lora_scale(self) -> float | None:
+        return self._run.lora_scale
+
+    def entry(self, step: int) -> dict[str, Any]:
         return next(c for c in self._run.manifest["checkpoints"] if c["step"] == step)
 
     def verify(self, step: int, *, capture: bool = False) -> None:
@@ -270,109 +395,116 @@ class _RunView:
 
         The weights (``model.safetensors``, ``adapters.safetensors``) and, with
         ``capture``, the capture file: a flipped byte anywhere (header, data,
-        HDF5 attributes) is an error, never a silently wrong number.
+        HDF5 attributes) is an error, never a silently wrong number. The check is
+        :func:`trainer.run_format.checkpoint_file_problems`.
         """
-        from dynamics.io import DynamicsIOError
-        from trainer.atomic import sha256_file
-
-        entry = self.entry(step)
-        files = [(self._run.checkpoint_path(step) / name, entry["sha256"].get(name))
-                 for name in ("model.safetensors", "adapters.safetensors") if name in entry.get("sha256", {})]
-        if capture and entry.get("dynamics"):
-            files.append((self._run.capture_path(step), entry["dynamics"].get("sha256")))
-        for path, digest in files:
-            if not path.is_file():
-                raise DynamicsIOError(f"{path} is missing (listed in the manifest)", path)
-            if digest is not None and sha256_file(path) != digest:
-                raise DynamicsIOError(f"{path} is corrupted: its sha256 does not match the manifest", path)
+        problems = checkpoint_file_problems(
+            self.path, self.entry(step), files=(MODEL_FILE, ADAPTERS_FILE), capture=capture
+        )
+        if problems:
+            path, problem = problems[0]
+            raise DynamicsIOError(problem, path)
 
     def intact(self, step: int, *, capture: bool = False) -> bool:
         """:meth:`verify` as a bool, warning (naming the file) when a file is damaged."""
         try:
             self.verify(step, capture=capture)
         except DynamicsError as e:
-            warnings.warn(f"{self.label} step {step} is skipped as a comparison: {e}")
+            warnings.warn(f"{self.label} step {step} is skipped as a comparison: {e}", stacklevel=2)
             return False
         return True
 
     def weights_names(self, step: int) -> list[str]:
-        """Names of the matrices in a checkpoint's ``model.safetensors`` (norm vectors left out), read from its header."""
-        from safetensors import safe_open
+        """Names of the dense matrices of a checkpoint (norm vectors and LoRA factors left out), from its header."""
+        return [n for n in self._run.names("weight", step) if not n.endswith(("norm", ".lora_a", ".lora_b"))]
 
-        path = self._run.checkpoint_path(step) / "model.safetensors"
-        with safe_open(str(path), framework="pt") as f:
-            keys = [k[: -len(".weight")] for k in f.keys()]
-        return [k for k in keys if not k.endswith("norm")]
+    def merge_chain(self, step: int) -> list[int]:
+        """See :func:`merge_chain`."""
+        return merge_chain(self._run, step)
 
-    def previous_merge(self, step: int) -> int | None:
-        """For ReLoRA: the checkpoint at the previous merge boundary when ``step`` is one, else ``None``."""
-        if self.method != "relora" or "reset_every" not in self.config.get("relora", {}):
-            return None
-        period = self.config["relora"]["reset_every"]
-        if step == 0 or step % period:
-            return None
-        prev = step - period
-        return prev if prev in self.steps else None
+
+def merge_chain(run: Run, step: int) -> list[int]:
+    """For a ReLoRA run and a merge step: the checkpoints of the previous two merges (those that exist), latest first.
+
+    Empty for a full-rank run or a step that is not a merge (``step % relora.merge_every``).
+    A chain stops at the first merge without a checkpoint.
+    """
+    period = run.merge_every
+    out: list[int] = []
+    if period is None:
+        return out
+    s = step
+    while len(out) < 2 and s > 0 and s % period == 0 and s - period in run.steps:
+        s -= period
+        out.append(s)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
 # many runs, cached and parallel
 
 
-def _unit_key(run, step: int, opts: AnalysisOptions) -> str:
+def _unit_key(run: Run, step: int, opts: AnalysisOptions) -> str:
     """Hash of everything a unit reads: its checkpoint, the ones it differences against, its capture files."""
     h = hashlib.sha256(opts.key().encode())
     entries = {c["step"]: c for c in run.manifest["checkpoints"]}
     steps = run.steps
     i = steps.index(step)
-    merges = _merge_chain(run, step)  # ReLoRA: the two previous merge checkpoints (cycle updates and their overlap)
+    merges = merge_chain(run, step)  # ReLoRA: the two previous merge checkpoints (cycle updates and their overlap)
     for s in {step, steps[0], steps[i - 1] if i else step, steps[-1], *merges}:
         h.update(json.dumps(entries[s].get("sha256", {}), sort_keys=True).encode())
         h.update(json.dumps(entries[s].get("dynamics", {}), sort_keys=True).encode())
+    h.update(json.dumps(run.config.get("relora") if run.method == "relora" else None, sort_keys=True).encode())
     return h.hexdigest()
 
 
-def _merge_chain(run, step: int) -> list[int]:
-    """The previous and the one-before-previous merge checkpoints of a ReLoRA run (those that exist)."""
-    view = _RunView.__new__(_RunView)
-    view.method, view.config, view.steps = run.method, run.config, run.steps
-    out, s = [], step
-    for _ in range(2):
-        s = view.previous_merge(s) if s is not None else None
-        if s is not None:
-            out.append(s)
-    return out
-
-
-def _cross_key(relora, full, step: int, opts: AnalysisOptions) -> str:
+def _cross_key(relora: Run, full: Run, step: int, opts: AnalysisOptions) -> str:
     """Hash of what a cross-run unit reads: both runs' checkpoints (and captures) at ``step`` and at their first step."""
     h = hashlib.sha256((opts.key() + "cross").encode())
     for run in (relora, full):
         entries = {c["step"]: c for c in run.manifest["checkpoints"]}
         for s in (step, run.steps[0]):
-            h.update(json.dumps([entries[s].get("sha256", {}), entries[s].get("dynamics", {})], sort_keys=True).encode())
+            h.update(
+                json.dumps([entries[s].get("sha256", {}), entries[s].get("dynamics", {})], sort_keys=True).encode()
+            )
+    h.update(json.dumps(relora.config.get("relora"), sort_keys=True).encode())  # what it wraps, at which rank
     return h.hexdigest()
 
 
-def _run_cross_cached(relora_path: str, full_path: str, relora_label: str, label: str, step: int, key: str,
-                      opts: AnalysisOptions, cache: str) -> tuple[int, str]:
+def _run_cross_cached(
+    relora_path: str,
+    full_path: str,
+    relora_label: str,
+    label: str,
+    step: int,
+    key: str,
+    opts: AnalysisOptions,
+    cache: str,
+) -> tuple[int, str]:
     """Worker: one cross-run unit (ReLoRA run vs full-rank run at ``step``), cached under ``<cache>/<label>/``."""
     from dynamics.cross_run import cross_run_rows
     from trainer.atomic import atomic_write
 
-    rows = cross_run_rows(relora_path, full_path, step, act_sites=opts.act_sites, label=relora_label,
-                          updates="update_cumulative" in opts.kinds, cka="act" in opts.kinds)
+    rows = cross_run_rows(
+        relora_path,
+        full_path,
+        step,
+        act_sites=opts.act_sites,
+        label=relora_label,
+        updates="update_cumulative" in opts.kinds,
+        cka="act" in opts.kinds,
+    )
     d = Path(cache) / label
     d.mkdir(parents=True, exist_ok=True)
     frame = pd.DataFrame(rows, columns=COLUMNS)
-    atomic_write(d / f"step_{step:06d}.parquet", lambda p: frame.to_parquet(p, index=False, **PARQUET_WRITE))
-    atomic_write(d / f"step_{step:06d}.key", lambda p: p.write_text(key))
+    atomic_write(d / f"{step_dirname(step)}.parquet", partial(_write_parquet, frame))
+    atomic_write(d / f"{step_dirname(step)}.key", partial(_write_text, key))
     return step, label
 
 
-def _train_rows(run_path: Path, label: str, method: str) -> list[dict]:
-    path = run_path / "metrics.jsonl"
-    rows = []
+def _train_rows(run_path: Path, label: str, method: str) -> list[dict[str, Any]]:
+    path = run_path / METRICS
+    rows: list[dict[str, Any]] = []
     if not path.exists():
         return rows
     for line in path.read_text().splitlines():
@@ -382,17 +514,39 @@ def _train_rows(run_path: Path, label: str, method: str) -> list[dict]:
             continue
         for metric in TRAIN_METRICS:
             if rec.get(metric) is not None:
-                rows.append({"run": label, "method": method, "step": rec["step"], "tokens": rec.get("tokens_seen"),
-                             "layer": -1, "component": "model", "kind": "train", "metric": metric,
-                             "value": float(rec[metric])})
+                rows.append(
+                    {
+                        "run": label,
+                        "method": method,
+                        "step": rec["step"],
+                        "tokens": rec.get("tokens_seen"),
+                        "layer": -1,
+                        "component": "model",
+                        "kind": "train",
+                        "metric": metric,
+                        "value": float(rec[metric]),
+                    }
+                )
     return rows
+
+
+def _write_parquet(frame: pd.DataFrame, path: Path) -> None:
+    """``frame`` as parquet at ``path`` (no index, page checksums; a temporary file of ``atomic_write``)."""
+    frame.to_parquet(path, index=False, **PARQUET_WRITE)
+
+
+def _write_text(text: str, path: Path) -> None:
+    """``text`` at ``path`` (a temporary file of ``atomic_write``)."""
+    path.write_text(text)
 
 
 def _cache_dir(out: Path) -> Path:
     return out.with_name(out.name + ".cache")
 
 
-def _run_unit_cached(run_path: str, label: str, step: int, key: str, opts: AnalysisOptions, cache: str) -> tuple[int, str]:
+def _run_unit_cached(
+    run_path: str, label: str, step: int, key: str, opts: AnalysisOptions, cache: str
+) -> tuple[int, str]:
     """Worker: compute one unit and store it atomically in the cache; returns (step, label)."""
     import torch
 
@@ -403,15 +557,24 @@ def _run_unit_cached(run_path: str, label: str, step: int, key: str, opts: Analy
     d = Path(cache) / label
     d.mkdir(parents=True, exist_ok=True)
     frame = pd.DataFrame(rows, columns=COLUMNS)
-    atomic_write(d / f"step_{step:06d}.spectra.parquet",
-                 lambda p: pd.DataFrame(spectra, columns=SPECTRA_COLUMNS).to_parquet(p, index=False, **PARQUET_WRITE))
-    atomic_write(d / f"step_{step:06d}.parquet", lambda p: frame.to_parquet(p, index=False, **PARQUET_WRITE))
-    atomic_write(d / f"step_{step:06d}.key", lambda p: p.write_text(key))
+    atomic_write(
+        d / f"{step_dirname(step)}.spectra.parquet",
+        partial(_write_parquet, pd.DataFrame(spectra, columns=SPECTRA_COLUMNS)),
+    )
+    atomic_write(d / f"{step_dirname(step)}.parquet", partial(_write_parquet, frame))
+    atomic_write(d / f"{step_dirname(step)}.key", partial(_write_text, key))
     return step, label
 
 
-def analyze_runs(runs: Iterable[str | Path], out: str | Path, *, options: AnalysisOptions | None = None,
-                 workers: int = 1, keep_going: bool = False, progress: bool = True) -> tuple[pd.DataFrame, list[str]]:
+def analyze_runs(
+    runs: Iterable[str | Path],
+    out: str | Path,
+    *,
+    options: AnalysisOptions | None = None,
+    workers: int = 1,
+    keep_going: bool = False,
+    progress: bool = True,
+) -> tuple[pd.DataFrame, list[str]]:
     """Analyse every checkpoint of every run; write ``out`` (parquet, or csv by suffix) and ``<out>.spectra.parquet``.
 
     Returns the table and a list of error messages (units that failed; only
@@ -438,24 +601,24 @@ def analyze_runs(runs: Iterable[str | Path], out: str | Path, *, options: Analys
         except DynamicsError as e:
             if not keep_going:
                 raise
-            warnings.warn(str(e))
+            warnings.warn(str(e), stacklevel=2)
             import_errors.append(str(e))
     runs = resolved
     labels = [r.resolve().name for r in runs]
     if len(set(labels)) != len(labels):
         raise AnalysisError(f"analyze: runs must have distinct directory names, got {labels}")
 
-    from dynamics.analyze_extra import run_rows
+    from dynamics.analyze_rows import run_rows
     from dynamics.cross_run import pair_runs
 
     # (label, step) -> (worker, its arguments); a worker computes one unit into the cache
-    units: dict[tuple[str, int], tuple[Any, tuple]] = {}
+    units: dict[tuple[str, int], tuple[Callable[..., tuple[int, str]], tuple[Any, ...]]] = {}
     todo, done, train_rows, errors = [], [], [], import_errors
     opened = {}
 
-    def schedule(label: str, step: int, key: str, fn, args: tuple) -> None:
+    def schedule(label: str, step: int, key: str, fn: Callable[..., tuple[int, str]], args: tuple[Any, ...]) -> None:
         units[(label, step)] = (fn, args + (key, opts, str(cache)))
-        key_file = cache / label / f"step_{step:06d}.key"
+        key_file = cache / label / f"{step_dirname(step)}.key"
         if key_file.exists() and key_file.read_text() == key:
             done.append((label, step))
         else:
@@ -471,8 +634,13 @@ def analyze_runs(runs: Iterable[str | Path], out: str | Path, *, options: Analys
         for rl, fl in pair_runs([(lb, r.method, r.config) for lb, r in opened.items()]):
             label = f"{rl}~{fl}"
             for step in sorted(set(opened[rl].steps) & set(opened[fl].steps)):
-                schedule(label, step, _cross_key(opened[rl], opened[fl], step, opts), _run_cross_cached,
-                         (str(paths[rl]), str(paths[fl]), rl, label, step))
+                schedule(
+                    label,
+                    step,
+                    _cross_key(opened[rl], opened[fl], step, opts),
+                    _run_cross_cached,
+                    (str(paths[rl]), str(paths[fl]), rl, label, step),
+                )
 
     bar = tqdm(total=len(todo) + len(done), initial=len(done), disable=not progress, unit="ckpt", desc="analyze")
 
@@ -481,7 +649,7 @@ def analyze_runs(runs: Iterable[str | Path], out: str | Path, *, options: Analys
         if not keep_going:
             bar.close()
             raise AnalysisError(msg + " (use --keep-going to analyse the rest)") from e
-        warnings.warn(msg)
+        warnings.warn(msg, stacklevel=3)
         errors.append(msg)
 
     if workers <= 1:
@@ -490,7 +658,7 @@ def analyze_runs(runs: Iterable[str | Path], out: str | Path, *, options: Analys
             try:
                 fn(*args)
                 done.append((label, step))
-            except (DynamicsError, OSError, ValueError, KeyError, RuntimeError) as e:
+            except INPUT_ERRORS as e:  # a bad or empty input; anything else is a bug and surfaces
                 failed(label, step, e)
             bar.update(1)
     else:
@@ -503,7 +671,7 @@ def analyze_runs(runs: Iterable[str | Path], out: str | Path, *, options: Analys
                 try:
                     fut.result()
                     done.append((label, step))
-                except Exception as e:  # a worker's exception arrives re-raised here
+                except INPUT_ERRORS as e:  # a worker's exception arrives re-raised here; others surface
                     failed(label, step, e)
                 bar.update(1)
     bar.close()
@@ -513,13 +681,16 @@ def analyze_runs(runs: Iterable[str | Path], out: str | Path, *, options: Analys
     for label, step in sorted(done):
         try:
             frame, spec = _read_cached(cache, label, step)
-        except Exception as e:  # a damaged cache file: recompute that unit (its inputs are verified again)
-            warnings.warn(f"{cache / label} step {step}: cached result unreadable ({type(e).__name__}: {e}); recomputing")
+        except _TABLE_READ_ERRORS as e:  # a damaged cache file: recompute that unit (its inputs are verified again)
+            warnings.warn(
+                f"{cache / label} step {step}: cached result unreadable ({type(e).__name__}: {e}); recomputing",
+                stacklevel=2,
+            )
             try:
                 fn, args = units[(label, step)]
                 fn(*args)
                 frame, spec = _read_cached(cache, label, step)
-            except (DynamicsError, OSError, ValueError, KeyError, RuntimeError) as e2:
+            except INPUT_ERRORS as e2:
                 failed(label, step, e2)
                 continue
         frames.append(frame)
@@ -530,34 +701,56 @@ def analyze_runs(runs: Iterable[str | Path], out: str | Path, *, options: Analys
     if out.suffix == ".csv":
         atomic_write(out, lambda p: table.to_csv(p, index=False))
     else:
-        atomic_write(out, lambda p: table.to_parquet(p, index=False, **PARQUET_WRITE))
+        atomic_write(out, partial(_write_parquet, table))
     spectra_path = out.with_name(out.stem + ".spectra.parquet")
     if spectra:
         all_spectra = pd.concat(spectra, ignore_index=True)
-        atomic_write(spectra_path, lambda p: all_spectra.to_parquet(p, index=False, **PARQUET_WRITE))
+        atomic_write(spectra_path, partial(_write_parquet, all_spectra))
     return table, errors
+
+
+def _table_read_errors() -> tuple[type[Exception], ...]:
+    """What reading a damaged or foreign parquet/csv file raises (pyarrow's errors are ``OSError``/``ValueError`` or theirs)."""
+    import pyarrow as pa
+
+    return (OSError, ValueError, pa.ArrowException)
+
+
+_TABLE_READ_ERRORS = _table_read_errors()
+
+
+def _renamed_kinds(table: pd.DataFrame) -> pd.DataFrame:
+    """``table`` with old kind names (:data:`KIND_ALIASES`) renamed: tables written before the rename read as new ones."""
+    if "kind" in table.columns and table["kind"].isin(list(KIND_ALIASES)).any():
+        table = table.assign(kind=table["kind"].replace(KIND_ALIASES))
+    return table
 
 
 def _read_cached(cache: Path, label: str, step: int) -> tuple[pd.DataFrame, pd.DataFrame | None]:
     """One unit's cached rows and spectra, page checksums verified."""
-    frame = pd.read_parquet(cache / label / f"step_{step:06d}.parquet", **PARQUET_READ)
+    frame = pd.read_parquet(cache / label / f"{step_dirname(step)}.parquet", **PARQUET_READ)
     missing = [c for c in COLUMNS if c not in frame.columns]
     if missing:
         raise ValueError(f"lacks columns {missing}")
-    sp = cache / label / f"step_{step:06d}.spectra.parquet"
-    return frame, (pd.read_parquet(sp, **PARQUET_READ) if sp.exists() else None)
+    sp = cache / label / f"{step_dirname(step)}.spectra.parquet"
+    spectra = _renamed_kinds(pd.read_parquet(sp, **PARQUET_READ)) if sp.exists() else None
+    return _renamed_kinds(frame), spectra
 
 
 def read_results(path: str | Path) -> pd.DataFrame:
-    """Read a results table written by :func:`analyze_runs` (parquet or csv), checking its columns."""
+    """Read a results table written by :func:`analyze_runs` (parquet or csv), checking its columns.
+
+    Rows of a table written before a kind was renamed come back under the new name (``update_restart`` →
+    ``update_merge``).
+    """
     path = Path(path)
     if not path.is_file():
         raise AnalysisError(f"{path} not found; create it with `dynamics analyze RUN_DIR --out {path}`")
     try:
         table = pd.read_csv(path) if path.suffix == ".csv" else pd.read_parquet(path, **PARQUET_READ)
-    except Exception as e:
+    except _TABLE_READ_ERRORS as e:
         raise AnalysisError(f"{path} is not a readable results table: {e}") from None
     missing = [c for c in COLUMNS if c not in table.columns]
     if missing:
         raise AnalysisError(f"{path} lacks columns {missing}; expected the output of `dynamics analyze`")
-    return table
+    return _renamed_kinds(table)

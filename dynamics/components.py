@@ -33,16 +33,16 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
 
-from .spectra import Spectrum, _direct, _finite_or_raise, _r_factor
+from ._kernels import direct_svdvals, finite_or_raise, r_factor
+from .spectra import Spectrum
 from .validation import (
-    check_compatible_pair,
     DynamicsError,
     ShapeError,
     as_matrix_batch,
     as_tensor,
+    check_compatible_pair,
     check_positive_int,
     dtype_name,
 )
@@ -78,10 +78,7 @@ def kv_head_index(head: int, *, n_heads: int, n_kv_heads: int) -> int:
     """KV head used by query head ``head``: ``head // (n_heads // n_kv_heads)``."""
     caller = "kv_head_index"
     h, g = _check_heads(n_heads, n_kv_heads, caller)
-    head = check_positive_int(head, name="head", caller=caller, minimum=0)
-    if head >= h:
-        raise DynamicsError(f"{caller}(): `head`={head} must be < n_heads={h}")
-    return head // (h // g)
+    return _head_index(head, h, caller) // (h // g)
 
 
 def _groups(h: int, g: int) -> torch.Tensor:
@@ -92,7 +89,7 @@ def _framework(result: torch.Tensor, template: Any) -> Any:
     return result if isinstance(template, torch.Tensor) else result.cpu().numpy()
 
 
-def _head_dim(size: int, n: int, *, name: str, axis_name: str, caller: str, shape: tuple) -> int:
+def _head_dim(size: int, n: int, *, name: str, axis_name: str, caller: str, shape: tuple[int, ...]) -> int:
     if size % n:
         raise ShapeError(
             f"{caller}(): `{name}` has shape {shape}; its {axis_name} dimension ({size}) "
@@ -172,10 +169,11 @@ def _validate_pair(
 
 
 def _head_index(head: Any, h: int, caller: str) -> int:
-    head = check_positive_int(head, name="head", caller=caller, minimum=0)
-    if head >= h:
-        raise DynamicsError(f"{caller}(): `head`={head} must be < n_heads={h}")
-    return head
+    """``head`` as an int in ``[0, h)``, or a DynamicsError naming ``caller``."""
+    index = check_positive_int(head, name="head", caller=caller, minimum=0)
+    if index >= h:
+        raise DynamicsError(f"{caller}(): `head`={index} must be < n_heads={h}")
+    return index
 
 
 # --------------------------------------------------------------------------- circuits
@@ -238,11 +236,11 @@ def _circuit_spectra(
     left_heads: torch.Tensor, right_groups_t: torch.Tensor, h: int, g: int, d: int, original: str, caller: str
 ) -> Spectrum:
     """left_heads (..., H, d, hd); right_groups_t (..., G, d, hd) = transposed right factors."""
-    r_left = _r_factor(left_heads)                      # (..., H, hd', hd)
-    r_right = _r_factor(right_groups_t)                 # (..., G, hd', hd): one QR per KV head
+    r_left = r_factor(left_heads)  # (..., H, hd', hd)
+    r_right = r_factor(right_groups_t)  # (..., G, hd', hd): one QR per KV head
     r_right = r_right.index_select(-3, _groups(h, g).to(r_right.device))  # (..., H, hd', hd)
-    values = _direct(r_left @ r_right.mT)               # (..., H, hd')
-    _finite_or_raise(values, caller)
+    values = direct_svdvals(r_left @ r_right.mT)  # (..., H, hd')
+    finite_or_raise(values, caller)
     return Spectrum(values, (d, d), original, "factored")
 
 

@@ -9,7 +9,10 @@ metric                                meaning (component: a wrapped projection, 
 ===================================== ===================================================================
 ``update_overlap``                    overlap (mean squared cosine of principal angles, averaged over the
                                       output and input sides) of the top-``r`` singular subspaces of the
-                                      two runs' cumulative updates ``W_t − W_0``; ``r`` = ReLoRA rank
+                                      two runs' cumulative updates ``W_t − W_0``; ``r`` = ReLoRA rank.
+                                      Only for the projections the ReLoRA run wraps, and at its rank,
+                                      both read from its stored config (``relora.targets``,
+                                      ``relora.rank``; :attr:`dynamics.io.Run.wrapped`)
 ``update_overlap_out`` / ``_in``      the same, output (left) and input (right) side alone
 ``update_overlap_chance``             the value two random subspaces would give, ``(r/m + r/n)/2``
 ``cka_debiased``                      debiased linear CKA of the activations on the shared probe set
@@ -28,16 +31,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
+from dynamics.io import Run
 from dynamics.validation import DynamicsError
 
-__all__ = ["comparison_key", "seed_group_key", "pair_runs", "cross_run_rows", "WRAPPED_PROJECTIONS"]
+__all__ = ["comparison_key", "seed_group_key", "pair_runs", "cross_run_rows", "same_probe"]
 
-#: Matrices compared across runs: the projections ReLoRA wraps.
-WRAPPED_PROJECTIONS = ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "mlp.down")
+_Add = Callable[[str, Mapping[str, float]], None]
 _SAME = ("preset", "model", "data", "steps", "batch_size", "grad_accum", "seq_len")
 
 
@@ -70,11 +74,16 @@ def pair_runs(runs: Sequence[tuple[str, str, Mapping[str, Any]]]) -> list[tuple[
     return pairs
 
 
-def _update_rows(add, relora, full, step: int, k: int) -> None:
+def _update_rows(add: _Add, relora: Run, full: Run, step: int) -> None:
+    """``update_overlap`` rows of the matrices ``relora`` wraps, at its adapter rank (from its stored config)."""
     from dynamics.subspaces import update_overlap
 
+    wrapped = relora.wrapped
+    if wrapped.rank is None or not wrapped.targets:
+        return
+    k = wrapped.rank
     first_r, first_f = relora.steps[0], full.steps[0]
-    names = [f"layers.{i}.{p}" for i in range(relora.n_layers) for p in WRAPPED_PROJECTIONS]
+    names = wrapped.names(relora.n_layers)
     now_r, now_f = relora.weights(step, names), full.weights(step, names)
     init_r, init_f = relora.weights(first_r, names), full.weights(first_f, names)
     for name in names:
@@ -86,7 +95,7 @@ def _update_rows(add, relora, full, step: int, k: int) -> None:
             continue  # a zero update (e.g. a frozen matrix) has no subspace: no row, no number
 
 
-def _cka_rows(add, relora, full, step: int, act_sites: Sequence[str]) -> None:
+def _cka_rows(add: _Add, relora: Run, full: Run, step: int, act_sites: Sequence[str]) -> None:
     from dynamics.activations import debiased_linear_cka, linear_cka
 
     for site in act_sites:
@@ -102,19 +111,27 @@ def _cka_rows(add, relora, full, step: int, act_sites: Sequence[str]) -> None:
                 continue
             label = name if kind == "act" else f"{name}.in"
             try:
-                add(label, {"cka_debiased": debiased_linear_cka(x, y), "cka": linear_cka(x, y)})
+                add(label, {"cka_debiased": float(debiased_linear_cka(x, y)), "cka": float(linear_cka(x, y))})
             except DynamicsError:
                 continue  # constant activations: CKA undefined, no row
 
 
-def same_probe(relora, full) -> bool:
+def same_probe(relora: Run, full: Run) -> bool:
     """Whether two runs captured activations on the same probe tokens (manifest ``probe.act`` and ``seq_len``)."""
     a, b = relora.manifest.get("probe") or {}, full.manifest.get("probe") or {}
     return bool(a.get("act")) and a.get("act") == b.get("act") and a.get("seq_len") == b.get("seq_len")
 
 
-def cross_run_rows(relora_path: str, full_path: str, step: int, *, act_sites: Sequence[str],
-                   label: str, updates: bool = True, cka: bool = True) -> list[dict]:
+def cross_run_rows(
+    relora_path: str,
+    full_path: str,
+    step: int,
+    *,
+    act_sites: Sequence[str],
+    label: str,
+    updates: bool = True,
+    cka: bool = True,
+) -> list[dict[str, Any]]:
     """Rows (``kind = "cross_run"``) comparing a ReLoRA run with a full-rank run at ``step``; see the module docstring.
 
     ``label`` is the ReLoRA run's label in the table. Steps at which either run
@@ -126,17 +143,26 @@ def cross_run_rows(relora_path: str, full_path: str, step: int, *, act_sites: Se
     relora, full = open_run(relora_path), open_run(full_path)
     entry = next(c for c in relora.manifest["checkpoints"] if c["step"] == step)
     base = {"run": label, "method": relora.method, "step": step, "tokens": entry.get("tokens_seen")}
-    rows: list[dict] = []
+    rows: list[dict[str, Any]] = []
 
-    def add(name: str, metrics: dict[str, float]) -> None:
-        layer, component = (int(name.split(".")[1]), name.split(".", 2)[2]) if name.startswith("layers.") else (-1, name)
+    def add(name: str, metrics: Mapping[str, float]) -> None:
+        layer, component = (
+            (int(name.split(".")[1]), name.split(".", 2)[2]) if name.startswith("layers.") else (-1, name)
+        )
         for metric, value in metrics.items():
-            rows.append({**base, "layer": layer, "component": component, "kind": "cross_run", "metric": metric,
-                         "value": float(value)})
+            rows.append(
+                {
+                    **base,
+                    "layer": layer,
+                    "component": component,
+                    "kind": "cross_run",
+                    "metric": metric,
+                    "value": float(value),
+                }
+            )
 
     if updates and step in full.steps and step != relora.steps[0]:
-        k = int((relora.config.get("relora") or {}).get("rank", 8))
-        _update_rows(add, relora, full, step, k)
+        _update_rows(add, relora, full, step)
     if cka and step in relora.capture_steps and step in full.capture_steps and same_probe(relora, full):
         _cka_rows(add, relora, full, step, act_sites)
     return rows

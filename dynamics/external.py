@@ -19,7 +19,7 @@ validated by the ``safetensors`` library (sizes, offsets, overlaps).
 :func:`import_checkpoints` writes the checkpoints in our layout (manifest + one
 ``model.safetensors`` of float32 2-D matrices per step, under the canonical names
 of STYLE.md: Hugging Face LLaMA keys are renamed, ``model.layers.3.self_attn.q_proj``
-→ ``layers.3.attn.q``; other keys keep their name). 1-D tensors (norm gains,
+→ ``layers.3.attn.q``, by the key map of :mod:`trainer.run_format`; other keys keep their name). 1-D tensors (norm gains,
 biases) are left out: the analysis looks at matrices. Peak memory is one checkpoint.
 """
 
@@ -28,29 +28,26 @@ from __future__ import annotations
 import json
 import pickle
 import re
+from collections.abc import Iterable, Mapping
+from functools import partial
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 
-from dynamics.io import RUN_SCHEMA_VERSION, DynamicsIOError
+from dynamics.io import DynamicsIOError
+from dynamics.validation import DynamicsError
+from trainer.run_format import (
+    MANIFEST,
+    MODEL_FILE,
+    RUN_SCHEMA_VERSION,
+    canonical_key,
+    checkpoint_relpath,
+    wrapped_matrices,
+)
 
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 _STEP_DIR = re.compile(r"^(?:.*?[^0-9])?(\d+)$")  # a name ending in digits: step_1000, checkpoint-1000, 1000
-
-_FROM_HF = {
-    "input_layernorm": "attn_norm",
-    "post_attention_layernorm": "mlp_norm",
-    "self_attn.q_proj": "attn.q",
-    "self_attn.k_proj": "attn.k",
-    "self_attn.v_proj": "attn.v",
-    "self_attn.o_proj": "attn.o",
-    "mlp.gate_proj": "mlp.gate",
-    "mlp.up_proj": "mlp.up",
-    "mlp.down_proj": "mlp.down",
-}
-_FROM_HF_TOP = {"model.embed_tokens.weight": "embed.weight", "model.norm.weight": "final_norm.weight"}
-_HF_LAYER = re.compile(r"(?:model\.)?layers\.(\d+)\.(.+)\.weight")
 
 
 class UntrustedCheckpointError(DynamicsIOError):
@@ -60,21 +57,24 @@ class UntrustedCheckpointError(DynamicsIOError):
 def canonical_name(key: str) -> str:
     """A state-dict key → our canonical name (``model.layers.0.mlp.down_proj.weight`` → ``layers.0.mlp.down.weight``).
 
-    Our own keys and keys of other architectures are returned unchanged.
+    Our own keys and keys of other architectures are returned unchanged (:func:`trainer.run_format.canonical_key`).
     """
-    if key in _FROM_HF_TOP:
-        return _FROM_HF_TOP[key]
-    m = _HF_LAYER.fullmatch(key)
-    if m and m.group(2) in _FROM_HF:
-        return f"layers.{m.group(1)}.{_FROM_HF[m.group(2)]}.weight"
-    return key
+    return canonical_key(key)
 
 
 def model_config_from_hf(config: dict[str, Any]) -> dict[str, Any]:
     """Our ``model`` config section from a Hugging Face LLaMA-style ``config.json`` (missing fields left out)."""
-    fields = {"vocab_size": "vocab_size", "d_model": "hidden_size", "n_layers": "num_hidden_layers",
-              "n_heads": "num_attention_heads", "n_kv_heads": "num_key_value_heads", "d_mlp": "intermediate_size",
-              "max_seq_len": "max_position_embeddings", "rope_theta": "rope_theta", "norm_eps": "rms_norm_eps"}
+    fields = {
+        "vocab_size": "vocab_size",
+        "d_model": "hidden_size",
+        "n_layers": "num_hidden_layers",
+        "n_heads": "num_attention_heads",
+        "n_kv_heads": "num_key_value_heads",
+        "d_mlp": "intermediate_size",
+        "max_seq_len": "max_position_embeddings",
+        "rope_theta": "rope_theta",
+        "norm_eps": "rms_norm_eps",
+    }
     out = {ours: config[theirs] for ours, theirs in fields.items() if theirs in config}
     if "n_heads" in out and "n_kv_heads" not in out:
         out["n_kv_heads"] = out["n_heads"]
@@ -87,8 +87,13 @@ def model_config_from_hf(config: dict[str, Any]) -> dict[str, Any]:
 
 def _weight_files(directory: Path) -> list[Path]:
     """The weight files of one model directory, preferring safetensors over pickles (HF writes both sometimes)."""
-    files = sorted(p for p in directory.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES
-                   and not p.name.startswith((".", "optimizer", "rng", "training_args", "scheduler")))
+    files = sorted(
+        p
+        for p in directory.iterdir()
+        if p.is_file()
+        and p.suffix in WEIGHT_SUFFIXES
+        and not p.name.startswith((".", "optimizer", "rng", "training_args", "scheduler"))
+    )
     safe = [p for p in files if p.suffix == ".safetensors"]
     return safe or files
 
@@ -115,12 +120,16 @@ def find_checkpoints(src: str | Path) -> list[tuple[int, list[Path]]]:
         if m and files:
             step = int(m.group(1))
             if step in steps:
-                raise DynamicsIOError(f"{src}: two directories give step {step} ({steps[step][0].parent.name}, {sub.name})", src)
+                raise DynamicsIOError(
+                    f"{src}: two directories give step {step} ({steps[step][0].parent.name}, {sub.name})", src
+                )
             steps[step] = files
     if not steps:
         raise DynamicsIOError(
             f"{src}: no checkpoints found (expected manifest.json, weight files {', '.join(WEIGHT_SUFFIXES)}, "
-            "or step directories such as step_1000/ holding them)", src)
+            "or step directories such as step_1000/ holding them)",
+            src,
+        )
     return sorted(steps.items())
 
 
@@ -136,8 +145,9 @@ def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
             f"{path}: refused: this pickle needs arbitrary code to load, which is never run here "
             f"({str(e).splitlines()[-1][:200] if str(e) else 'unsupported global'}). Only tensors and plain "
             "containers are accepted (torch.load weights_only=True); convert the file to safetensors where you trust it.",
-            path) from None
-    except Exception as e:  # truncated zip, not a torch file, ...
+            path,
+        ) from None
+    except Exception as e:  # noqa: BLE001 - torch.load raises many types on a truncated zip or a foreign file
         raise DynamicsIOError(f"{path}: unreadable torch file: {type(e).__name__}: {e}", path) from None
     for key in ("state_dict", "model", "model_state_dict", "module"):  # common training-script wrappers
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
@@ -153,7 +163,7 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
     try:
         return load_file(str(path), device="cpu")
-    except Exception as e:  # SafetensorError: bad header, sizes beyond the file, overlapping offsets, ...
+    except Exception as e:  # noqa: BLE001 - SafetensorError (an Exception): bad header, sizes, overlapping offsets
         raise DynamicsIOError(f"{path}: not a valid safetensors file: {e}", path) from None
 
 
@@ -181,27 +191,58 @@ def load_matrices(files: Iterable[Path]) -> dict[str, torch.Tensor]:
 
 def _fingerprint(checkpoints: list[tuple[int, list[Path]]]) -> list[list[Any]]:
     """Cheap identity of the source files (path, size, mtime): re-importing an unchanged source is skipped."""
-    return [[step, [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in files]]
-            for step, files in checkpoints]
+    return [
+        [step, [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in files]]
+        for step, files in checkpoints
+    ]
 
 
-def import_checkpoints(src: str | Path, dst: str | Path, *, method: str = "full", progress: bool = True) -> Path:
+def _save_weights(matrices: dict[str, torch.Tensor], path: Path) -> None:
+    """Write ``matrices`` as one safetensors file at ``path`` (a temporary file of :func:`trainer.atomic.atomic_write`)."""
+    from safetensors.torch import save_file
+
+    save_file(matrices, str(path))
+
+
+def import_checkpoints(
+    src: str | Path,
+    dst: str | Path,
+    *,
+    method: str = "full",
+    relora: Mapping[str, Any] | None = None,
+    progress: bool = True,
+) -> Path:
     """Write the checkpoints found at ``src`` as a run directory at ``dst``; returns ``dst``.
 
     ``method`` is the label the results table shows (``full`` or ``relora``: the
-    imported weights are always the effective dense ones). Re-importing an
-    unchanged source into the same ``dst`` does nothing. Each file is written
-    atomically and the manifest last, so an interrupted import is redone, never half-read.
+    imported weights are always the effective dense ones). A ``relora`` import
+    must say what the source run wrapped: ``relora={"targets": [...], "rank": r}``,
+    optionally ``"alpha"`` and ``"merge_every"`` (stored as the run's ``relora``
+    config; the analysis never assumes them; without ``merge_every`` no merges are known).
+    Re-importing an unchanged source into the same ``dst`` does nothing. Each
+    file is written atomically and the manifest last, so an interrupted import
+    is redone, never half-read.
     """
-    from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
     from trainer.atomic import atomic_write, atomic_write_json, sha256_file
 
+    if method not in ("full", "relora"):
+        raise DynamicsError(f"import_checkpoints: method must be 'full' or 'relora', got {method!r}")
+    config: dict[str, Any] = {"method": method}
+    if method == "relora":
+        config["relora"] = dict(relora or {})
+        try:
+            wrapped_matrices(config)
+        except ValueError as e:
+            raise DynamicsError(
+                f"import_checkpoints: a 'relora' import needs relora={{'targets': [...], 'rank': r}} "
+                f"naming what the source run wrapped: {e}"
+            ) from None
     src, dst = Path(src), Path(dst)
     checkpoints = find_checkpoints(src)
     fingerprint = _fingerprint(checkpoints)
-    manifest_path = dst / "manifest.json"
+    manifest_path = dst / MANIFEST
     if manifest_path.is_file():
         try:
             old = json.loads(manifest_path.read_text())
@@ -225,18 +266,25 @@ def import_checkpoints(src: str | Path, dst: str | Path, *, method: str = "full"
         matrices = load_matrices(files)
         layers = [int(m.group(1)) for k in matrices if (m := re.match(r"layers\.(\d+)\.", k))]
         n_layers = max([n_layers, *(i + 1 for i in layers)])
-        rel = f"checkpoints/step_{step:06d}"
-        target = dst / rel / "model.safetensors"
+        rel = checkpoint_relpath(step)
+        target = dst / rel / MODEL_FILE
         target.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(target, lambda p, m=matrices: save_file(m, str(p)))
-        entries.append({"step": step, "tokens_seen": None, "loss": None, "path": rel,
-                        "sha256": {"model.safetensors": sha256_file(target)},
-                        "source": [str(p) for p in files]})
+        atomic_write(target, partial(_save_weights, matrices))
+        entries.append(
+            {
+                "step": step,
+                "tokens_seen": None,
+                "loss": None,
+                "path": rel,
+                "sha256": {MODEL_FILE: sha256_file(target)},
+                "source": [str(p) for p in files],
+            }
+        )
         del matrices
     model.setdefault("n_layers", n_layers)
     manifest = {
         "schema_version": RUN_SCHEMA_VERSION,
-        "config": {"method": method, "model": model, "imported": True},
+        "config": {**config, "model": model, "imported": True},
         "source": {"path": str(src.resolve()), "fingerprint": fingerprint},
         "checkpoints": entries,
     }
@@ -247,7 +295,7 @@ def import_checkpoints(src: str | Path, dst: str | Path, *, method: str = "full"
 def as_run_directory(path: str | Path, import_root: str | Path, *, progress: bool = True) -> Path:
     """``path`` itself when it is a run directory, else its import under ``import_root/<name>``."""
     path = Path(path)
-    if (path / "manifest.json").is_file():
+    if (path / MANIFEST).is_file():
         return path
     name = path.stem if path.is_file() else path.name
     return import_checkpoints(path, Path(import_root) / name, progress=progress)

@@ -89,8 +89,9 @@ class PowerLawFit:
     def metrics(self) -> dict[str, float]:
         """Table rows: ``alpha_status`` (code) always; ``alpha``, ``alpha_ks``, ``alpha_xmin``, ``alpha_n_tail`` when fitted."""
         out = {"alpha_status": float(FIT_STATUS[self.status])}
-        if self.fitted:
-            out.update(alpha=self.alpha, alpha_ks=self.ks, alpha_xmin=self.xmin, alpha_n_tail=float(self.n_tail))
+        alpha, ks, xmin = self.alpha, self.ks, self.xmin
+        if alpha is not None and ks is not None and xmin is not None:  # fitted: all three are set together
+            out.update(alpha=alpha, alpha_ks=ks, alpha_xmin=xmin, alpha_n_tail=float(self.n_tail))
         return out
 
 
@@ -119,11 +120,11 @@ def _fit_sorted(x: np.ndarray, min_tail: int) -> PowerLawFit:
             best = (d, int(i), alpha)
     if best is None:
         return PowerLawFit("degenerate", n=n)
-    d, i, alpha = best
-    m = n - i
-    status = "ok" if d <= KS_CRITICAL / np.sqrt(m) else "poor_fit"
-    return PowerLawFit(status, alpha=float(alpha), xmin=float(x[i]), ks=d, n_tail=int(m), n=n,
-                       alpha_se=float((alpha - 1.0) / np.sqrt(m)))
+    d, start, alpha = best
+    n_tail = n - start
+    status = "ok" if d <= KS_CRITICAL / np.sqrt(n_tail) else "poor_fit"
+    return PowerLawFit(status, alpha=float(alpha), xmin=float(x[start]), ks=d, n_tail=int(n_tail), n=n,
+                       alpha_se=float((alpha - 1.0) / np.sqrt(n_tail)))
 
 
 def fit_power_law(samples: Any, *, min_tail: int = 10) -> PowerLawFit:

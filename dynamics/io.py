@@ -15,7 +15,13 @@ weight) and ``weight`` (the effective weights of the checkpoint; LoRA factors
 ``<name>.lora_a``/``<name>.lora_b``). The file schema is documented in
 ``data/README.md`` ("Dynamics capture files").
 
-A damaged file raises :class:`DynamicsIOError` naming it; with
+Which matrices a ReLoRA run wraps, and at which rank, come from its stored
+config (:attr:`Run.wrapped`, via :func:`trainer.run_format.wrapped_matrices`),
+never from a default. File names, schema versions and capture kinds are those
+of :mod:`trainer.run_format`, which the trainer writes with.
+
+A damaged file raises :class:`DynamicsIOError` (a :class:`DynamicsError` and
+an ``OSError``) naming it; with
 ``errors="skip"`` (or :meth:`Run.iter`) the step is skipped with a
 :class:`~dynamics.validation.DynamicsWarning`, so one bad file never stops a
 whole analysis. A file written by a newer toolkit is refused with
@@ -26,27 +32,54 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from dynamics.validation import DynamicsError, DynamicsWarning
 from trainer.names import select
+from trainer.run_format import (
+    ADAPTERS_FILE,
+    CAPTURE_KINDS,
+    CAPTURE_SCHEMA_VERSION,
+    DYNAMICS_DIR,
+    MANIFEST,
+    MODEL_FILE,
+    RUN_SCHEMA_VERSION,
+    Wrapped,
+    capture_relpath,
+    file_problem,
+    parse_step_dirname,
+    wrapped_matrices,
+)
 
-__all__ = ["DynamicsIOError", "SchemaVersionError", "Run", "open_run", "CAPTURE_KINDS", "SCHEMA_VERSION"]
+if TYPE_CHECKING:
+    import h5py
 
-#: Newest capture-file schema this reader understands (``schema_version`` root attribute).
-SCHEMA_VERSION = 1
-#: Newest run-manifest schema this reader understands.
-RUN_SCHEMA_VERSION = 1
-#: Kinds stored in capture files (``weight`` there holds only LoRA factors; dense weights come from checkpoints).
-CAPTURE_KINDS = ("act", "act_in", "grad", "weight")
+__all__ = [
+    "DynamicsIOError",
+    "SchemaVersionError",
+    "Run",
+    "open_run",
+    "CAPTURE_KINDS",
+    "SCHEMA_VERSION",
+    "RUN_SCHEMA_VERSION",
+]
+
+#: Newest capture-file schema this reader understands (``schema_version`` root attribute); this module's name for
+#: :data:`trainer.run_format.CAPTURE_SCHEMA_VERSION`.
+SCHEMA_VERSION = CAPTURE_SCHEMA_VERSION
 _FACTOR_SUFFIXES = (".lora_a", ".lora_b")
 
 
-class DynamicsIOError(DynamicsError):
-    """A run directory or one of its files is missing, truncated, corrupted or unreadable; ``path`` names it."""
+class DynamicsIOError(DynamicsError, OSError):
+    """A run directory or one of its files is missing, truncated, corrupted or unreadable; ``path`` names it.
+
+    Both a :class:`~dynamics.validation.DynamicsError` (the package's root) and an
+    ``OSError`` (what a damaged file is to any caller); ``str(e)`` is the message alone.
+    """
 
     def __init__(self, message: str, path: str | Path | None = None) -> None:
         super().__init__(message)
@@ -57,7 +90,7 @@ class SchemaVersionError(DynamicsIOError):
     """A file written by a newer toolkit, with a schema version this reader does not know."""
 
 
-def open_run(path: str | Path) -> "Run":
+def open_run(path: str | Path) -> Run:
     """Open a run directory lazily (reads ``manifest.json`` only).
 
     Raises :class:`DynamicsIOError` when ``path`` is not a run directory or the
@@ -83,7 +116,7 @@ class Run:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        mpath = self.path / "manifest.json"
+        mpath = self.path / MANIFEST
         if not mpath.is_file():
             raise DynamicsIOError(f"{mpath} not found: {str(self.path)!r} is not a run directory", mpath)
         try:
@@ -96,7 +129,9 @@ class Run:
         if version > RUN_SCHEMA_VERSION:
             raise SchemaVersionError(
                 f"{mpath} has schema_version {version}, newer than this reader understands ({RUN_SCHEMA_VERSION}); "
-                "upgrade the relora-dynamics package", mpath)
+                "upgrade the relora-dynamics package",
+                mpath,
+            )
         from trainer.checkpoint import check_manifest
 
         problem = check_manifest(manifest, self.path)  # checksum, and paths that stay inside the run directory
@@ -108,14 +143,17 @@ class Run:
         self._entries = {int(c["step"]): c for c in manifest.get("checkpoints", [])}
 
     def __repr__(self) -> str:
-        return (f"Run({str(self.path)!r}, method={self.method!r}, steps={len(self.steps)}, "
-                f"capture_steps={len(self.capture_steps)})")
+        return (
+            f"Run({str(self.path)!r}, method={self.method!r}, steps={len(self.steps)}, "
+            f"capture_steps={len(self.capture_steps)})"
+        )
 
     # -- what the run holds (no file is opened) ---------------------------------------------------
 
     @property
     def method(self) -> str:
-        return self.config.get("method", "full")
+        """``full`` or ``relora`` (the stored config's ``method``)."""
+        return str(self.config.get("method", "full"))
 
     @property
     def steps(self) -> list[int]:
@@ -130,14 +168,11 @@ class Run:
         sha256, right after. A crash in between leaves a complete but unlisted file.)
         """
         steps = {s for s, e in self._entries.items() if "dynamics" in e}
-        d = self.path / "dynamics"
+        d = self.path / DYNAMICS_DIR
         if d.is_dir():
             for f in d.glob("step_*.h5"):
-                try:
-                    s = int(f.stem[len("step_"):])
-                except ValueError:
-                    continue
-                if s in self._entries:
+                s = parse_step_dirname(f.stem)
+                if s is not None and s in self._entries:
                     steps.add(s)
         return sorted(steps)
 
@@ -151,49 +186,97 @@ class Run:
         return list(range(self.n_layers))
 
     @property
-    def lora_scale(self) -> float | None:
-        """``s = relora.alpha / relora.rank`` for ReLoRA runs, else ``None``."""
-        r = self.config.get("relora", {})
-        if self.method != "relora" or "rank" not in r:  # imported checkpoints carry no adapters
+    def wrapped(self) -> Wrapped:
+        """Which projections the run wraps with adapters and at which rank, from its stored config.
+
+        Empty (``targets == ()``, ``rank is None``) for a full-rank run. A ReLoRA run
+        whose config does not state ``relora.targets`` and ``relora.rank`` raises
+        :class:`DynamicsIOError` naming the manifest: a reader never assumes a default.
+        """
+        try:
+            return wrapped_matrices(self.config)
+        except ValueError as e:
+            mpath = self.path / MANIFEST
+            raise DynamicsIOError(f"{mpath}: {e}", mpath) from None
+
+    @property
+    def merge_every(self) -> int | None:
+        """The ReLoRA merge period in steps (``relora.merge_every``), ``None`` for a full-rank run.
+
+        Manifests written before the key was renamed store it as ``relora.reset_every``.
+        A trained ReLoRA run whose config states neither raises :class:`DynamicsIOError` naming
+        the manifest; checkpoints imported from elsewhere (:mod:`dynamics.external`) without it
+        have no known merges (``None``).
+        """
+        if self.method != "relora":
             return None
-        return float(r["alpha"]) / float(r["rank"])
+        relora = self.config.get("relora")
+        relora = relora if isinstance(relora, dict) else {}
+        period = relora.get("merge_every", relora.get("reset_every"))
+        if period is None and self.config.get("imported"):
+            return None
+        if isinstance(period, bool) or not isinstance(period, int) or period < 1:
+            mpath = self.path / MANIFEST
+            raise DynamicsIOError(
+                f"{mpath}: the run's config has no valid relora.merge_every (got {period!r}); "
+                "cannot tell when the run merged",
+                mpath,
+            )
+        return period
+
+    @property
+    def lora_scale(self) -> float | None:
+        """``s = relora.alpha / relora.rank`` for ReLoRA runs, else ``None``.
+
+        Raises :class:`DynamicsIOError` naming the manifest for a ReLoRA run whose config lacks them.
+        """
+        wrapped = self.wrapped
+        if wrapped.rank is None:
+            return None
+        if wrapped.scale is None:
+            mpath = self.path / MANIFEST
+            raise DynamicsIOError(
+                f"{mpath}: the run's config has no valid relora.alpha; cannot scale its adapters", mpath
+            )
+        return wrapped.scale
 
     def capture_path(self, step: int) -> Path:
         """The capture file of ``step`` (``dynamics/step_XXXXXX.h5``); raises when ``step`` has none."""
         step = self._check_step(step, self.capture_steps, "capture")
         entry = self._entries.get(step, {}).get("dynamics")
-        rel = entry["path"] if entry else f"dynamics/step_{step:06d}.h5"
+        rel = str(entry["path"]) if entry else capture_relpath(step)
         return self.path / rel
 
     def checkpoint_path(self, step: int) -> Path:
+        """The checkpoint directory of ``step`` (``checkpoints/step_XXXXXX``); raises when ``step`` has none."""
         step = self._check_step(step, self.steps, "checkpoint")
-        return self.path / self._entries[step]["path"]
+        return self.path / str(self._entries[step]["path"])
 
     def _check_step(self, step: Any, available: list[int], what: str) -> int:
         if isinstance(step, bool) or not isinstance(step, (int, np.integer)):
             raise DynamicsError(f"Run: `step` must be an int, got {step!r}")
-        step = int(step)
-        if step not in available:
-            shown = available if len(available) <= 12 else available[:6] + ["..."] + available[-3:]
-            raise DynamicsError(f"{self.path}: no {what} at step {step}; available: {shown}")
-        return step
+        checked = int(step)
+        if checked not in available:
+            shown: list[int | str] = [*available] if len(available) <= 12 else [*available[:6], "...", *available[-3:]]
+            raise DynamicsError(f"{self.path}: no {what} at step {checked}; available: {shown}")
+        return checked
 
     # -- capture files -------------------------------------------------------------------------
 
-    def _open_h5(self, step: int):
+    def _open_h5(self, step: int) -> h5py.File:
         """Open a capture file read-only, checking its schema version; errors name the file."""
         import h5py
 
         path = self.capture_path(step)
         if not path.is_file():
-            raise DynamicsIOError(f"{path} is missing (listed in {self.path / 'manifest.json'})", path)
+            raise DynamicsIOError(f"{path} is missing (listed in {self.path / MANIFEST})", path)
         try:
             f = h5py.File(path, "r")
         except OSError as e:
             raise DynamicsIOError(f"{path} is truncated or corrupted and cannot be opened as HDF5: {e}", path) from None
         try:
             version = f.attrs.get("schema_version")
-        except Exception as e:  # h5py raises OSError/KeyError/RuntimeError on damaged metadata
+        except Exception as e:  # noqa: BLE001 - h5py raises OSError/KeyError/RuntimeError/... on damaged metadata
             f.close()
             raise DynamicsIOError(f"{path} is corrupted (cannot read its attributes): {e}", path) from None
         if version is None:
@@ -203,7 +286,9 @@ class Run:
             f.close()
             raise SchemaVersionError(
                 f"{path} has capture schema_version {int(version)}, newer than this reader understands "
-                f"({SCHEMA_VERSION}); upgrade the relora-dynamics package to read it", path)
+                f"({SCHEMA_VERSION}); upgrade the relora-dynamics package to read it",
+                path,
+            )
         return f
 
     def names(self, kind: str, step: int | None = None) -> list[str]:
@@ -215,7 +300,7 @@ class Run:
         kind = _check_kind(kind)
         if kind == "weight":
             step = self.steps[-1] if step is None else step
-            dense = [k[: -len(".weight")] for k in self._safetensors_keys(self.checkpoint_path(step) / "model.safetensors")]
+            dense = [k[: -len(".weight")] for k in self._safetensors_keys(self.checkpoint_path(step) / MODEL_FILE)]
             return sorted(dense + self._factor_names(step), key=_model_order)
         caps = self.capture_steps
         if step is None:
@@ -226,7 +311,7 @@ class Run:
             path = f.filename
             try:
                 return list(f[kind].keys()) if kind in f else []
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001 - any h5py error here means a damaged file, named in the error
                 raise DynamicsIOError(f"{path} is corrupted (cannot list group {kind!r}): {e}", path) from None
 
     def attrs(self, step: int) -> dict[str, Any]:
@@ -237,7 +322,7 @@ class Run:
         with self._open_h5(step) as f:
             try:
                 out = {k: _plain(v) for k, v in f.attrs.items()}
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001 - any h5py error here means a damaged file, named in the error
                 raise DynamicsIOError(f"{f.filename} is corrupted (cannot read attributes): {e}", f.filename) from None
         for key in ("config", "code_version"):
             if isinstance(out.get(key), str):
@@ -260,8 +345,16 @@ class Run:
         with self._open_h5(step) as f:
             return _read_dataset(f, f"probe/{key}")
 
-    def get(self, kind: str, step: int, names: str | Iterable[str] | None = None, *, as_tensor: bool = False,
-            dtype: Any = None, errors: str = "raise") -> dict[str, Any]:
+    def get(
+        self,
+        kind: str,
+        step: int,
+        names: str | Iterable[str] | None = None,
+        *,
+        as_tensor: bool = False,
+        dtype: Any = None,
+        errors: str = "raise",
+    ) -> dict[str, Any]:
         """``{name: array}`` of one kind at one step, reading only the selected datasets.
 
         Parameters
@@ -302,13 +395,21 @@ class Run:
             path = f.filename
             try:
                 available = list(f[kind].keys()) if kind in f else []
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001 - any h5py error here means a damaged file, named in the error
                 raise DynamicsIOError(f"{path} is corrupted (cannot list group {kind!r}): {e}", path) from None
             chosen = _select(available, names, kind, path)
             return {n: _read_dataset(f, f"{kind}/{n}") for n in chosen}
 
-    def iter(self, kind: str, names: str | Iterable[str] | None = None, *, steps: Iterable[int] | None = None,
-             as_tensor: bool = False, dtype: Any = None, errors: str = "skip") -> Iterator[tuple[int, dict[str, Any]]]:
+    def iter(
+        self,
+        kind: str,
+        names: str | Iterable[str] | None = None,
+        *,
+        steps: Iterable[int] | None = None,
+        as_tensor: bool = False,
+        dtype: Any = None,
+        errors: str = "skip",
+    ) -> Iterator[tuple[int, dict[str, Any]]]:
         """Yield ``(step, {name: array})`` over ``steps`` (default: every capture step, or every checkpoint for ``weight``).
 
         With ``errors="skip"`` (the default) a damaged file is reported as a
@@ -333,18 +434,17 @@ class Run:
         """Verify capture files (sha256 against the manifest, then HDF5 structure); ``{step: problem}``, empty when all good.
 
         Reads every byte of every file checked; meant for an explicit integrity scan, not for every read.
+        A file on disk that the manifest does not list yet (a crash before listing it) is checked for
+        readability only.
         """
-        from trainer.atomic import sha256_file
-
         problems = {}
         for step in self.capture_steps if steps is None else steps:
             try:
                 path = self.capture_path(step)
                 entry = self._entries.get(step, {}).get("dynamics")
-                if not path.is_file():
-                    raise DynamicsIOError(f"{path} is missing", path)
-                if entry and sha256_file(path) != entry["sha256"]:
-                    raise DynamicsIOError(f"{path} is corrupted: its sha256 does not match the manifest", path)
+                problem = file_problem(path, entry.get("sha256") if entry else None)
+                if problem is not None:
+                    raise DynamicsIOError(problem, path)
                 with self._open_h5(step) as f:
                     for kind in CAPTURE_KINDS:
                         if kind in f:
@@ -356,8 +456,15 @@ class Run:
 
     # -- checkpoints -------------------------------------------------------------------------------
 
-    def weights(self, step: int, names: str | Iterable[str] | None = None, *, merged: bool = True,
-                as_tensor: bool = False, dtype: Any = None) -> dict[str, Any]:
+    def weights(
+        self,
+        step: int,
+        names: str | Iterable[str] | None = None,
+        *,
+        merged: bool = True,
+        as_tensor: bool = False,
+        dtype: Any = None,
+    ) -> dict[str, Any]:
         """Weights of the checkpoint at ``step`` under canonical names (no ``.weight`` suffix), read lazily.
 
         ``merged=True``: the effective weights (``model.safetensors``; ``W + s·B·A`` for
@@ -366,25 +473,26 @@ class Run:
         ``<name>.lora_b``) are served too, from the capture file or the checkpoint.
         """
         ckpt = self.checkpoint_path(step)
-        model_file = ckpt / "model.safetensors"
+        model_file = ckpt / MODEL_FILE
         dense = {k[: -len(".weight")]: k for k in sorted(self._safetensors_keys(model_file), key=_model_order)}
         factors = self._factor_names(step)
         chosen = _select(list(dense) + factors, names, "weight", model_file)
         out: dict[str, Any] = {}
         want_dense = [n for n in chosen if n in dense]
         base = set()
-        if not merged and want_dense and (ckpt / "adapters.safetensors").is_file():
-            base_keys = {k[: -len(".weight")] for k in self._safetensors_keys(ckpt / "adapters.safetensors")}
+        if not merged and want_dense and (ckpt / ADAPTERS_FILE).is_file():
+            base_keys = {k[: -len(".weight")] for k in self._safetensors_keys(ckpt / ADAPTERS_FILE)}
             base = {n for n in want_dense if n in base_keys}
-            out.update(_read_safetensors(ckpt / "adapters.safetensors", {n: f"{n}.weight" for n in base}))
+            out.update(_read_safetensors(ckpt / ADAPTERS_FILE, {n: f"{n}.weight" for n in base}))
         out.update(_read_safetensors(model_file, {n: dense[n] for n in want_dense if n not in base}))
         want_factors = [n for n in chosen if n in factors]
         if want_factors:
             out.update(self._read_factors(step, want_factors))
         return _convert({n: out[n] for n in chosen}, as_tensor=as_tensor, dtype=dtype)
 
-    def lora_factors(self, step: int, names: str | Iterable[str] | None = None, *, as_tensor: bool = False,
-                     dtype: Any = None) -> dict[str, Any]:
+    def lora_factors(
+        self, step: int, names: str | Iterable[str] | None = None, *, as_tensor: bool = False, dtype: Any = None
+    ) -> dict[str, Any]:
         """``{"<name>.lora_a": A (r×in), "<name>.lora_b": B (out×r)}`` at ``step``; ``{}`` when the model is not wrapped.
 
         ``names`` selects matrices (``layers.*.attn.q``) or factors (``**.lora_a``). With
@@ -399,31 +507,32 @@ class Run:
             patterns = [names] if isinstance(names, str) else list(names)
             chosen = [f for f in factors if select([f], patterns) or select([f.rsplit(".", 1)[0]], patterns)]
             if not chosen:
-                raise DynamicsError(f"{self.path}: no LoRA factors at step {step} match {names!r}; "
-                                    f"available: {_shown(factors)}")
+                raise DynamicsError(
+                    f"{self.path}: no LoRA factors at step {step} match {names!r}; available: {_shown(factors)}"
+                )
         return _convert(self._read_factors(step, chosen), as_tensor=as_tensor, dtype=dtype)
 
     def _factor_names(self, step: int) -> list[str]:
         """Factor names at ``step``: from adapters.safetensors' header (checkpoints are the source of truth)."""
-        adapters = self.checkpoint_path(step) / "adapters.safetensors"
+        adapters = self.checkpoint_path(step) / ADAPTERS_FILE
         if not adapters.is_file():
             return []
         names = [k[: -len(".weight")] for k in self._safetensors_keys(adapters)]
         return sorted((n for n in names if n.endswith(_FACTOR_SUFFIXES)), key=_model_order)
 
     def _read_factors(self, step: int, names: list[str]) -> dict[str, np.ndarray]:
-        adapters = self.checkpoint_path(step) / "adapters.safetensors"
+        adapters = self.checkpoint_path(step) / ADAPTERS_FILE
         return _read_safetensors(adapters, {n: f"{n}.weight" for n in names})
 
     def _safetensors_keys(self, path: Path) -> list[str]:
         from safetensors import safe_open
 
         if not path.is_file():
-            raise DynamicsIOError(f"{path} is missing (listed in {self.path / 'manifest.json'})", path)
+            raise DynamicsIOError(f"{path} is missing (listed in {self.path / MANIFEST})", path)
         try:
             with safe_open(str(path), framework="pt") as f:
                 return list(f.keys())
-        except Exception as e:  # SafetensorError and friends on a damaged header
+        except Exception as e:  # noqa: BLE001 - SafetensorError (an Exception) and friends on a damaged header
             raise DynamicsIOError(f"{path} is truncated or corrupted: {type(e).__name__}: {e}", path) from None
 
 
@@ -435,14 +544,28 @@ def _check_kind(kind: Any) -> str:
     if kind not in CAPTURE_KINDS:
         hint = " (the frozen base of a ReLoRA matrix: Run.weights(step, merged=False))" if kind == "base" else ""
         raise DynamicsError(f"Run: `kind` must be one of {list(CAPTURE_KINDS)}, got {kind!r}{hint}")
-    return kind
+    return str(kind)
 
 
-_ORDER = ("attn_norm", "resid_pre", "attn", "q", "k", "v", "o", "resid_mid", "mlp_norm", "mlp", "gate", "up", "down",
-          "resid_post")
+_ORDER = (
+    "attn_norm",
+    "resid_pre",
+    "attn",
+    "q",
+    "k",
+    "v",
+    "o",
+    "resid_mid",
+    "mlp_norm",
+    "mlp",
+    "gate",
+    "up",
+    "down",
+    "resid_post",
+)
 
 
-def _model_order(name: str) -> tuple:
+def _model_order(name: str) -> tuple[Any, ...]:
     """Sort key putting canonical names in model order (``embed``, layers by index, ``final_norm``, ``lm_head``)."""
     from trainer.names import parse
 
@@ -475,10 +598,10 @@ def _select(available: list[str], names: Any, kind: str, path: Any) -> list[str]
 
 def _read_dataset(f: Any, key: str) -> np.ndarray:
     try:
-        return f[key][()]
+        return np.asarray(f[key][()])
     except KeyError:
         raise DynamicsIOError(f"{f.filename} has no dataset {key!r}", f.filename) from None
-    except Exception as e:  # OSError (checksum / filter failure / truncation), RuntimeError
+    except Exception as e:  # noqa: BLE001 - OSError (checksum, filter failure, truncation), RuntimeError ...
         raise DynamicsIOError(f"{f.filename}: dataset {key!r} is corrupted: {e}", f.filename) from None
 
 
@@ -487,7 +610,7 @@ def _read_safetensors(path: Path, keys: dict[str, str]) -> dict[str, np.ndarray]
     import torch
     from safetensors import safe_open
 
-    out = {}
+    out: dict[str, np.ndarray] = {}
     if not keys:
         return out
     try:
@@ -495,19 +618,20 @@ def _read_safetensors(path: Path, keys: dict[str, str]) -> dict[str, np.ndarray]
             for name, key in keys.items():
                 t = f.get_tensor(key)
                 out[name] = (t.float() if t.dtype == torch.bfloat16 else t).numpy()
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - SafetensorError (an Exception) and friends on a damaged file
         raise DynamicsIOError(f"{path} is truncated or corrupted: {type(e).__name__}: {e}", path) from None
     return out
 
 
 def _convert(out: dict[str, np.ndarray], *, as_tensor: bool, dtype: Any) -> dict[str, Any]:
+    """``out`` cast to ``dtype`` (when given) and turned into torch tensors (``as_tensor``)."""
     if dtype is not None:
         out = {k: np.asarray(v).astype(dtype, copy=False) for k, v in out.items()}
     if as_tensor:
         import torch
 
-        out = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in out.items()}
-    return out
+        return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in out.items()}
+    return dict(out)
 
 
 def _plain(value: Any) -> Any:

@@ -54,14 +54,13 @@ array of the batch shape.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Iterable, Union
+from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 
-from .validation import DynamicsError, check_positive_int, check_tolerance
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .spectra import Spectrum
+from ._kernels import Result
+from .spectra import Spectrum, spectrum
 
 __all__ = [
     "effective_rank",
@@ -77,148 +76,14 @@ __all__ = [
     "spectrum_metrics",
 ]
 
-Result = Union[float, np.ndarray]
-
-# --------------------------------------------------------------------------- kernels
-# Each kernel takes ``values`` (..., r): float64, non-negative, descending along
-# the last axis; any singular values beyond r up to k = min(m, n) are exact
-# zeros (factored spectra store only the structurally non-zero part).
-
-
-def _normalised(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(values / s_1, nonzero-mask); rows of the zero matrix come back as 0."""
-    s1 = values[..., :1]
-    nonzero = s1[..., 0] > 0
-    with np.errstate(divide="ignore", invalid="ignore"):
-        t = np.where(s1 > 0, values / np.where(s1 > 0, s1, 1.0), 0.0)
-    return t, nonzero
-
-
-def _entropy(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Shannon entropy (nats) of p = s / sum(s); 0 for the zero matrix."""
-    t, nonzero = _normalised(values)
-    total = t.sum(-1, keepdims=True)
-    p = t / np.where(total > 0, total, 1.0)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        plogp = np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0)
-    h = np.maximum(-plogp.sum(-1), 0.0)
-    return np.where(nonzero, h, 0.0), nonzero
-
-
-def _effective_rank(values: np.ndarray) -> np.ndarray:
-    h, nonzero = _entropy(values)
-    rank = np.maximum((values > 0).sum(-1), 1)
-    # exp(H) lies in [1, rank] mathematically; clip only removes rounding.
-    er = np.clip(np.exp(h), 1.0, rank)
-    return np.where(nonzero, er, 0.0)
-
-
-def _spectral_entropy(values: np.ndarray, k: int) -> np.ndarray:
-    h, _ = _entropy(values)
-    if k == 1:
-        return np.zeros_like(h)
-    return np.clip(h / np.log(k), 0.0, 1.0)
-
-
-def _stable_rank(values: np.ndarray) -> np.ndarray:
-    t, nonzero = _normalised(values)
-    return np.where(nonzero, (t * t).sum(-1), 0.0)
-
-
-def _participation_ratio(values: np.ndarray) -> np.ndarray:
-    t, nonzero = _normalised(values)
-    t2 = t * t
-    num = t2.sum(-1) ** 2
-    den = (t2 * t2).sum(-1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        pr = np.where(den > 0, num / np.where(den > 0, den, 1.0), 0.0)
-    rank = np.maximum((values > 0).sum(-1), 1)
-    return np.where(nonzero, np.clip(pr, 1.0, rank), 0.0)
-
-
-def _default_tol(values: np.ndarray, shape: tuple[int, int], eps: float) -> np.ndarray:
-    return values[..., 0] * max(shape) * eps
-
-
-def _resolve_tol(
-    values: np.ndarray,
-    shape: tuple[int, int],
-    eps: float,
-    tol: Any,
-    rtol: Any,
-    caller: str,
-) -> np.ndarray:
-    batch_shape = values.shape[:-1]
-    if tol is not None and rtol is not None:
-        raise DynamicsError(f"{caller}(): give at most one of `tol` and `rtol`, got both")
-    if rtol is not None:
-        r = check_tolerance(rtol, name="rtol", caller=caller, batch_shape=batch_shape)
-        return np.broadcast_to(r * values[..., 0], batch_shape)
-    if tol is not None:
-        a = check_tolerance(tol, name="tol", caller=caller, batch_shape=batch_shape)
-        return np.broadcast_to(a, batch_shape)
-    return _default_tol(values, shape, eps)
-
-
-def _numerical_rank(values: np.ndarray, tol: np.ndarray) -> np.ndarray:
-    return (values > np.asarray(tol)[..., None]).sum(-1).astype(np.int64)
-
-
-def _sigma_min(values: np.ndarray, k: int) -> np.ndarray:
-    if values.shape[-1] < k:  # implied structural zeros
-        return np.zeros(values.shape[:-1])
-    return values[..., -1]
-
-
-def _condition_number(values: np.ndarray, k: int) -> np.ndarray:
-    smin = _sigma_min(values, k)
-    s1 = values[..., 0]
-    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
-        c = np.where(smin > 0, s1 / np.where(smin > 0, smin, 1.0), np.inf)
-    return np.maximum(c, 1.0)
-
-
-def _truncated_condition_number(values: np.ndarray, tol: np.ndarray) -> np.ndarray:
-    r = _numerical_rank(values, tol)
-    idx = np.maximum(r - 1, 0)[..., None]
-    sr = np.take_along_axis(values, idx, axis=-1)[..., 0]
-    s1 = values[..., 0]
-    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
-        c = np.where((r > 0) & (sr > 0), s1 / np.where(sr > 0, sr, 1.0), np.inf)
-    return np.maximum(c, 1.0)
-
-
-def _top_k_energy(values: np.ndarray, k: int) -> np.ndarray:
-    t, nonzero = _normalised(values)
-    e = t * t
-    total = e.sum(-1)
-    head = e[..., :k].sum(-1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(nonzero, np.clip(head / np.where(total > 0, total, 1.0), 0, 1), 0.0)
-
-
-def _tail_energy(values: np.ndarray, k: int) -> np.ndarray:
-    t, nonzero = _normalised(values)
-    e = t * t
-    total = e.sum(-1)
-    tail = e[..., k:].sum(-1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(nonzero, np.clip(tail / np.where(total > 0, total, 1.0), 0, 1), 0.0)
-
-
-def _out(a: np.ndarray, *, integer: bool = False) -> Result:
-    """Python scalar for a 0-d result, numpy array of the batch shape otherwise."""
-    a = np.asarray(a)
-    if a.ndim == 0:
-        return int(a) if integer else float(a)
-    return a.astype(np.int64 if integer else np.float64)
+# The kernels behind these wrappers (functions of a descending ``values`` array) are in dynamics._kernels;
+# Spectrum's methods call them, so a Spectrum computed once serves every metric.
 
 
 # --------------------------------------------------------------------------- wrappers
 
-def _as_spectrum(M: Any, *, method: str, caller: str) -> "Spectrum":
-    from .spectra import Spectrum, spectrum  # deferred: spectra imports this module
-
+def _as_spectrum(M: Any, *, method: str, caller: str) -> Spectrum:
+    """``M`` itself if it is a :class:`Spectrum`, else its spectrum by ``method``."""
     if isinstance(M, Spectrum):
         return M
     return spectrum(M, method=method, name="M", caller=caller)
@@ -283,7 +148,7 @@ def stable_rank(M: Any, *, method: str = "auto") -> Result:
 
 def numerical_rank(
     M: Any, *, tol: Any = None, rtol: Any = None, method: str = "auto"
-) -> Union[int, np.ndarray]:
+) -> int | np.ndarray:
     """Numerical rank ``#{{s_i > tol}}``.
 
     Parameters
@@ -466,6 +331,3 @@ for _f in (
         _f.__doc__ = _f.__doc__.replace("{M}", _M_DOC).replace("{{", "{").replace("}}", "}")
 del _f
 
-
-def _check_k(k: Any, caller: str) -> int:
-    return check_positive_int(k, name="k", caller=caller)

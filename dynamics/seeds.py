@@ -16,11 +16,13 @@ number).
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import pandas as pd
 
+from dynamics.summary import COMPONENT_ORDER
 from dynamics.validation import DynamicsError
 
 __all__ = ["replicate_values", "mean_interval", "paired_test", "seed_summary"]
@@ -49,10 +51,11 @@ def replicate_values(table: pd.DataFrame, *, kind: str, metric: str, step: int |
     vals = rows.groupby(["run", "method", "component"], as_index=False)["value"].mean()
     seeds = table[(table["kind"] == "run") & (table["metric"] == "seed")].groupby("run")["value"].first()
     vals["seed"] = vals["run"].map(seeds).fillna(-1).astype(int)
-    return vals[["run", "method", "seed", "component", "value"]]
+    out: pd.DataFrame = vals[["run", "method", "seed", "component", "value"]]
+    return out
 
 
-def mean_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float | None, float | None]:
+def mean_interval(values: npt.ArrayLike, confidence: float = 0.95) -> tuple[float, float | None, float | None]:
     """``(mean, low, high)`` of the Student-t interval; ``low``/``high`` are ``None`` with fewer than 2 values."""
     from scipy import stats
 
@@ -66,7 +69,7 @@ def mean_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[fl
     return mean, mean - half, mean + half
 
 
-def paired_test(a: Sequence[float], b: Sequence[float], *, paired: bool = True) -> dict:
+def paired_test(a: npt.ArrayLike, b: npt.ArrayLike, *, paired: bool = True) -> dict[str, Any]:
     """Test ``mean(b − a) = 0``: paired t-test (``paired``, equal lengths) or Welch's t-test.
 
     Returns ``{"test": name, "n": pairs or (n_a, n_b), "statistic": t or None, "p_value": p or None}``;
@@ -75,25 +78,26 @@ def paired_test(a: Sequence[float], b: Sequence[float], *, paired: bool = True) 
     """
     from scipy import stats
 
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    xa, xb = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    n: int | tuple[int, int]
     if paired:
-        if a.shape != b.shape:
-            raise DynamicsError(f"paired_test(): paired samples need equal lengths, got {a.size} and {b.size}")
-        name, n = "paired t-test (scipy.stats.ttest_rel)", int(a.size)
-        if a.size < 2:
-            return {"test": f"no test: {a.size} seed pair (need >= 2)", "n": n, "statistic": None, "p_value": None}
-        if np.allclose(b - a, (b - a)[0]):
+        if xa.shape != xb.shape:
+            raise DynamicsError(f"paired_test(): paired samples need equal lengths, got {xa.size} and {xb.size}")
+        name, n = "paired t-test (scipy.stats.ttest_rel)", int(xa.size)
+        if xa.size < 2:
+            return {"test": f"no test: {xa.size} seed pair (need >= 2)", "n": n, "statistic": None, "p_value": None}
+        if np.allclose(xb - xa, (xb - xa)[0]):
             return {"test": "no test: identical differences in every pair", "n": n, "statistic": None,
                     "p_value": None}
-        res = stats.ttest_rel(b, a)
+        res = stats.ttest_rel(xb, xa)
     else:
-        name, n = "Welch's t-test (scipy.stats.ttest_ind, equal_var=False)", (int(a.size), int(b.size))
-        if min(a.size, b.size) < 2:
-            return {"test": f"no test: {min(a.size, b.size)} run of a method (need >= 2)", "n": n,
+        name, n = "Welch's t-test (scipy.stats.ttest_ind, equal_var=False)", (int(xa.size), int(xb.size))
+        if min(xa.size, xb.size) < 2:
+            return {"test": f"no test: {min(xa.size, xb.size)} run of a method (need >= 2)", "n": n,
                     "statistic": None, "p_value": None}
-        if np.ptp(a) == 0 and np.ptp(b) == 0:
+        if np.ptp(xa) == 0 and np.ptp(xb) == 0:
             return {"test": "no test: no variation within either method", "n": n, "statistic": None, "p_value": None}
-        res = stats.ttest_ind(b, a, equal_var=False)
+        res = stats.ttest_ind(xb, xa, equal_var=False)
     return {"test": name, "n": n, "statistic": float(res.statistic), "p_value": float(res.pvalue)}
 
 
@@ -111,8 +115,8 @@ def seed_summary(table: pd.DataFrame, *, kind: str = "weight", metric: str = "pr
     a_name, b_name = methods
     out = []
     for comp, g in vals.groupby("component", sort=False):
-        row: dict = {"component": comp}
-        per = {}
+        row: dict[str, Any] = {"component": comp}
+        per: dict[str, pd.DataFrame] = {}
         for m in methods:
             x = g[g["method"] == m].sort_values("seed")
             per[m] = x
@@ -140,8 +144,6 @@ def seed_summary(table: pd.DataFrame, *, kind: str = "weight", metric: str = "pr
     if not out:
         raise DynamicsError(f"seed summary: no component has rows of both methods {list(methods)} "
                             f"for kind={kind!r}, metric={metric!r}")
-    from dynamics.summary import COMPONENT_ORDER
-
     result = pd.DataFrame(out).set_index("component")
     order = [c for c in COMPONENT_ORDER if c in result.index] + sorted(c for c in result.index if c not in COMPONENT_ORDER)
     result = result.loc[order].astype(object)

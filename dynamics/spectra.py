@@ -38,22 +38,31 @@ of ``L @ R`` from a QR of each factor and an SVD of the small ``r x r`` core.
 from __future__ import annotations
 
 import math
-import warnings
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Union
+from typing import Any
 
 import numpy as np
 import torch
 
-from . import metrics as _m
+from . import _kernels as kern
+from ._kernels import (
+    GRAM_MIN_ASPECT,
+    GRAM_MIN_SIGMA_RATIO,
+    GRAM_SIGMA_RANGE,
+    SVD_METHODS,
+    Result,
+    factored_values,
+    finite_or_raise,
+    svdvals,
+)
 from .validation import (
-    check_compatible_pair,
     DynamicsError,
-    DynamicsWarning,
     NonFiniteError,
     ShapeError,
     as_matrix_batch,
     as_tensor,
+    check_compatible_pair,
     check_option,
     dtype_name,
     eps_of,
@@ -69,19 +78,11 @@ __all__ = [
     "GRAM_SIGMA_RANGE",
 ]
 
-#: auto mode tries the Gram route when max(m, n) >= GRAM_MIN_ASPECT * min(m, n).
-GRAM_MIN_ASPECT = 2.0
-#: the Gram result is kept only if s_k >= GRAM_MIN_SIGMA_RATIO * s_1 (cond <= 1e4).
-GRAM_MIN_SIGMA_RATIO = 1e-4
-#: ... and only if GRAM_SIGMA_RANGE[0] <= s_1 <= GRAM_SIGMA_RANGE[1]: outside it
-#: the squared entries under/overflow float64 (the zero matrix also goes direct).
-GRAM_SIGMA_RANGE = (1e-75, 1e75)
+# GRAM_MIN_ASPECT, GRAM_MIN_SIGMA_RATIO and GRAM_SIGMA_RANGE (the 'auto' rule above) are defined in
+# dynamics._kernels, next to the routes that use them, and re-exported here.
 
-_METHODS = ("auto", "direct", "gram")
 _FORMAT = "dynamics.Spectrum"
 _VERSION = 1
-
-Result = Union[float, np.ndarray]
 
 
 # --------------------------------------------------------------------------- Spectrum
@@ -209,7 +210,7 @@ class Spectrum:
             raise TypeError("a single-matrix Spectrum has no length; it is not batched")
         return self.batch_shape[0]
 
-    def __getitem__(self, index: Any) -> "Spectrum":
+    def __getitem__(self, index: Any) -> Spectrum:
         """Select batch elements: ``spec[i]``, ``spec[2:5]``, ``spec[i, j]``."""
         idx = index if isinstance(index, tuple) else (index,)
         if not self.batch_shape:
@@ -227,92 +228,92 @@ class Spectrum:
     # ------------------------------------------------------------------ metrics
     def sigma_max(self) -> Result:
         """Largest singular value ``s_1`` (operator 2-norm)."""
-        return _m._out(self.values[..., 0])
+        return kern.as_result(self.values[..., 0])
 
     def sigma_min(self) -> Result:
         """Smallest singular value ``s_k`` (0 if only ``r < k`` values are stored)."""
-        return _m._out(_m._sigma_min(self.values, self.k))
+        return kern.as_result(kern.sigma_min(self.values, self.k))
 
     def default_tol(self) -> Result:
         """Default rank tolerance ``s_1 * max(m, n) * eps(dtype)``."""
-        return _m._out(_m._default_tol(self.values, self.shape, self.eps))
+        return kern.as_result(kern.default_tol(self.values, self.shape, self.eps))
 
     def effective_rank(self) -> Result:
         """``exp(-sum p ln p)``, ``p = s / sum(s)`` (natural log); zero matrix -> 0."""
-        return _m._out(_m._effective_rank(self.values))
+        return kern.as_result(kern.effective_rank(self.values))
 
     def proportional_effective_rank(self) -> Result:
         """Effective rank / ``min(m, n)``, in (0, 1]; zero matrix -> 0."""
-        return _m._out(_m._effective_rank(self.values) / self.k)
+        return kern.as_result(kern.effective_rank(self.values) / self.k)
 
     def stable_rank(self) -> Result:
         """``sum(s**2) / s_1**2``; zero matrix -> 0."""
-        return _m._out(_m._stable_rank(self.values))
+        return kern.as_result(kern.stable_rank(self.values))
 
     def participation_ratio(self) -> Result:
         """``(sum s**2)**2 / sum s**4``; zero matrix -> 0."""
-        return _m._out(_m._participation_ratio(self.values))
+        return kern.as_result(kern.participation_ratio(self.values))
 
     def spectral_entropy(self) -> Result:
         """``H(p) / ln k`` with ``p = s / sum(s)``; 0 when ``k = 1`` or for the zero matrix."""
-        return _m._out(_m._spectral_entropy(self.values, self.k))
+        return kern.as_result(kern.spectral_entropy(self.values, self.k))
 
-    def numerical_rank(self, *, tol: Any = None, rtol: Any = None) -> Union[int, np.ndarray]:
+    def numerical_rank(self, *, tol: Any = None, rtol: Any = None) -> int | np.ndarray:
         """``#{s_i > tol}``; default ``tol = s_1 * max(m, n) * eps(dtype)``; or ``tol = rtol * s_1``."""
-        t = _m._resolve_tol(self.values, self.shape, self.eps, tol, rtol, "numerical_rank")
-        return _m._out(_m._numerical_rank(self.values, t), integer=True)
+        t = kern.resolve_tol(self.values, self.shape, self.eps, tol, rtol, "numerical_rank")
+        return kern.as_count(kern.numerical_rank(self.values, t))
 
     def condition_number(self, *, log10: bool = False) -> Result:
         """``s_1 / s_k`` (``inf`` when ``s_k = 0``), or its log10."""
-        c = _m._condition_number(self.values, self.k)
-        return _m._out(np.log10(c) if log10 else c)
+        c = kern.condition_number(self.values, self.k)
+        return kern.as_result(np.log10(c) if log10 else c)
 
     def truncated_condition_number(
         self, *, tol: Any = None, rtol: Any = None, log10: bool = False
     ) -> Result:
         """``s_1 / s_r`` over the ``r`` singular values above the rank tolerance."""
-        t = _m._resolve_tol(
+        t = kern.resolve_tol(
             self.values, self.shape, self.eps, tol, rtol, "truncated_condition_number"
         )
-        c = _m._truncated_condition_number(self.values, t)
-        return _m._out(np.log10(c) if log10 else c)
+        c = kern.truncated_condition_number(self.values, t)
+        return kern.as_result(np.log10(c) if log10 else c)
 
     def top_k_energy(self, k: int) -> Result:
         """Fraction of ``sum s**2`` in the ``k`` largest singular values."""
-        k = _m._check_k(k, "top_k_energy")
-        return _m._out(_m._top_k_energy(self.values, k))
+        k = kern.check_k(k, "top_k_energy")
+        return kern.as_result(kern.top_k_energy(self.values, k))
 
     def tail_energy(self, k: int) -> Result:
         """Fraction of ``sum s**2`` outside the ``k`` largest singular values."""
-        k = _m._check_k(k, "tail_energy")
-        return _m._out(_m._tail_energy(self.values, k))
+        k = kern.check_k(k, "tail_energy")
+        return kern.as_result(kern.tail_energy(self.values, k))
 
     def metrics(
         self, *, tol: Any = None, rtol: Any = None, top_k: Iterable[int] = (1, 10)
     ) -> dict[str, Result]:
         """All metrics as a dict (see :func:`dynamics.spectrum_metrics` for keys)."""
         v, k = self.values, self.k
-        t = _m._resolve_tol(v, self.shape, self.eps, tol, rtol, "spectrum_metrics")
-        erank = _m._effective_rank(v)
-        cond = _m._condition_number(v, k)
-        tcond = _m._truncated_condition_number(v, t)
+        t = kern.resolve_tol(v, self.shape, self.eps, tol, rtol, "spectrum_metrics")
+        erank = kern.effective_rank(v)
+        cond = kern.condition_number(v, k)
+        tcond = kern.truncated_condition_number(v, t)
         out: dict[str, Result] = {
-            "effective_rank": _m._out(erank),
-            "proportional_effective_rank": _m._out(erank / k),
-            "stable_rank": _m._out(_m._stable_rank(v)),
-            "numerical_rank": _m._out(_m._numerical_rank(v, t), integer=True),
-            "condition_number": _m._out(cond),
-            "log10_condition_number": _m._out(np.log10(cond)),
-            "truncated_condition_number": _m._out(tcond),
-            "log10_truncated_condition_number": _m._out(np.log10(tcond)),
-            "spectral_entropy": _m._out(_m._spectral_entropy(v, k)),
-            "participation_ratio": _m._out(_m._participation_ratio(v)),
-            "sigma_max": _m._out(v[..., 0]),
-            "sigma_min": _m._out(_m._sigma_min(v, k)),
+            "effective_rank": kern.as_result(erank),
+            "proportional_effective_rank": kern.as_result(erank / k),
+            "stable_rank": kern.as_result(kern.stable_rank(v)),
+            "numerical_rank": kern.as_count(kern.numerical_rank(v, t)),
+            "condition_number": kern.as_result(cond),
+            "log10_condition_number": kern.as_result(np.log10(cond)),
+            "truncated_condition_number": kern.as_result(tcond),
+            "log10_truncated_condition_number": kern.as_result(np.log10(tcond)),
+            "spectral_entropy": kern.as_result(kern.spectral_entropy(v, k)),
+            "participation_ratio": kern.as_result(kern.participation_ratio(v)),
+            "sigma_max": kern.as_result(v[..., 0]),
+            "sigma_min": kern.as_result(kern.sigma_min(v, k)),
         }
         for kk in top_k:
-            kk = _m._check_k(kk, "spectrum_metrics")
-            out[f"top_{kk}_energy"] = _m._out(_m._top_k_energy(v, kk))
+            kk = kern.check_k(kk, "spectrum_metrics")
+            out[f"top_{kk}_energy"] = kern.as_result(kern.top_k_energy(v, kk))
         return out
 
     # ------------------------------------------------------------------ storage
@@ -329,7 +330,7 @@ class Spectrum:
         }
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "Spectrum":
+    def from_dict(cls, data: Mapping[str, Any]) -> Spectrum:
         """Rebuild a Spectrum written by :meth:`to_dict`."""
         if not isinstance(data, Mapping):
             raise DynamicsError(
@@ -352,85 +353,6 @@ class Spectrum:
         if "values_shape" in data:
             values = values.reshape(tuple(data["values_shape"]))
         return cls(values, tuple(data["shape"]), data["dtype"], data.get("method", "given"))
-
-
-# --------------------------------------------------------------------------- routes
-
-def _direct(x: torch.Tensor) -> np.ndarray:
-    return torch.linalg.svdvals(x).to("cpu", torch.float64).numpy()
-
-
-def _gram(x: torch.Tensor) -> np.ndarray | None:
-    """Singular values from the float64 Gram matrix; None if it overflowed.
-
-    Everything runs in torch (one BLAS thread pool): mixing numpy's OpenBLAS
-    and torch's OpenMP pools in one process oversubscribes small CPUs.
-    """
-    m, n = x.shape[-2:]
-    x64 = x.double()
-    g = x64.mT @ x64 if m >= n else x64 @ x64.mT
-    if not bool(torch.isfinite(torch.diagonal(g, dim1=-2, dim2=-1)).all()):
-        return None
-    lam = torch.linalg.eigvalsh(g).to("cpu", torch.float64).numpy()
-    return np.sqrt(np.clip(lam, 0.0, None))[..., ::-1].copy()
-
-
-def _gram_out_of_range(values: np.ndarray) -> np.ndarray:
-    """s_1 outside GRAM_SIGMA_RANGE: squares under/overflow (incl. the zero matrix)."""
-    s1 = values[..., 0]
-    return (s1 < GRAM_SIGMA_RANGE[0]) | (s1 > GRAM_SIGMA_RANGE[1])
-
-
-def _gram_inaccurate(values: np.ndarray) -> np.ndarray:
-    s1 = values[..., 0]
-    return (s1 > 0) & (values[..., -1] < GRAM_MIN_SIGMA_RATIO * s1)
-
-
-def _svdvals(x: torch.Tensor, method: str) -> tuple[np.ndarray, str]:
-    """Singular values (float64 numpy, descending) of a validated tensor."""
-    m, n = x.shape[-2:]
-    if method == "auto":
-        use_gram = x.device.type == "cpu" and max(m, n) >= GRAM_MIN_ASPECT * min(m, n)
-    else:
-        use_gram = method == "gram"
-    if not use_gram:
-        return _direct(x), "direct"
-    vals = _gram(x)
-    if vals is None:  # overflow of s**2: only the direct route can do it
-        return _direct(x), "direct"
-    out_of_range = _gram_out_of_range(vals)  # the squares themselves are wrong
-    inaccurate = _gram_inaccurate(vals) & ~out_of_range
-    if method == "gram":
-        if inaccurate.any():
-            warnings.warn(
-                "method='gram' on an ill-conditioned matrix (s_k < "
-                f"{GRAM_MIN_SIGMA_RATIO:g} * s_1): small singular values, the "
-                "condition number and the numerical rank are inaccurate; use "
-                "method='auto' or 'direct'",
-                DynamicsWarning,
-                stacklevel=3,
-            )
-        bad = out_of_range
-    else:
-        bad = out_of_range | inaccurate
-    if not bad.any():
-        return vals, "gram"
-    if vals.ndim == 1:
-        return _direct(x), "direct"
-    flat_vals = vals.reshape(-1, vals.shape[-1])
-    flat_bad = bad.reshape(-1)
-    idx = torch.from_numpy(np.nonzero(flat_bad)[0]).to(x.device)
-    flat_vals[flat_bad] = _direct(x.reshape(-1, m, n).index_select(0, idx))
-    route = "direct" if flat_bad.all() else "gram+direct"
-    return flat_vals.reshape(vals.shape), route
-
-
-def _finite_or_raise(values: np.ndarray, caller: str) -> None:
-    if not np.all(np.isfinite(values)):
-        raise NonFiniteError(
-            f"{caller}(): the singular value computation overflowed (entries near "
-            "the float64 limit); rescale the matrix first"
-        )
 
 
 # --------------------------------------------------------------------------- public
@@ -474,13 +396,13 @@ def spectrum(
     """
     if isinstance(M, Spectrum):
         return M
-    check_option(method, _METHODS, name="method", caller=caller)
+    check_option(method, SVD_METHODS, name="method", caller=caller)
     t = as_tensor(M, name=name, caller=caller)
     original = dtype_name(t)
     x = as_matrix_batch(t, name=name, caller=caller)
-    values, route = _svdvals(x, method)
-    _finite_or_raise(values, caller)
-    return Spectrum(values, tuple(x.shape[-2:]), original, route)
+    values, route = svdvals(x, method)
+    finite_or_raise(values, caller)
+    return Spectrum(values, (x.shape[-2], x.shape[-1]), original, route)
 
 
 def singular_values(M: Any, *, method: str = "auto") -> np.ndarray:
@@ -495,27 +417,6 @@ def singular_values(M: Any, *, method: str = "auto") -> np.ndarray:
             v = np.concatenate([v, pad], axis=-1)
         return np.array(v)
     return np.array(spectrum(M, method=method, caller="singular_values").values)
-
-
-def _r_factor(x: torch.Tensor) -> torch.Tensor:
-    """R of the reduced QR of ``x`` (..., p, q): shape (..., min(p, q), q)."""
-    return torch.linalg.qr(x, mode="r").R
-
-
-def _factored_values(
-    left: torch.Tensor, right: torch.Tensor, *, left_r: torch.Tensor | None = None,
-    right_r: torch.Tensor | None = None,
-) -> np.ndarray:
-    """Non-zero singular values of ``left @ right`` from the r x r core.
-
-    ``left = Q_l R_l`` and ``right^T = Q_r R_r`` give ``left @ right =
-    Q_l (R_l R_r^T) Q_r^T``, so ``sigma(left @ right) = sigma(R_l R_r^T)``.
-    Precomputed R factors can be passed (e.g. shared GQA value heads).
-    """
-    rl = _r_factor(left) if left_r is None else left_r
-    rr = _r_factor(right.mT) if right_r is None else right_r
-    core = rl @ rr.mT
-    return _direct(core)
 
 
 def product_spectrum(
@@ -567,6 +468,6 @@ def product_spectrum(
         )
     check_compatible_pair(L, R, names=names, caller=caller)
     dt = torch.promote_types(L.dtype, R.dtype)
-    values = _factored_values(L.to(dt), R.to(dt)) * abs(scale_f)
-    _finite_or_raise(values, caller)
+    values = factored_values(L.to(dt), R.to(dt)) * abs(scale_f)
+    finite_or_raise(values, caller)
     return Spectrum(values, (L.shape[-2], R.shape[-1]), original, "factored")

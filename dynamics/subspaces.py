@@ -78,7 +78,8 @@ def principal_angles(A: Any, B: Any) -> np.ndarray:
     if a.shape[1] > a.shape[0] or b.shape[1] > b.shape[0]:
         raise ShapeError(f"{caller}(): a basis must have at most as many columns as rows, got {a.shape} and {b.shape}")
     cos = np.linalg.svd(_orthonormal(a, "A", caller).T @ _orthonormal(b, "B", caller), compute_uv=False)
-    return np.arccos(np.clip(cos, 0.0, 1.0))
+    angles: np.ndarray = np.arccos(np.clip(cos, 0.0, 1.0))
+    return angles
 
 
 def subspace_overlap(A: Any, B: Any) -> float:

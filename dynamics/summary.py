@@ -5,12 +5,15 @@ from __future__ import annotations
 import pandas as pd
 
 from dynamics.validation import DynamicsError
+from trainer.names import ATTN_PROJS, MLP_PROJS
 
-#: Components in the order a reader scans a transformer layer.
-COMPONENT_ORDER = ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "mlp.down")
+#: The projections in the order a reader scans a transformer layer (``attn.q`` … ``mlp.down``).
+COMPONENT_ORDER: tuple[str, ...] = tuple(f"attn.{p}" for p in ATTN_PROJS) + tuple(f"mlp.{p}" for p in MLP_PROJS)
 
 
-def summarize(table: pd.DataFrame, *, kind: str = "weight", metric: str = "proportional_effective_rank") -> pd.DataFrame:
+def summarize(
+    table: pd.DataFrame, *, kind: str = "weight", metric: str = "proportional_effective_rank"
+) -> pd.DataFrame:
     """Per component: the layer-mean of ``metric`` at each method's first and last step, and its change.
 
     Columns are ``(method, start)``, ``(method, end)``, ``(method, change)`` for each
@@ -36,9 +39,13 @@ def summarize(table: pd.DataFrame, *, kind: str = "weight", metric: str = "propo
     result = pd.DataFrame(out)
     methods = rows["method"].unique()
     if {"full", "relora"} <= set(methods):
-        end_cols = {m: [c for c in result.columns if c[0] == m and c[1].startswith("end")][0] for m in ("full", "relora")}
+        end_cols = {
+            m: [c for c in result.columns if c[0] == m and c[1].startswith("end")][0] for m in ("full", "relora")
+        }
         result[("relora − full", "end")] = result[end_cols["relora"]] - result[end_cols["full"]]
-    order = [c for c in COMPONENT_ORDER if c in result.index] + sorted(c for c in result.index if c not in COMPONENT_ORDER)
+    order = [c for c in COMPONENT_ORDER if c in result.index] + sorted(
+        c for c in result.index if c not in COMPONENT_ORDER
+    )
     result = result.loc[order]
     result.index.name = f"{kind} {metric} (layer mean)"
     return result.round(4)

@@ -1,4 +1,4 @@
-"""Update matrices: ``W_t - W_{t-lag}``, per-restart and cumulative updates, LoRA ``s B A``.
+"""Update matrices: ``W_t - W_{t-lag}``, per-merge and cumulative updates, LoRA ``s B A``.
 
 Differences are computed in float64 (on CPU; float32 on CUDA unless float64)
 and returned in the framework of the first input (numpy in -> numpy out,
@@ -8,10 +8,10 @@ precision).  Because a returned difference no longer carries the weights'
 original dtype, prefer :func:`update_spectrum` (which records it, so the
 default rank tolerance uses the weights' eps) for half-precision weights.
 
-ReLoRA vocabulary (SPEC section 5): the per-cycle update ``W_{merge k} -
-W_{merge k-1}`` has rank <= r; the cumulative update ``W_t - W_0`` shows how
-restarts accumulate rank; the LoRA update of one cycle is ``s B A`` with
-``s = alpha / r``.
+ReLoRA vocabulary (SPEC section 5): the per-merge update ``W_{merge k} -
+W_{merge k-1}`` (one cycle's update) has rank <= r; the cumulative update
+``W_t - W_0`` shows how merges accumulate rank; the LoRA update of one cycle is
+``s B A`` with ``s = alpha / r``.
 """
 
 from __future__ import annotations
@@ -20,13 +20,14 @@ from typing import Any
 
 import torch
 
-from .spectra import Spectrum, _svdvals, _finite_or_raise, product_spectrum
+from ._kernels import SVD_METHODS, finite_or_raise, svdvals
+from .spectra import Spectrum, product_spectrum
 from .validation import (
-    check_compatible_pair,
     DynamicsError,
     ShapeError,
     as_matrix_batch,
     as_tensor,
+    check_compatible_pair,
     check_option,
     check_positive_int,
     compute_dtype,
@@ -36,6 +37,7 @@ from .validation import (
 __all__ = [
     "weight_update",
     "weight_updates",
+    "merge_updates",
     "restart_updates",
     "cumulative_updates",
     "update_spectrum",
@@ -153,8 +155,8 @@ def weight_updates(weights: Any, *, lag: int = 1) -> Any:
     return _like(x[lag:] - x[:-lag], template, out_dtype)
 
 
-def restart_updates(merged_weights: Any) -> Any:
-    """Per-restart (per ReLoRA cycle) updates ``W_{merge k} - W_{merge k-1}``.
+def merge_updates(merged_weights: Any) -> Any:
+    """Per-merge (per ReLoRA cycle) updates ``W_{merge k} - W_{merge k-1}``.
 
     Parameters
     ----------
@@ -169,9 +171,13 @@ def restart_updates(merged_weights: Any) -> Any:
         ``(K, ..., m, n)``.  Each has rank <= r (the LoRA rank) when the merges
         were the only change (frozen base, trainable embeddings aside).
     """
-    caller = "restart_updates"
+    caller = "merge_updates"
     x, template, out_dtype = _stack(merged_weights, name="merged_weights", caller=caller)
     return _like(x[1:] - x[:-1], template, out_dtype)
+
+
+#: The former name of :func:`merge_updates`, kept so existing code and notebooks keep working.
+restart_updates = merge_updates
 
 
 def cumulative_updates(weights: Any) -> Any:
@@ -204,13 +210,13 @@ def update_spectrum(new: Any, old: Any, *, method: str = "auto") -> Spectrum:
         Singular-value route (see :func:`dynamics.spectrum`).
     """
     caller = "update_spectrum"
-    check_option(method, ("auto", "direct", "gram"), name="method", caller=caller)
+    check_option(method, SVD_METHODS, name="method", caller=caller)
     tn, to, a, b = _checked_pair(new, old, caller)
     original = dtype_name(torch.promote_types(tn.dtype, to.dtype))
     dt = torch.promote_types(a.dtype, b.dtype)
-    values, route = _svdvals(a.to(dt) - b.to(dt), method)
-    _finite_or_raise(values, caller)
-    return Spectrum(values, tuple(a.shape[-2:]), original, route)
+    values, route = svdvals(a.to(dt) - b.to(dt), method)
+    finite_or_raise(values, caller)
+    return Spectrum(values, (a.shape[-2], a.shape[-1]), original, route)
 
 
 def _check_lora(B: Any, A: Any, caller: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -20,7 +20,8 @@ Conversion rules (:func:`as_matrix_batch`)
 
 from __future__ import annotations
 
-from typing import Any, Sequence, Union
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -44,7 +45,7 @@ __all__ = [
     "check_same_batch",
 ]
 
-ArrayLike = Union[np.ndarray, torch.Tensor]
+ArrayLike = np.ndarray | torch.Tensor
 
 
 class DynamicsError(ValueError):
@@ -87,9 +88,9 @@ def dtype_name(x: Any) -> str:
     if isinstance(x, torch.dtype):
         return str(x).replace("torch.", "")
     if isinstance(x, np.dtype):
-        return x.name
+        return str(x.name)
     if isinstance(x, np.ndarray):
-        return x.dtype.name
+        return str(x.dtype.name)
     if isinstance(x, str):
         return x
     return np.asarray(x).dtype.name
@@ -160,7 +161,7 @@ def as_tensor(x: Any, *, name: str, caller: str) -> torch.Tensor:
             )
         try:
             a = np.asarray(x)
-        except Exception as exc:  # ragged lists and the like
+        except Exception as exc:  # noqa: BLE001 - any object may arrive; its conversion failure (ragged lists ...) is bad input
             raise DynamicsError(
                 f"{_prefix(caller, name)} could not be converted to an array "
                 f"({type(x).__name__}: {exc})"
@@ -366,8 +367,8 @@ def check_compatible_pair(
             "move both to the same device"
         )
     try:
-        torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
-    except RuntimeError:
+        np.broadcast_shapes(tuple(a.shape[:-2]), tuple(b.shape[:-2]))
+    except ValueError:
         raise ShapeError(
             f"{caller}(): batch dimensions of `{names[0]}` {tuple(a.shape[:-2])} and "
             f"`{names[1]}` {tuple(b.shape[:-2])} do not broadcast"

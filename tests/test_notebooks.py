@@ -1,7 +1,7 @@
-"""analysis_notebooks/: every notebook executes on a freshly trained and analysed pair of tiny runs.
+"""analysis_notebooks/: every notebook executes on the session's trained and analysed pair (tests/conftest.py).
 
-The executions are ``slow`` (a ~15 s fixture, then a kernel per notebook); the
-checks on the saved files (stripped outputs, public API only) are fast.
+The executions are ``slow`` (a kernel per notebook); the checks on the saved
+files (stripped outputs, public API only) are fast.
 """
 
 from __future__ import annotations
@@ -16,11 +16,12 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = ROOT / "analysis_notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
-EXPECTED = ["01_rank_over_training.ipynb", "02_gradient_conditioning.ipynb", "03_update_matrix_rank.ipynb",
-            "04_representation_similarity.ipynb"]
-COMMON = ["steps=12", "checkpoint_interval=4", "seq_len=32", "batch_size=8", "data.train_tokens=50000",
-          "data.val_tokens=5000", "eval_interval=4", "eval_batches=2", "warmup_steps=2"]
-RELORA = ["method=relora", "relora.rank=4", "relora.reset_every=4", "relora.restart_warmup=1"]
+EXPECTED = [
+    "01_rank_over_training.ipynb",
+    "02_gradient_conditioning.ipynb",
+    "03_update_matrix_rank.ipynb",
+    "04_representation_similarity.ipynb",
+]
 
 
 def _code(path: Path) -> list[str]:
@@ -49,20 +50,10 @@ def test_notebook_saved_stripped_and_public_api_only(path):
 # ---------------------------------------------------------------------------------------- execution
 
 
-@pytest.fixture(scope="module")
-def results_table(tmp_path_factory) -> Path:
-    """A full-rank and a ReLoRA micro run (12 steps, checkpoints every 4, merges every 4), analysed."""
-    from dynamics.analyze import analyze_runs
-    from trainer.config import build_config
-    from trainer.train import train
-
-    d = tmp_path_factory.mktemp("notebook_runs")
-    train(build_config(preset="micro", overrides=COMMON + ["method=full"]), d / "full", progress=False)
-    train(build_config(preset="micro", overrides=COMMON + RELORA), d / "relora", progress=False)
-    out = d / "results.parquet"
-    _, errors = analyze_runs([d / "full", d / "relora"], out, progress=False)
-    assert errors == []
-    return out
+@pytest.fixture
+def results_table(analysed_pair) -> Path:
+    """The shared pair's results table (full rank and ReLoRA, checkpoints at 0, 4, 8, merges at 4 and 8)."""
+    return analysed_pair[1]
 
 
 @pytest.fixture(scope="module")
@@ -74,9 +65,15 @@ def kernel_dir(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("jupyter")
     spec = d / "kernels" / "python3"
     spec.mkdir(parents=True)
-    (spec / "kernel.json").write_text(json.dumps({
-        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-        "display_name": "Python 3 (tests)", "language": "python"}))
+    (spec / "kernel.json").write_text(
+        json.dumps(
+            {
+                "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+                "display_name": "Python 3 (tests)",
+                "language": "python",
+            }
+        )
+    )
     return d
 
 
@@ -91,8 +88,9 @@ def test_notebook_executes(path, results_table, kernel_dir, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.delenv("MPLBACKEND", raising=False)  # the kernel's inline backend turns figures into outputs
     nb = nbformat.read(path, as_version=4)
-    client = NotebookClient(nb, kernel_name="python3", timeout=180, allow_errors=False,
-                            resources={"metadata": {"path": str(path.parent)}})
+    client = NotebookClient(
+        nb, kernel_name="python3", timeout=180, allow_errors=False, resources={"metadata": {"path": str(path.parent)}}
+    )
     client.execute()  # raises CellExecutionError naming the cell on the first error
 
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]

@@ -8,9 +8,9 @@ assumes memory grows with ``b`` (true of a training step).
 
 :class:`TrainStepProbe` is the real ``try_step`` for a
 :class:`~trainer.config.TrainConfig`: the trainer's model (``method=relora``:
-ReLoRA-wrapped), its AdamW (:func:`trainer.train.build_optimizer`, fused on
+ReLoRA-wrapped), its AdamW (:func:`trainer.runtime.build_optimizer`, fused on
 CUDA), bf16 autocast where the trainer uses it and ``torch.compile`` where the
-config asks for it, running whole training steps on random token ids of
+config asks for it (the policies of :mod:`trainer.runtime`), running whole training steps on random token ids of
 ``seq_len`` at micro-batch ``b``, and recording the peak allocated memory.
 
 :func:`measure_batch_size` combines the two for ``dynamics batch-size`` and
@@ -26,34 +26,30 @@ headroom; keep some when the largest size is used directly.
 
 from __future__ import annotations
 
-import contextlib
-import gc
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
-from torch import nn
 
 from trainer import relora
 from trainer.config import TrainConfig
 from trainer.model import Decoder
-from trainer.train import CompiledLoss, build_optimizer, uses_bf16, uses_compile
+from trainer.runtime import (  # is_out_of_memory, release_memory: importable from here as before
+    CompiledLoss,
+    autocast_for,
+    build_optimizer,
+    is_out_of_memory,
+    release_memory,
+    uses_bf16,
+    uses_compile,
+)
+
+__all__ = [
+    "GIB", "is_out_of_memory", "release_memory", "find_micro_batch", "split_batch", "training_model",
+    "TrainStepProbe", "BatchSizeReport", "measure_batch_size",
+]
 
 GIB = 2**30
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    """Whether ``exc`` reports an exhausted device memory (``torch.cuda.OutOfMemoryError`` or a RuntimeError saying so)."""
-    if isinstance(exc, torch.cuda.OutOfMemoryError):
-        return True
-    return isinstance(exc, RuntimeError) and "out of memory" in str(exc)
-
-
-def release_memory() -> None:
-    """Collect garbage and, when CUDA is in use, return the caching allocator's free blocks to the driver."""
-    gc.collect()
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.empty_cache()
 
 
 def _fits(try_step: Callable[[int], None], b: int) -> bool:
@@ -132,7 +128,7 @@ def split_batch(max_micro: int, target: int) -> tuple[int, int]:
     return micro, target // micro
 
 
-def training_model(cfg: TrainConfig, device: torch.device | str) -> nn.Module:
+def training_model(cfg: TrainConfig, device: torch.device | str) -> Decoder:
     """The model a run of ``cfg`` trains, on ``device`` in train mode: :class:`~trainer.model.Decoder` initialised
     from ``cfg.seed`` (the caller's RNG is left as it was), ReLoRA-wrapped for ``method=relora`` (the state after
     the warm start), with the trainer's loss settings (``loss_chunk_tokens``)."""
@@ -163,6 +159,7 @@ class TrainStepProbe:
         self.model = training_model(cfg, self.device)
         self.optimizer = build_optimizer(self.model, cfg, self.device)
         self.bf16 = uses_bf16(cfg, self.device)
+        self.autocast = autocast_for(cfg, self.device)
         self.compiled = uses_compile(cfg, self.device)
         self.peaks: dict[int, int] = {}  # micro-batch → peak allocated bytes of one call (CUDA only)
 
@@ -189,10 +186,9 @@ class TrainStepProbe:
 
     def _run(self, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> None:
         """``steps`` training steps of ``loss_fn`` on ids ``x`` and targets ``y`` ``(b, T)`` int64."""
-        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
         try:
             for _ in range(self.steps):
-                with autocast:
+                with self.autocast():
                     loss = loss_fn(x, y)
                 loss.backward()
                 del loss

@@ -1,16 +1,7 @@
 """Run directories: the manifest, the step log and crash-safe checkpoints.
 
-Layout (documented in ``data/README.md``)::
-
-    <run>/manifest.json                 schema, resolved config, code version, checkpoint list + sha256 of every file
-    <run>/metrics.jsonl                 one JSON record per optimizer step
-    <run>/data/                         tokenised streams (see trainer.data)
-    <run>/checkpoints/step_000100/
-        model.safetensors               dense (effective) weights, canonical state-dict keys
-        adapters.safetensors            ReLoRA only: frozen base W, lora_a, lora_b per wrapped matrix
-        optimizer.pt                    optimizer state (torch.save; loaded with weights_only=True)
-        rng.pt                          RNG states (torch.save; loaded with weights_only=True)
-        trainer_state.json              step, tokens seen, lr, loss, merge count ...
+The layout and every file name are in :mod:`trainer.run_format` (documented in
+``data/README.md``); this module writes and reads them.
 
 A checkpoint directory is written under a temporary name, fsynced and renamed;
 then the manifest is atomically replaced with one listing it. The manifest is
@@ -21,34 +12,66 @@ renames) is incomplete as far as readers are concerned and is removed on resume.
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import shutil
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from trainer.atomic import atomic_write, atomic_write_dir, fault_point, inside, json_checksum, sha256_file
-from trainer.names import parse_step_dirname, step_dirname
+from trainer.errors import CheckpointError
+from trainer.run_format import (
+    ADAPTERS_FILE,
+    CHECKPOINTS_DIR,
+    DATA_DIR,
+    MANIFEST,
+    METRICS,
+    MODEL_FILE,
+    OPTIMIZER_FILE,
+    RNG_FILE,
+    RUN_SCHEMA_VERSION,
+    STATE_FILE,
+    checkpoint_file_problems,
+    checkpoint_relpath,
+    parse_step_dirname,
+)
 
-MANIFEST = "manifest.json"
-METRICS = "metrics.jsonl"
-CHECKPOINTS = "checkpoints"
-MODEL_FILE = "model.safetensors"
-ADAPTERS_FILE = "adapters.safetensors"
-OPTIMIZER_FILE = "optimizer.pt"
-RNG_FILE = "rng.pt"
-STATE_FILE = "trainer_state.json"
-RUN_SCHEMA_VERSION = 1
+if TYPE_CHECKING:
+    from trainer.model import Decoder
 
+__all__ = [
+    "CheckpointError",
+    "CheckpointPayload",
+    "MANIFEST",
+    "METRICS",
+    "CHECKPOINTS",
+    "MODEL_FILE",
+    "ADAPTERS_FILE",
+    "OPTIMIZER_FILE",
+    "RNG_FILE",
+    "STATE_FILE",
+    "RUN_SCHEMA_VERSION",
+    "code_version",
+    "read_manifest",
+    "check_manifest",
+    "write_manifest",
+    "new_manifest",
+    "save_checkpoint",
+    "remove_unlisted_checkpoints",
+    "checkpoint_entry",
+    "verify_checkpoint",
+    "load_checkpoint",
+    "load_model",
+]
 
-class CheckpointError(RuntimeError):
-    """A run directory or checkpoint that is missing, incomplete, corrupted or of an unknown schema."""
+#: The checkpoints directory's name (:data:`trainer.run_format.CHECKPOINTS_DIR`; this module's older name for it).
+CHECKPOINTS = CHECKPOINTS_DIR
 
 
 def code_version() -> dict[str, str | None]:
@@ -68,7 +91,10 @@ def code_version() -> dict[str, str | None]:
             sha = out.stdout.strip()
             dirty = subprocess.run(
                 ["git", "status", "--porcelain", "--untracked-files=no"],
-                cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5,
+                cwd=Path(__file__).parent,
+                capture_output=True,
+                text=True,
+                timeout=5,
             )
             if dirty.returncode == 0 and dirty.stdout.strip():
                 sha += "-dirty"
@@ -96,7 +122,8 @@ def read_manifest(run_dir: str | Path) -> dict[str, Any]:
     problem = check_manifest(manifest, Path(run_dir))
     if problem:
         raise CheckpointError(f"{path} {problem}")
-    return manifest
+    checked: dict[str, Any] = manifest
+    return checked
 
 
 def check_manifest(manifest: dict[str, Any], run_dir: Path) -> str | None:
@@ -109,14 +136,20 @@ def check_manifest(manifest: dict[str, Any], run_dir: Path) -> str | None:
     """
     stored = manifest.pop("checksum", None)
     if stored is not None and stored != json_checksum(manifest):
-        return ("is corrupted: its checksum does not match its content (after a deliberate hand edit, "
-                "delete the \"checksum\" key)")
+        return (
+            "is corrupted: its checksum does not match its content (after a deliberate hand edit, "
+            'delete the "checksum" key)'
+        )
     entries = manifest.get("checkpoints")
     if not isinstance(entries, list):
         return "has no checkpoint list; not a run manifest"
     try:
         for c in entries:
-            if not isinstance(c, dict) or not isinstance(c.get("step"), int) or not isinstance(c.get("sha256", {}), dict):
+            if (
+                not isinstance(c, dict)
+                or not isinstance(c.get("step"), int)
+                or not isinstance(c.get("sha256", {}), dict)
+            ):
                 raise ValueError(f"malformed checkpoint entry {str(c)[:80]!r}")
             inside(run_dir, c.get("path"), what="checkpoint path")
             for name in c.get("sha256", {}):
@@ -177,16 +210,22 @@ def save_checkpoint(run_dir: str | Path, payload: CheckpointPayload) -> dict[str
     """Write ``checkpoints/step_N/`` atomically and add it to the manifest; returns the manifest entry."""
     run_dir = Path(run_dir)
     step = int(payload.state["step"])
-    final = run_dir / CHECKPOINTS / step_dirname(step)
+    final = run_dir / checkpoint_relpath(step)
     if final.exists():  # left by a crash before the manifest listed it, or being overwritten on resume
         shutil.rmtree(final)
 
     def fill(tmp: Path) -> None:
-        save_file({k: v.detach().contiguous().cpu() for k, v in payload.model.items()}, tmp / MODEL_FILE,
-                  metadata={"step": str(step), "format": "pt"})
+        save_file(
+            {k: v.detach().contiguous().cpu() for k, v in payload.model.items()},
+            tmp / MODEL_FILE,
+            metadata={"step": str(step), "format": "pt"},
+        )
         if payload.adapters is not None:
-            save_file({k: v.detach().contiguous().cpu() for k, v in payload.adapters.items()}, tmp / ADAPTERS_FILE,
-                      metadata={"step": str(step), "format": "pt"})
+            save_file(
+                {k: v.detach().contiguous().cpu() for k, v in payload.adapters.items()},
+                tmp / ADAPTERS_FILE,
+                metadata={"step": str(step), "format": "pt"},
+            )
         _fault_point("checkpoint-write", step)
         torch.save(payload.optimizer, tmp / OPTIMIZER_FILE)
         torch.save(payload.rng, tmp / RNG_FILE)
@@ -199,7 +238,7 @@ def save_checkpoint(run_dir: str | Path, payload: CheckpointPayload) -> dict[str
         "tokens_seen": payload.state.get("tokens_seen"),
         "loss": payload.state.get("loss"),
         "val_loss": payload.state.get("val_loss"),
-        "path": f"{CHECKPOINTS}/{step_dirname(step)}",
+        "path": checkpoint_relpath(step),
         "sha256": {f.name: sha256_file(f) for f in sorted(final.iterdir()) if f.is_file()},
     }
     manifest = read_manifest(run_dir)
@@ -211,11 +250,11 @@ def save_checkpoint(run_dir: str | Path, payload: CheckpointPayload) -> dict[str
 
 def remove_unlisted_checkpoints(run_dir: str | Path, manifest: dict[str, Any]) -> list[Path]:
     """Delete checkpoint directories the manifest does not list and temp leftovers of interrupted writes; return them."""
-    root = Path(run_dir) / CHECKPOINTS
+    root = Path(run_dir) / CHECKPOINTS_DIR
     listed = {Path(c["path"]).name for c in manifest["checkpoints"]}
     removed = []
     # temporary files of atomic writes a crash interrupted (manifest, step log, tokenised data)
-    for pattern in (f".{MANIFEST}.*.tmp", f".{METRICS}.*.tmp", "data/.*.tmp"):
+    for pattern in (f".{MANIFEST}.*.tmp", f".{METRICS}.*.tmp", f"{DATA_DIR}/.*.tmp"):
         for leftover in Path(run_dir).glob(pattern):
             if leftover.is_file():
                 leftover.unlink(missing_ok=True)
@@ -230,7 +269,7 @@ def remove_unlisted_checkpoints(run_dir: str | Path, manifest: dict[str, Any]) -
 
 def checkpoint_entry(manifest: dict[str, Any], step: int | None = None) -> dict[str, Any]:
     """The manifest entry of ``step`` (the latest when ``None``)."""
-    entries = manifest["checkpoints"]
+    entries: list[dict[str, Any]] = manifest["checkpoints"]
     if not entries:
         raise CheckpointError("the run has no complete checkpoint yet")
     if step is None:
@@ -242,18 +281,21 @@ def checkpoint_entry(manifest: dict[str, Any], step: int | None = None) -> dict[
 
 
 def verify_checkpoint(run_dir: str | Path, entry: dict[str, Any]) -> None:
-    """Check every file of a checkpoint against the manifest's sha256. Raises :class:`CheckpointError` naming the file."""
-    ckpt = inside(run_dir, entry["path"], what="checkpoint path")
-    for name, digest in entry["sha256"].items():
-        f = inside(ckpt, name, what="checkpoint file name")
-        if not f.exists():
-            raise CheckpointError(f"{f} is missing (listed in the manifest)")
-        if sha256_file(f) != digest:
-            raise CheckpointError(f"{f} is corrupted: its sha256 does not match the manifest")
+    """Check every file of a checkpoint against the manifest's sha256. Raises :class:`CheckpointError` naming the file.
+
+    The check itself is :func:`trainer.run_format.checkpoint_file_problems` (shared with the readers).
+    """
+    try:
+        problems = checkpoint_file_problems(run_dir, entry)
+    except ValueError as e:  # a manifest path that leaves the run directory
+        raise CheckpointError(f"{Path(run_dir) / MANIFEST} is invalid: {e}") from None
+    if problems:
+        raise CheckpointError(problems[0][1])
 
 
-def load_checkpoint(run_dir: str | Path, step: int | None = None, *, verify: bool = True,
-                    map_location: str | torch.device = "cpu") -> CheckpointPayload:
+def load_checkpoint(
+    run_dir: str | Path, step: int | None = None, *, verify: bool = True, map_location: str | torch.device = "cpu"
+) -> CheckpointPayload:
     """Read a checkpoint (the latest when ``step`` is ``None``), verifying hashes first.
 
     Tensors come from safetensors; optimizer and RNG state through
@@ -267,7 +309,7 @@ def load_checkpoint(run_dir: str | Path, step: int | None = None, *, verify: boo
     ckpt = run_dir / entry["path"]
     adapters_path = ckpt / ADAPTERS_FILE
 
-    def read(name: str, load):
+    def read(name: str, load: Callable[[Path], Any]) -> Any:
         path = ckpt / name
         try:
             return load(path)
@@ -276,8 +318,9 @@ def load_checkpoint(run_dir: str | Path, step: int | None = None, *, verify: boo
             raise CheckpointError(
                 f"{path} is refused: it holds objects other than tensors and plain containers, which could run code "
                 f"when unpickled ({' '.join(x for x in first if x).strip()[:200]}). Do not load it with "
-                "weights_only=False unless you trust where it came from") from None
-        except Exception as e:  # safetensors/pickle/json each raise their own types on a damaged file
+                "weights_only=False unless you trust where it came from"
+            ) from None
+        except Exception as e:  # noqa: BLE001 - safetensors/pickle/json each raise their own types on a damaged file
             raise CheckpointError(f"{path} could not be read: {type(e).__name__}: {str(e)[:300]}") from None
 
     return CheckpointPayload(
@@ -285,11 +328,13 @@ def load_checkpoint(run_dir: str | Path, step: int | None = None, *, verify: boo
         optimizer=read(OPTIMIZER_FILE, lambda p: torch.load(p, map_location=map_location, weights_only=True)),
         rng=read(RNG_FILE, lambda p: torch.load(p, map_location="cpu", weights_only=True)),
         state=read(STATE_FILE, lambda p: json.loads(p.read_text())),
-        adapters=read(ADAPTERS_FILE, lambda p: load_file(p, device=str(map_location))) if adapters_path.exists() else None,
+        adapters=read(ADAPTERS_FILE, lambda p: load_file(p, device=str(map_location)))
+        if adapters_path.exists()
+        else None,
     )
 
 
-def load_model(run_dir: str | Path, step: int | None = None, *, device: str | torch.device = "cpu"):
+def load_model(run_dir: str | Path, step: int | None = None, *, device: str | torch.device = "cpu") -> Decoder:
     """Rebuild a run's model from its manifest and load a checkpoint's dense weights (eval mode).
 
     For ReLoRA runs this is the merged model (effective weights ``W + s·B·A``),
@@ -305,6 +350,8 @@ def load_model(run_dir: str | Path, step: int | None = None, *, device: str | to
     model = Decoder(cfg.model)
     try:
         model.load_state_dict(load_file(Path(run_dir) / entry["path"] / MODEL_FILE))
-    except Exception as e:
-        raise CheckpointError(f"{Path(run_dir) / entry['path'] / MODEL_FILE} does not fit the run's model: {e}") from None
+    except (RuntimeError, OSError, ValueError, KeyError) as e:  # missing/unexpected keys or shapes; unreadable file
+        raise CheckpointError(
+            f"{Path(run_dir) / entry['path'] / MODEL_FILE} does not fit the run's model: {e}"
+        ) from None
     return model.to(device).eval()

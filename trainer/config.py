@@ -15,15 +15,14 @@ import difflib
 import json
 import math
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
+
+from trainer.errors import ConfigError  # defined there; importable from here as before
 
 SCHEMA_VERSION = 1
-
-
-class ConfigError(ValueError):
-    """An invalid configuration (unknown key, wrong type or impossible value)."""
 
 
 @dataclass(frozen=True)
@@ -112,19 +111,25 @@ OPTIMIZER_RESETS = ("none", "full", "random", "magnitude")
 class ReLoRAConfig:
     """ReLoRA settings (SPEC §3). Used when ``method = "relora"``.
 
-    ``reset_every`` is the merge period; ``optimizer_reset_every`` and
-    ``lr_restart_every`` default (``None``) to it. ``optimizer_reset_ratio``
-    defaults to 0.999 for ``random`` and 0.9 for ``magnitude``.
+    Three periodic events, each with one name: a **merge** (``W ← W + s·B·A``
+    and fresh adapters) every ``merge_every`` updates; an **optimizer reset**
+    (pruning the adapters' Adam state) every ``optimizer_reset_every``; an
+    **lr restart** (the jagged cosine drops to 0 and warms up again over
+    ``lr_restart_warmup`` updates) every ``lr_restart_every``. The last two
+    default (``None``) to the merge period. ``optimizer_reset_ratio`` defaults
+    to 0.999 for ``random`` and 0.9 for ``magnitude``. The keys
+    ``reset_every``/``restart_warmup`` of older configs and manifests load as
+    ``merge_every``/``lr_restart_warmup`` (:data:`RENAMED_KEYS`).
     """
 
     rank: int = 16
     alpha: float = 32.0
     dropout: float = 0.1
     targets: tuple[str, ...] = RELORA_TARGETS
-    reset_every: int = 2000
+    merge_every: int = 2000
     optimizer_reset_every: int | None = None
     lr_restart_every: int | None = None
-    restart_warmup: int = 100
+    lr_restart_warmup: int = 100
     optimizer_reset: str = "random"
     optimizer_reset_ratio: float | None = None
     warm_start_steps: int = 0
@@ -135,7 +140,7 @@ class ReLoRAConfig:
         return self.alpha / self.rank
 
     def problems(self) -> list[str]:
-        p = _positive(self, "relora.", ("rank", "reset_every"))
+        p = _positive(self, "relora.", ("rank", "merge_every"))
         if not self.alpha > 0:
             p.append(f"relora.alpha must be > 0, got {self.alpha}")
         if not 0 <= self.dropout < 1:
@@ -147,8 +152,9 @@ class ReLoRAConfig:
             v = getattr(self, attr)
             if v is not None and v <= 0:
                 p.append(f"relora.{attr} must be > 0, got {v}")
-        if self.restart_warmup < 0 or self.restart_warmup >= self.lr_restart_period:
-            p.append(f"relora.restart_warmup={self.restart_warmup} must be in [0, lr restart period {self.lr_restart_period})")
+        if self.lr_restart_warmup < 0 or self.lr_restart_warmup >= self.lr_restart_period:
+            p.append(f"relora.lr_restart_warmup={self.lr_restart_warmup} must be in "
+                     f"[0, lr restart period {self.lr_restart_period})")
         if self.optimizer_reset not in OPTIMIZER_RESETS:
             p.append(f"relora.optimizer_reset must be one of {list(OPTIMIZER_RESETS)}, got {self.optimizer_reset!r}")
         r = self.optimizer_reset_ratio
@@ -160,15 +166,17 @@ class ReLoRAConfig:
 
     @property
     def optimizer_reset_period(self) -> int:
-        return self.optimizer_reset_every or self.reset_every
+        """Updates between two optimizer resets: ``optimizer_reset_every``, else the merge period."""
+        return self.optimizer_reset_every or self.merge_every
 
     @property
     def lr_restart_period(self) -> int:
-        return self.lr_restart_every or self.reset_every
+        """Updates between two lr restarts: ``lr_restart_every``, else the merge period."""
+        return self.lr_restart_every or self.merge_every
 
     @property
     def prune_ratio(self) -> float:
-        """Fraction of optimizer-state entries zeroed at a reset."""
+        """Fraction of optimizer-state entries zeroed at an optimizer reset."""
         if self.optimizer_reset_ratio is not None:
             return self.optimizer_reset_ratio
         return {"none": 0.0, "full": 1.0, "random": 0.999, "magnitude": 0.9}[self.optimizer_reset]
@@ -347,7 +355,7 @@ class TrainConfig:
             p.append(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
         return p
 
-    def validate(self) -> "TrainConfig":
+    def validate(self) -> TrainConfig:
         """Return ``self`` if valid, else raise :class:`ConfigError` listing every problem."""
         problems = self.problems()
         if problems:
@@ -368,6 +376,37 @@ def _positive(obj: Any, prefix: str, names: tuple[str, ...]) -> list[str]:
 
 
 _SECTIONS = {"model": ModelConfig, "data": DataConfig, "relora": ReLoRAConfig, "capture": CaptureConfig}
+
+#: Keys renamed since runs were first written: old dotted key → current one. Config files, ``--set``
+#: overrides and stored manifests that use an old key load as if they used the new one.
+RENAMED_KEYS: dict[str, str] = {
+    "relora.reset_every": "relora.merge_every",
+    "relora.restart_warmup": "relora.lr_restart_warmup",
+}
+
+
+def _renamed(data: Mapping[str, Any], where: str, problems: list[str]) -> dict[str, Any]:
+    """One source's nested settings with every old key of :data:`RENAMED_KEYS` under its current name.
+
+    A source that gives both the old and the new key with different values is a
+    problem (reported with ``where``); with equal values the old key is dropped.
+    """
+    out = dict(data)
+    for old, new in RENAMED_KEYS.items():
+        section, old_leaf = old.split(".")
+        new_leaf = new.split(".")[1]
+        settings = out.get(section)
+        if not isinstance(settings, Mapping) or old_leaf not in settings:
+            continue
+        settings = dict(settings)
+        value = settings.pop(old_leaf)
+        if new_leaf in settings and settings[new_leaf] != value:
+            problems.append(f"{where} sets both {old}={value!r} (its old name) and {new}={settings[new_leaf]!r}; "
+                            f"keep {new} only")
+        else:
+            settings[new_leaf] = value
+        out[section] = settings
+    return out
 
 
 def parse_value(text: str) -> Any:
@@ -495,19 +534,20 @@ def build_config(
     """Resolve a :class:`TrainConfig` from preset < file < ``cli`` flags < ``key=value`` overrides.
 
     ``cli`` holds already-typed top-level settings (``None`` values are ignored).
+    Old key names (:data:`RENAMED_KEYS`) are accepted in every source.
     Raises :class:`ConfigError` naming every unknown key, wrong type and impossible value.
     """
+    problems: list[str] = []
     layered: dict[str, Any] = {}
     if file is not None:
-        layered = _merge(layered, read_config_file(file))
-    layered = _merge(layered, {k: v for k, v in (cli or {}).items() if v is not None})
-    layered = _merge(layered, parse_overrides(overrides))
+        layered = _merge(layered, _renamed(read_config_file(file), f"config file {str(file)!r}", problems))
+    layered = _merge(layered, _renamed({k: v for k, v in (cli or {}).items() if v is not None}, "the config", problems))
+    layered = _merge(layered, _renamed(parse_overrides(overrides), "--set", problems))
     preset = preset or layered.get("preset") or "micro"
     if not isinstance(preset, str) or preset not in MODEL_PRESETS:  # a config file may hold any type here
         raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(MODEL_PRESETS)}")
     layered["preset"] = preset
 
-    problems: list[str] = []
     sections = {}
     for name, cls in _SECTIONS.items():
         section = layered.get(name, {})
@@ -526,5 +566,5 @@ def build_config(
 
 
 def config_from_dict(data: Mapping[str, Any]) -> TrainConfig:
-    """Rebuild a config saved with :meth:`TrainConfig.to_dict` (e.g. from a run's manifest)."""
+    """Rebuild a config saved with :meth:`TrainConfig.to_dict` (e.g. from a run's manifest, old key names too)."""
     return build_config(cli=data)

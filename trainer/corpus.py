@@ -78,8 +78,9 @@ not leakage.)
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -578,7 +579,7 @@ class GrammarCorpus:
         if isinstance(sentence, str):
             ids = self.encode(sentence)
         else:
-            seq = list(sentence)
+            seq: list[Any] = list(sentence)  # words or token ids
             ids = [self.word_to_id.get(w, UNK_ID) for w in seq] if seq and isinstance(seq[0], str) else seq
             bad = [i for i in ids if not 0 <= int(i) < self.vocab_size]
             if bad:

@@ -27,13 +27,10 @@ import torch
 
 from trainer.atomic import atomic_write_bytes, atomic_write_json, sha256_file
 from trainer.config import DataConfig
+from trainer.errors import DataError  # defined there; importable from here as before
 
 DATA_SCHEMA_VERSION = 1
 BYTE_EOS = 256  # byte-level tokenizer: ids 0..255 are bytes, 256 ends a document
-
-
-class DataError(ValueError):
-    """Input data that cannot be used (missing column, too short, unreadable)."""
 
 
 @dataclass(frozen=True)
@@ -73,7 +70,7 @@ def _read_parquet(path: str) -> np.ndarray:
             table = pq.read_table(f, columns=["input_ids"])
         except KeyError:
             raise DataError(f"{str(f)!r} has no 'input_ids' column") from None
-        except Exception as e:  # pyarrow raises several types for unreadable files
+        except Exception as e:  # noqa: BLE001 - pyarrow raises several types for unreadable files
             raise DataError(f"cannot read parquet file {str(f)!r}: {e}") from None
         col = table.column("input_ids").combine_chunks()
         values = np.asarray(col.flatten() if hasattr(col, "flatten") else col, dtype=np.int64)
@@ -101,6 +98,7 @@ def _load_source(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray, int, dict]:
         read, extra = _tokenize_text, {"tokenizer": "bytes", "eos": BYTE_EOS}
     else:
         read, extra = _read_parquet, {"tokenizer": "pretokenized"}
+    assert cfg.path is not None  # DataConfig.problems() requires a path for text and parquet
     stream = read(cfg.path)
     if cfg.val_path:
         val = read(cfg.val_path)

@@ -16,17 +16,18 @@ from __future__ import annotations
 import json
 import math
 from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
 from trainer.data import BYTE_EOS
+from trainer.errors import EvaluationError  # defined there; importable from here as before
 
-
-class EvaluationError(ValueError):
-    """Unusable evaluation input (malformed JSONL, a tokenizer that cannot encode text)."""
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 @dataclass(frozen=True)
@@ -141,7 +142,7 @@ def perplexity(loss: float) -> float:
 
 def evaluate_run(run_dir: str | Path, *, blimp: Sequence[str | Path] = (), steps: Sequence[int] | None = None,
                  n_builtin_pairs: int = 1000, device: str | torch.device = "cpu",
-                 progress: bool = True) -> "pandas.DataFrame":  # noqa: F821
+                 progress: bool = True) -> pd.DataFrame:
     """Evaluate every checkpoint (or ``steps``) of a run.
 
     Returns a long table with columns ``step, tokens_seen, metric, phenomenon, value``:
@@ -183,6 +184,7 @@ def evaluate_run(run_dir: str | Path, *, blimp: Sequence[str | Path] = (), steps
         rows += [{**base, "metric": "val_loss", "phenomenon": None, "source": "validation", "value": loss},
                  {**base, "metric": "val_ppl", "phenomenon": None, "source": "validation", "value": perplexity(loss)}]
         for source, pairs in pair_sets.items():
+            assert tokenizer is not None  # made whenever there are pairs
             for phenomenon, acc in minimal_pair_accuracy(model, pairs, tokenizer, device=device).items():
                 rows.append({**base, "metric": "pair_acc", "phenomenon": phenomenon, "source": source, "value": acc})
     return pd.DataFrame(rows, columns=["step", "tokens_seen", "metric", "source", "phenomenon", "value"])

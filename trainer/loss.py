@@ -60,7 +60,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             lse = torch.logsumexp(logits, dim=-1)  # (n,)
             target_logit = logits.gather(1, y_safe[:, None]).squeeze(1)  # (n,)
             loss_sum += torch.where(keep, lse - target_logit, torch.zeros_like(lse)).sum()
-            if want_grad:
+            if grad_hidden is not None and grad_weight is not None:  # want_grad
                 probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
                 rows = torch.arange(stop - start, device=probs.device)
                 probs[rows, y_safe] -= 1.0
@@ -70,7 +70,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad_weight += (g.T @ h).float()  # (V, D), summed over chunks in float32
             del logits
         loss = loss_sum / count.to(torch.float32)  # NaN when every target is ignored, like F.cross_entropy
-        ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype) if want_grad else None)
+        ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype) if grad_weight is not None else None)
         # (a float32 weight under bf16 autocast gets its float32 gradient, unrounded)
         return loss
 

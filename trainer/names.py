@@ -25,8 +25,8 @@ This module imports nothing heavy (no torch) so analysis code can use it freely.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 #: What is stored about a name. ``act_in`` of ``layers.i.mlp.down`` is the SwiGLU hidden state.
 KINDS: tuple[str, ...] = ("weight", "grad", "act", "act_in", "act_grad")
@@ -58,7 +58,10 @@ class NameParts:
 
 
 def matrix_names(n_layers: int) -> list[str]:
-    """Names of every per-layer projection matrix (the ones ReLoRA wraps), in model order."""
+    """Names of every per-layer projection matrix (those ReLoRA can wrap), in model order.
+
+    Which of them a given run wraps is in its stored config: :func:`trainer.run_format.wrapped_matrices`.
+    """
     names = []
     for i in range(n_layers):
         names += [f"layers.{i}.attn.{p}" for p in ATTN_PROJS]
@@ -130,7 +133,7 @@ def select(names: Iterable[str], pattern: str | Iterable[str] | None = None) -> 
     return [n for n in names if any(r.fullmatch(n) for r in regexes)]
 
 
-def _glob_regex(pattern: str) -> re.Pattern:
+def _glob_regex(pattern: str) -> re.Pattern[str]:
     """``*`` → one dot-free segment part, ``**`` → anything, ``?`` → one non-dot character."""
     out, i = [], 0
     while i < len(pattern):
@@ -147,16 +150,3 @@ def _glob_regex(pattern: str) -> re.Pattern:
             out.append(re.escape(pattern[i]))
             i += 1
     return re.compile("".join(out))
-
-
-def step_dirname(step: int) -> str:
-    """File-system name of a step (zero-padded to six digits): ``step_000100``."""
-    if step < 0:
-        raise ValueError(f"step must be >= 0, got {step}")
-    return f"step_{step:06d}"
-
-
-def parse_step_dirname(dirname: str) -> int | None:
-    """Inverse of :func:`step_dirname`; ``None`` when the name is not a step directory."""
-    m = re.fullmatch(r"step_(\d{6,})", dirname)
-    return int(m.group(1)) if m else None

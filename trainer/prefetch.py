@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import queue
 import threading
-from typing import Callable, Generic, Hashable, TypeVar
+from collections.abc import Callable, Hashable
+from typing import Generic, TypeVar
 
 K = TypeVar("K", bound=Hashable)
 T = TypeVar("T")
@@ -60,11 +61,12 @@ class Prefetcher(Generic[K, T]):
                                         name=self.name, daemon=True)
         self._thread.start()
 
-    def _work(self, key: K, out: queue.Queue, stop: threading.Event) -> None:
+    def _work(self, key: K, out: queue.Queue[tuple[K, T | None, BaseException | None]], stop: threading.Event) -> None:
         while not stop.is_set():
+            entry: tuple[K, T | None, BaseException | None]
             try:
                 entry = (key, self.make(key), None)
-            except BaseException as e:  # handed to the consumer, which re-raises it
+            except BaseException as e:  # noqa: BLE001 - handed to the consumer, which re-raises it
                 entry = (key, None, e)
             while not stop.is_set():
                 try:
@@ -92,5 +94,5 @@ class Prefetcher(Generic[K, T]):
     def __del__(self) -> None:
         try:
             self.close()
-        except Exception:
+        except Exception:  # noqa: BLE001 - a finaliser must not raise (the interpreter may be shutting down)
             pass

@@ -6,10 +6,16 @@ init. The module keeps the base weight's state-dict key (``<name>.weight``) and
 the factors are real submodules ``<name>.lora_a`` / ``<name>.lora_b``, so names
 stay canonical.
 
-Every merge sets ``W ← W + s·B·A`` (in float32, cast back), re-draws ``A`` and
-zeroes ``B``: the model's function is unchanged. Optimizer state of the
-adapter parameters is then pruned (:func:`prune_optimizer_state`), acting on
-the very tensors ``torch.optim.AdamW`` reads at its next step.
+ReLoRA's periodic events, one name each (periods in :class:`trainer.config.ReLoRAConfig`):
+
+* a **merge** (:func:`merge_all`, every ``merge_every`` updates) sets
+  ``W ← W + s·B·A`` (in float32, cast back), re-draws ``A`` and zeroes ``B``:
+  the model's function is unchanged;
+* an **optimizer reset** (:func:`prune_optimizer_state`, every
+  ``optimizer_reset_every``) prunes the adapters' Adam state, acting on the very
+  tensors ``torch.optim.AdamW`` reads at its next step;
+* an **lr restart** (every ``lr_restart_every``) is part of the learning-rate
+  schedule (:func:`trainer.schedule.jagged_cosine_factor`), not of this module.
 """
 
 from __future__ import annotations
@@ -37,10 +43,10 @@ class ReLoRALinear(nn.Module):
         self.lora_a = nn.Linear(in_features, rank, bias=False, device=base.weight.device)  # weight (r, in)
         self.lora_b = nn.Linear(rank, out_features, bias=False, device=base.weight.device)  # weight (out, r)
         self.dropout = nn.Dropout(dropout)
-        self.reset_adapter(generator)
+        self.init_adapter(generator)
 
     @torch.no_grad()
-    def reset_adapter(self, generator: torch.Generator) -> None:
+    def init_adapter(self, generator: torch.Generator) -> None:
         """``A`` ← Kaiming-uniform (drawn on CPU from ``generator``, so runs are device-independent), ``B`` ← 0."""
         a = torch.empty(self.lora_a.weight.shape, dtype=torch.float32)
         bound = 1.0 / math.sqrt(self.in_features)  # kaiming_uniform with a=sqrt(5), as nn.Linear
@@ -69,9 +75,9 @@ class ReLoRALinear(nn.Module):
 
     @torch.no_grad()
     def merge_and_reinit(self, generator: torch.Generator) -> None:
-        """``W ← W + s·B·A`` then a fresh adapter; the layer's function is unchanged up to float32 rounding."""
+        """The merge: ``W ← W + s·B·A`` then a fresh adapter; the layer's function is unchanged up to float32 rounding."""
         self.weight.copy_(self.effective_weight())
-        self.reset_adapter(generator)
+        self.init_adapter(generator)
 
 
 def wrap_model(model: nn.Module, cfg: ReLoRAConfig, generator: torch.Generator) -> list[str]:
@@ -96,7 +102,7 @@ def relora_modules(model: nn.Module) -> dict[str, ReLoRALinear]:
 
 
 def merge_all(model: nn.Module, generator: torch.Generator) -> int:
-    """Merge and re-initialise every adapter; returns how many were merged."""
+    """The merge: merge and re-initialise every adapter; returns how many were merged."""
     mods = relora_modules(model)
     for m in mods.values():
         m.merge_and_reinit(generator)
@@ -122,7 +128,7 @@ def dense_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Frozen bases and factors of every wrapped layer: ``<name>.weight`` (W), ``<name>.lora_a.weight``, ``<name>.lora_b.weight``."""
-    out = {}
+    out: dict[str, torch.Tensor] = {}
     for name, m in relora_modules(model).items():
         out[f"{name}.weight"] = m.weight
         out[f"{name}.lora_a.weight"] = m.lora_a.weight
@@ -130,15 +136,17 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
+def lora_parameters(model: nn.Module) -> list[torch.Tensor]:
     """The adapter factors ``A`` and ``B`` of every wrapped layer."""
     return [p for m in relora_modules(model).values() for p in (m.lora_a.weight, m.lora_b.weight)]
 
 
 @torch.no_grad()
-def prune_optimizer_state(optimizer: torch.optim.Optimizer, params: list[nn.Parameter], *, mode: str, ratio: float,
+def prune_optimizer_state(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], *, mode: str, ratio: float,
                           generator: torch.Generator) -> dict[str, float]:
-    """Zero a fraction of Adam's ``exp_avg``/``exp_avg_sq`` for ``params``, in place; the step counter is kept.
+    """The optimizer reset: zero a fraction of Adam's ``exp_avg``/``exp_avg_sq`` for ``params``, in place.
+
+    The step counter is kept.
 
     ``mode``: ``none`` (no-op), ``full`` (zero all), ``random`` (zero each entry
     with probability ``ratio``, mask drawn on CPU from ``generator``) or

@@ -24,14 +24,15 @@ def linear_factor(t: int, *, total: int, warmup: int, min_ratio: float) -> float
     return 1 - (1 - min_ratio) * progress
 
 
-def jagged_cosine_factor(t: int, *, total: int, warmup: int, restart_every: int, restart_warmup: int,
+def jagged_cosine_factor(t: int, *, total: int, warmup: int, lr_restart_every: int, lr_restart_warmup: int,
                          min_ratio: float) -> float:
-    """ReLoRA's cosine with restarts (SPEC §3).
+    """ReLoRA's cosine with lr restarts (SPEC §3).
 
-    With ``c(t) = m + (1 − m)·½(1 + cos(π (t − W0)/(T − W0)))``:
-    ``t < W0`` → ``t / W0``; ``t ≥ R`` and ``u = t mod R < Wr`` → ``(u / Wr) · c(k·R + Wr)``
-    (``k = t div R``), so the factor is exactly 0 at every restart step ``k·R``;
-    otherwise ``c(t)``.
+    With ``c(t) = m + (1 − m)·½(1 + cos(π (t − W0)/(T − W0)))``, lr restart
+    period ``R`` and lr restart warmup ``Wr``: ``t < W0`` → ``t / W0``;
+    ``t ≥ R`` and ``u = t mod R < Wr`` → ``(u / Wr) · c(k·R + Wr)``
+    (``k = t div R``), so the factor is exactly 0 at every lr restart step
+    ``k·R``; otherwise ``c(t)``.
     """
 
     def c(s: int) -> float:
@@ -40,10 +41,10 @@ def jagged_cosine_factor(t: int, *, total: int, warmup: int, restart_every: int,
 
     if t < warmup:
         return t / warmup
-    if t >= restart_every and restart_warmup > 0:
-        k, u = divmod(t, restart_every)
-        if u < restart_warmup:
-            return (u / restart_warmup) * c(k * restart_every + restart_warmup)
+    if t >= lr_restart_every and lr_restart_warmup > 0:
+        k, u = divmod(t, lr_restart_every)
+        if u < lr_restart_warmup:
+            return (u / lr_restart_warmup) * c(k * lr_restart_every + lr_restart_warmup)
     return c(t)
 
 

@@ -2,81 +2,67 @@
 
 One loop serves both methods. ``method = "full"`` trains every parameter;
 ``method = "relora"`` wraps the projections with :class:`trainer.relora.ReLoRALinear`
-(after ``relora.warm_start_steps`` full-rank steps), merges and re-initialises
-the adapters every ``relora.reset_every`` steps, prunes the adapters' optimizer
-state, and follows the jagged cosine schedule.
+(after ``relora.warm_start_steps`` full-rank steps) and runs ReLoRA's three
+periodic events: a **merge** of the adapters into the frozen weights every
+``relora.merge_every`` updates, an **optimizer reset** (pruning the adapters'
+Adam state) every ``relora.optimizer_reset_every``, and an **lr restart** of
+the jagged cosine schedule every ``relora.lr_restart_every`` (both default to
+the merge period). ``metrics.jsonl`` records the first two as ``merge`` (the
+number of merges so far) and ``optimizer_reset`` (the fraction of pruned state).
 
 Step ``t`` in logs and checkpoint names counts optimizer updates done: the
 checkpoint ``step_000000`` is the initialisation and ``step_000100`` holds the
 state after 100 updates.
+
+Runtime policy (device, precision, compile, out of memory, the optimizer and
+its learning rate) lives in :mod:`trainer.runtime`; its names stay importable
+from here.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
 from trainer import checkpoint as ckpt
 from trainer import relora
-from trainer.capture import Capturer
-from trainer.config import ConfigError, TrainConfig, config_from_dict
+from trainer.atomic import atomic_write_bytes
+from trainer.capture import Capturer, TrainingState
+from trainer.config import TrainConfig, config_from_dict
 from trainer.data import prepare, split_rows, train_micro_rows, validation_batches
 from trainer.distributed import DistContext, init_from_env
+from trainer.errors import CheckpointError, ConfigError, TrainingError
+from trainer.evaluate import builtin_pairs, minimal_pair_accuracy, tokenizer_for
 from trainer.model import Decoder, count_parameters
 from trainer.prefetch import Prefetcher
-from trainer.schedule import constant_factor, cosine_factor, jagged_cosine_factor, linear_factor
+from trainer.run_format import DATA_DIR, MANIFEST, METRICS
+from trainer.runtime import (  # importable from here as before (trainer.train.resolve_device ...)
+    CompiledLoss,
+    autocast_for,
+    build_optimizer,
+    lr_at,
+    resolve_device,
+    set_tf32,
+    threads_hint,
+    training_loss,
+    uses_bf16,
+    uses_compile,
+)
 
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (e.g. the loss became non-finite)."""
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device={name!r} requested but CUDA is not available on this machine; use device=cpu")
-    return torch.device(name)
-
-
-def uses_bf16(cfg: TrainConfig, device: torch.device) -> bool:
-    """Whether training runs under bf16 autocast: ``precision=bf16``, or ``auto`` on CUDA."""
-    return cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
-
-
-def uses_compile(cfg: TrainConfig, device: torch.device) -> bool:
-    """Whether the training loss is compiled: ``compile`` if set, else on CUDA only."""
-    return cfg.compile if cfg.compile is not None else device.type == "cuda"
-
-
-def lr_at(cfg: TrainConfig, t: int) -> float:
-    """Learning rate of update ``t`` (0-based)."""
-    kw = dict(total=cfg.steps, warmup=cfg.warmup, min_ratio=cfg.min_lr_ratio)
-    if cfg.method == "relora":
-        r = cfg.relora
-        return cfg.lr * jagged_cosine_factor(t, restart_every=r.lr_restart_period, restart_warmup=r.restart_warmup, **kw)
-    factor = {"cosine": cosine_factor, "linear": linear_factor, "constant": constant_factor}[cfg.schedule]
-    return cfg.lr * factor(t, **kw)
-
-
-def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW over trainable parameters, in ``named_parameters`` order; weight decay on matrices only (not norms)."""
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    extra = {"fused": True} if device.type == "cuda" else {}
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **extra)
+__all__ = [
+    "Trainer", "train", "RESUME_MUTABLE", "memory_footprint", "global_norm", "JsonlLog", "truncate_log",
+    "TrainingError",
+    # re-exported from trainer.runtime
+    "resolve_device", "threads_hint", "uses_bf16", "uses_compile", "CompiledLoss", "build_optimizer", "lr_at",
+]
 
 
 def global_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -85,35 +71,6 @@ def global_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
         return torch.zeros(())
     norms = torch._foreach_norm(tensors)  # one fused kernel per device/dtype group
     return torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
-
-
-class CompiledLoss:
-    """``torch.compile`` of a loss function that falls back to eager mode, with one warning, if compiling fails.
-
-    A failure to compile (a missing compiler toolchain, an unsupported op on an
-    older torch) should cost speed, not the run. Running out of device memory is
-    not a compiler failure: it is raised as it is and compiling stays on. Any
-    other error that eager mode also raises (a bad input) comes from the eager call.
-    """
-
-    def __init__(self, fn: Callable[..., torch.Tensor], **compile_kwargs: Any) -> None:
-        self.eager = fn
-        self.compiled: Callable[..., torch.Tensor] | None = torch.compile(fn, **compile_kwargs)
-
-    def __call__(self, *args: Any) -> torch.Tensor:
-        if self.compiled is not None:
-            try:
-                return self.compiled(*args)
-            except Exception as e:  # noqa: BLE001 - any compiler failure; eager mode re-raises real errors
-                from trainer.batch_size import is_out_of_memory
-
-                if is_out_of_memory(e):
-                    raise
-                self.compiled = None
-                first = (str(e).strip().splitlines() or [""])[0][:200]
-                warnings.warn(f"torch.compile failed ({type(e).__name__}: {first}); training continues without compile",
-                              stacklevel=2)
-        return self.eager(*args)
 
 
 def memory_footprint(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
@@ -157,12 +114,10 @@ def truncate_log(path: Path, last_step: int) -> None:
             continue
         if isinstance(rec, dict) and rec.get("step", math.inf) <= last_step:
             kept.append(line)
-    from trainer.atomic import atomic_write_bytes
-
     atomic_write_bytes(path, ("\n".join(kept) + "\n" if kept else "").encode())
 
 
-# Settings that may differ on resume without changing what is computed.
+#: Top-level settings that may differ on resume without changing what is computed.
 RESUME_MUTABLE = ("steps", "eval_interval", "eval_batches", "checkpoint_interval", "device", "precision", "compile",
                   "tf32", "loss_chunk_tokens", "prefetch")
 
@@ -184,6 +139,8 @@ class Trainer:
         self.last_val_loss: float | None = None
         self.wrapped: list[str] = []
         self.dist = DistContext()  # joined in setup() when launched by torchrun
+        self.capturer: Capturer | None = None  # set in setup() when capture is enabled, on rank 0
+        self.log: JsonlLog | None = None
 
     # -- setup -------------------------------------------------------------------------------
 
@@ -200,7 +157,7 @@ class Trainer:
             if not self.dist.is_main:
                 self.echo = lambda msg: None
         manifest = None
-        if (self.run_dir / ckpt.MANIFEST).exists():
+        if (self.run_dir / MANIFEST).exists():
             if not self.resume:
                 raise ConfigError(f"{self.run_dir} already holds a run; pass --resume to continue it or choose another --out")
             manifest = ckpt.read_manifest(self.run_dir)
@@ -211,16 +168,13 @@ class Trainer:
             manifest = None  # crashed before the first checkpoint: start over
         self.dist.barrier()  # every rank has checked the directory before rank 0 writes into it
 
-        self.autocast = (
-            (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if uses_bf16(cfg, self.device)
-            else contextlib.nullcontext
-        )
+        self.autocast = autocast_for(cfg, self.device)
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            self.data = prepare(cfg.data, self.run_dir / "data")
+            self.data = prepare(cfg.data, self.run_dir / DATA_DIR)
         self.dist.barrier()
         if not self.dist.is_main:
-            self.data = prepare(cfg.data, self.run_dir / "data")  # rank 0 wrote it: verified and memory-mapped
+            self.data = prepare(cfg.data, self.run_dir / DATA_DIR)  # rank 0 wrote it: verified and memory-mapped
         if self.data.vocab_size > cfg.model.vocab_size:
             raise ConfigError(
                 f"the data uses {self.data.vocab_size} token ids but model.vocab_size={cfg.model.vocab_size}; "
@@ -230,9 +184,7 @@ class Trainer:
             if len(stream) < cfg.context + 1:
                 raise ConfigError(f"the {split} split has {len(stream)} tokens, fewer than one sequence of seq_len+1={cfg.context + 1}")
 
-        if self.device.type == "cuda":  # TF32 for float32 matrix products (the bf16 autocast ones are unaffected)
-            torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
-            torch.backends.cudnn.allow_tf32 = cfg.tf32
+        set_tf32(cfg, self.device)
         torch.manual_seed(cfg.seed)
         self.model = Decoder(cfg.model)  # initialised on CPU from the seed: the same on every device
         self.model.loss_chunk_tokens = cfg.loss_chunk_tokens
@@ -244,24 +196,22 @@ class Trainer:
             self._wrap()
         self.optimizer = build_optimizer(self.model, cfg, self.device)
         # training loss, compiled by default on CUDA; a bound method, so state-dict keys keep their names
-        self._train_loss = CompiledLoss(self.model.loss) if uses_compile(cfg, self.device) else self.model.loss
+        self._train_loss = training_loss(self.model.loss, cfg, self.device)
         self.batches = Prefetcher(self._micro_rows, self._next_micro, depth=cfg.prefetch, name="trainer-prefetch")
         self._echo_memory()
-        from trainer.evaluate import builtin_pairs
-
         self.eval_pairs = builtin_pairs(self.data.meta, n=200)
         self.val_batches = validation_batches(self.data.val, n_batches=cfg.eval_batches,
                                               batch_size=cfg.micro_batch_size, seq_len=cfg.context)
         # the fixed probe set; None when capture.enabled is false, and on ranks other than 0
-        self.capturer = Capturer.for_trainer(self) if self.dist.is_main else None
-        self.log = None
+        if self.dist.is_main:
+            self.capturer = Capturer.for_run(cfg, self.data.train, self.data.val, self.run_dir)
 
         if manifest is not None:
             self._load(manifest)
             if self.capturer is not None:
-                self.capturer.on_resume(self, manifest)
+                self.capturer.on_resume(self.model, self.training_state(), self.device, manifest)
             if self.dist.is_main:
-                self.log = JsonlLog(self.run_dir / ckpt.METRICS)
+                self.log = JsonlLog(self.run_dir / METRICS)
         elif not self.dist.is_main:
             self.save_checkpoint()  # rank 0 writes the manifest and the step-0 checkpoint; the others check and wait
         else:
@@ -269,8 +219,8 @@ class Trainer:
             if self.capturer is not None:
                 self.capturer.describe(manifest)  # records the probe set: indices and sha256
             ckpt.write_manifest(self.run_dir, manifest)
-            (self.run_dir / ckpt.METRICS).unlink(missing_ok=True)
-            self.log = JsonlLog(self.run_dir / ckpt.METRICS)
+            (self.run_dir / METRICS).unlink(missing_ok=True)
+            self.log = JsonlLog(self.run_dir / METRICS)
             self.log.write({"step": 0, **self.evaluate_all(), "tokens_seen": 0})
             self.save_checkpoint()
 
@@ -295,7 +245,7 @@ class Trainer:
         ours = self.model.state_dict()
         bad = [k for k in ours if k not in payload.model or payload.model[k].shape != ours[k].shape]
         if bad:
-            raise ckpt.CheckpointError(f"init_from {spec}: weights do not fit this model (first mismatch: {bad[0]})")
+            raise CheckpointError(f"init_from {spec}: weights do not fit this model (first mismatch: {bad[0]})")
         self.model.load_state_dict({k: payload.model[k] for k in ours})
         self.echo(f"initialised from {run} step {payload.state['step']}")
 
@@ -316,7 +266,7 @@ class Trainer:
             weights.update(payload.adapters)
         missing, unexpected = self.model.load_state_dict(weights, strict=False)
         if missing or unexpected:
-            raise ckpt.CheckpointError(f"checkpoint does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+            raise CheckpointError(f"checkpoint does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
         self.optimizer.load_state_dict(payload.optimizer)
         torch.set_rng_state(payload.rng["torch"])
         if self.device.type == "cuda" and "cuda" in payload.rng:
@@ -326,7 +276,7 @@ class Trainer:
         self.merges = state.get("merges", 0)
         self.last_loss, self.last_val_loss = state.get("loss"), state.get("val_loss")
         if self.dist.is_main:
-            truncate_log(self.run_dir / ckpt.METRICS, self.step)
+            truncate_log(self.run_dir / METRICS, self.step)
         self.echo(f"resumed {self.run_dir} at step {self.step}")
 
     # -- train -------------------------------------------------------------------------------
@@ -342,16 +292,17 @@ class Trainer:
             group["lr"] = lr
         if not self.model.training:
             self.model.train()
-        total = 0.0
+        total: torch.Tensor | None = None  # Σ micro-batch losses / grad_accum, a 0-d tensor on the device
         for micro in range(cfg.grad_accum):
             x, y = split_rows(self.batches.get((t, micro)).to(self.device, non_blocking=True))
             with self.autocast():
                 loss = self._train_loss(x, y) / cfg.grad_accum
             loss.backward()
-            total += loss.detach()
+            total = loss.detach() if total is None else total + loss.detach()
+        assert total is not None  # grad_accum >= 1
         if self.dist.enabled:
             self.dist.average_gradients([p for group in self.optimizer.param_groups for p in group["params"]])
-            total = self.dist.mean(torch.as_tensor(total))
+            total = self.dist.mean(total)
         grads = [p.grad for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
         if cfg.grad_clip is not None:
             grad_norm = torch.nn.utils.clip_grad_norm_(
@@ -411,10 +362,15 @@ class Trainer:
                   f"gradients {mib['grad_bytes']:.1f} MiB, AdamW state {mib['optimizer_state_bytes']:.1f} MiB")
 
     def _relora_events(self, t: int) -> dict[str, Any]:
-        """Merge and/or prune after update ``t`` when its index is a multiple of the respective period."""
+        """The merge and the optimizer reset due after update ``t`` (``t`` a positive multiple of their periods).
+
+        Returns their ``metrics.jsonl`` fields: ``merge`` (merges done so far) and
+        ``optimizer_reset`` (the fraction of the adapters' Adam state now zero).
+        The lr restart needs no action here: it is part of :func:`~trainer.runtime.lr_at`.
+        """
         r = self.cfg.relora
         events: dict[str, Any] = {}
-        if t > 0 and t % r.reset_every == 0:
+        if t > 0 and t % r.merge_every == 0:
             relora.merge_all(self.model, self.adapter_rng)
             self.merges += 1
             events["merge"] = self.merges
@@ -429,8 +385,6 @@ class Trainer:
         self.last_val_loss = self.evaluate()
         out = {"val_loss": self.last_val_loss}
         if self.eval_pairs is not None:
-            from trainer.evaluate import minimal_pair_accuracy, tokenizer_for
-
             acc = minimal_pair_accuracy(self.model, self.eval_pairs, tokenizer_for(self.data.meta), device=self.device)
             out["pair_acc"] = acc["overall"]
         return out
@@ -468,6 +422,8 @@ class Trainer:
                 record["tokens_per_s"] = (self.tokens_seen - tokens0) / max(elapsed, 1e-9)
                 if self.log is not None:
                     self.log.write(record)
+                if self.capturer is not None:
+                    self.capturer.poll()  # lists a capture whose background write has finished; never waits
                 if self.step % cfg.checkpoint_interval == 0 or self.step in (cfg.steps, end):
                     self.save_checkpoint()
                     last_saved = self.step
@@ -497,22 +453,31 @@ class Trainer:
             self._write_checkpoint()
         self.dist.barrier()
 
+    def training_state(self) -> TrainingState:
+        """Where training stands now: what a checkpoint's ``trainer_state.json`` and a capture file record."""
+        wrapped = bool(self.wrapped)
+        return TrainingState(step=self.step, tokens_seen=self.tokens_seen, loss=self.last_loss,
+                             val_loss=self.last_val_loss, lr=lr_at(self.cfg, max(self.step - 1, 0)),
+                             merges=self.merges, wrapped=wrapped,
+                             lora_scale=self.cfg.relora.scale if wrapped else float("nan"))
+
     def _write_checkpoint(self) -> None:
-        if getattr(self, "capturer", None) is not None:
+        if self.capturer is not None:
             self.capturer.flush()  # the previous capture is written and listed before the manifest changes again
         model = self.model
         rng = {"torch": torch.get_rng_state(), "adapter": self.adapter_rng.get_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        now = self.training_state()
         state = {
-            "step": self.step,
-            "tokens_seen": self.tokens_seen,
-            "loss": self.last_loss,
-            "val_loss": self.last_val_loss,
-            "lr": lr_at(self.cfg, max(self.step - 1, 0)),
+            "step": now.step,
+            "tokens_seen": now.tokens_seen,
+            "loss": now.loss,
+            "val_loss": now.val_loss,
+            "lr": now.lr,
             "method": self.cfg.method,
-            "wrapped": bool(self.wrapped),
-            "merges": self.merges,
+            "wrapped": now.wrapped,
+            "merges": now.merges,
             "n_params": count_parameters(model),
             "n_trainable": count_parameters(model, trainable_only=True),
             "memory": memory_footprint(model, self.optimizer),
@@ -524,26 +489,25 @@ class Trainer:
             rng=rng,
             state=state,
         ))
-        if getattr(self, "capturer", None) is not None:
-            self.capturer.on_checkpoint(self)  # dynamics/step_XXXXXX.h5 when due, listed in the manifest entry
+        if self.capturer is not None:
+            # dynamics/step_XXXXXX.h5 when due: written in the background, listed in the manifest entry later
+            self.capturer.on_checkpoint(model, now, self.device)
 
     def cleanup(self) -> None:
         """Finish the pending capture write, stop the prefetch thread, close the log and leave the process group."""
         try:
-            capturer = getattr(self, "capturer", None)
-            if capturer is not None:
-                capturer.close()  # finishes (or, after a crash, abandons cleanly) any capture still being written
+            if self.capturer is not None:
+                self.capturer.close()  # finishes (or, after a crash, abandons cleanly) any capture still being written
         finally:
-            batches = getattr(self, "batches", None)
+            batches: Prefetcher[tuple[int, int], torch.Tensor] | None = getattr(self, "batches", None)  # set in setup()
             if batches is not None:
                 batches.close()
-            log = getattr(self, "log", None)
-            if log is not None:
-                log.close()
+            if self.log is not None:
+                self.log.close()
             self.dist.close()
 
 
-def _progress_bar(*, total: int, initial: int, enabled: bool):
+def _progress_bar(*, total: int, initial: int, enabled: bool) -> Any:
     from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True,
@@ -559,8 +523,3 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, progre
     finally:
         trainer.cleanup()
 
-
-def threads_hint() -> None:
-    """Use every core for intra-op parallelism unless the user said otherwise (OMP_NUM_THREADS)."""
-    if "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(os.cpu_count() or 1)

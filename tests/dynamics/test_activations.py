@@ -22,7 +22,7 @@ def brute_cka(X, Y):
     n = len(X)
     Hm = np.eye(n) - np.ones((n, n)) / n
     K, L = X @ X.T, Y @ Y.T
-    hsic = lambda a, b: np.trace(a @ Hm @ b @ Hm)  # noqa: E731
+    hsic = lambda a, b: np.trace(a @ Hm @ b @ Hm)
     return hsic(K, L) / np.sqrt(hsic(K, K) * hsic(L, L))
 
 

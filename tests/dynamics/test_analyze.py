@@ -1,4 +1,4 @@
-"""The analysis table: known values, ReLoRA update ranks, caching, failures, CLI."""
+"""The analysis table: known values, ReLoRA update ranks, caching, failures, CLI (on the session's trained pair)."""
 
 from __future__ import annotations
 
@@ -12,31 +12,20 @@ from safetensors.numpy import load_file
 import dynamics
 from dynamics.analyze import COLUMNS, AnalysisError, AnalysisOptions, analyze_runs, read_results
 from dynamics.cli import main
-from dynamics.summary import summarize
-from trainer.config import build_config
-from trainer.train import train
+from dynamics.summary import COMPONENT_ORDER, summarize
+from trainer.run_format import RESULTS_COLUMNS
 
-RANK = 4
-
-
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pair")
-    base = ["steps=8", "checkpoint_interval=4", "eval_interval=4", "seq_len=32", "batch_size=8", "warmup_steps=1",
-            "data.train_tokens=40000", "data.val_tokens=4000", "eval_batches=1"]
-    full = train(build_config(overrides=base), root / "full", progress=False)
-    relora = train(build_config(overrides=base + ["method=relora", f"relora.rank={RANK}", "relora.alpha=8",
-                                                  "relora.reset_every=4", "relora.restart_warmup=1"]),
-                   root / "relora", progress=False)
-    return full, relora
+RANK = 4  # the shared pair's ReLoRA rank (tests/conftest.py)
 
 
-@pytest.fixture(scope="module")
-def results(pair, tmp_path_factory):
-    out = tmp_path_factory.mktemp("res") / "results.parquet"
-    table, errors = analyze_runs(pair, out, progress=False)
-    assert errors == []
-    return table, out
+@pytest.fixture
+def pair(trained_pair):
+    return trained_pair
+
+
+@pytest.fixture
+def results(analysed_pair):
+    return analysed_pair
 
 
 def pick(table, **kw):
@@ -48,11 +37,11 @@ def pick(table, **kw):
 
 def test_schema_and_kinds(results):
     table, out = results
-    assert list(table.columns) == COLUMNS
+    assert list(table.columns) == COLUMNS == list(RESULTS_COLUMNS)
     assert set(table["method"]) == {"full", "relora"}
     kinds = set(pick(table, method="relora")["kind"])
-    assert {"weight", "grad", "act", "update", "update_cumulative", "update_restart", "lora", "train"} <= kinds
-    assert "update_restart" not in set(pick(table, method="full")["kind"])
+    assert {"weight", "grad", "act", "update", "update_cumulative", "update_merge", "lora", "train"} <= kinds
+    assert "update_merge" not in set(pick(table, method="full")["kind"]) and "update_restart" not in set(table["kind"])
     assert out.with_name("results.spectra.parquet").exists()
     assert read_results(out).shape == table.shape
 
@@ -60,7 +49,9 @@ def test_schema_and_kinds(results):
 def test_weight_metrics_match_a_direct_computation(results, pair):
     table, _ = results
     w = load_file(str(pair[0] / "checkpoints" / "step_000004" / "model.safetensors"))["layers.1.mlp.down.weight"]
-    row = pick(table, run="full", step=4, layer=1, component="mlp.down", kind="weight", metric="proportional_effective_rank")
+    row = pick(
+        table, run="full", step=4, layer=1, component="mlp.down", kind="weight", metric="proportional_effective_rank"
+    )
     s = np.linalg.svd(w.astype(np.float64), compute_uv=False)
     p = s / s.sum()
     assert row["value"].item() == pytest.approx(np.exp(-(p * np.log(p)).sum()) / min(w.shape), rel=1e-9)
@@ -68,10 +59,10 @@ def test_weight_metrics_match_a_direct_computation(results, pair):
 
 def test_relora_cycle_updates_have_rank_at_most_r_and_accumulate(results):
     table, _ = results
-    wrapped = ["attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "mlp.down"]
-    restart = pick(table, run="relora", kind="update_restart", metric="numerical_rank")
-    restart = restart[restart["component"].isin(wrapped)]
-    assert len(restart) and restart["value"].max() <= RANK
+    wrapped = list(COMPONENT_ORDER)  # the pair's ReLoRA run wraps every projection
+    cycle = pick(table, run="relora", kind="update_merge", metric="numerical_rank")
+    cycle = cycle[cycle["component"].isin(wrapped)]
+    assert len(cycle) and cycle["value"].max() <= RANK
     lora = pick(table, run="relora", kind="lora", metric="numerical_rank", step=4)
     assert len(lora) and lora["value"].max() <= RANK and lora["value"].min() >= 1
     cum = pick(table, run="relora", kind="update_cumulative", metric="numerical_rank", step=8)
@@ -95,7 +86,9 @@ def test_train_rows_every_step(results):
 
 
 def test_rerun_uses_the_cache_and_a_changed_checkpoint_is_recomputed(results, pair, monkeypatch, tmp_path):
-    table, out = results
+    table, shared = results
+    out = tmp_path / "cached" / shared.name  # a copy of the shared table and its cache, to re-run against
+    shutil.copytree(shared.parent, out.parent)
     import dynamics.analyze as an
 
     def boom(*a, **k):
@@ -129,6 +122,43 @@ def test_keep_going_analyses_the_rest(pair, tmp_path):
         table, errors = analyze_runs([broken], tmp_path / "b.parquet", keep_going=True, progress=False)
     assert len(errors) == 1 and "step 4" in errors[0] and "step_000004.h5" in errors[0]
     assert {0, 8} <= set(table["step"])
+
+
+def test_keep_going_never_hides_a_bug(pair, monkeypatch, tmp_path):
+    """``--keep-going`` skips bad inputs only: a programming error (here a KeyError) surfaces."""
+    import dynamics.analyze as an
+
+    def bug(*args, **kwargs):
+        raise KeyError("a bug, not a bad input")
+
+    monkeypatch.setattr(an, "analyze_unit", bug)
+    with pytest.raises(KeyError, match="a bug"):
+        analyze_runs([pair.full], tmp_path / "bug.parquet", keep_going=True, progress=False)
+
+
+def test_old_kind_name_is_an_alias(tmp_path):
+    """``update_restart`` (the old name of ``update_merge``) selects the new kind; old tables read with it renamed."""
+    assert AnalysisOptions(kinds=("weight", "update_restart")).kinds == ("weight", "update_merge")
+    with pytest.raises(AnalysisError, match="unknown analysis kinds \\['weights'\\]"):
+        AnalysisOptions(kinds=("weights",))
+    old = pd.DataFrame(
+        [
+            {
+                "run": "r",
+                "method": "relora",
+                "step": 4,
+                "tokens": 1,
+                "layer": 0,
+                "component": "attn.q",
+                "kind": "update_restart",
+                "metric": "numerical_rank",
+                "value": 2.0,
+            }
+        ],
+        columns=COLUMNS,
+    )
+    old.to_csv(tmp_path / "old.csv", index=False)
+    assert list(read_results(tmp_path / "old.csv")["kind"]) == ["update_merge"]
 
 
 def test_parallel_workers_give_the_same_table(pair, results, tmp_path):
@@ -176,10 +206,9 @@ def test_issue9_rows_heavy_tails_spikes_subspaces_cross_run_and_seeds(results, p
     assert (pick(table, kind="grad", metric="signal_rank")["value"] >= 0).all()
     # intruders: none at the first checkpoint, counted for the wrapped projections only
     intr = pick(table, kind="weight", metric="intruders")
-    assert (pick(intr, step=0)["value"] == 0).all() and set(intr["component"]) == {
-        "attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "mlp.down"}
+    assert (pick(intr, step=0)["value"] == 0).all() and set(intr["component"]) == set(COMPONENT_ORDER)
     # ReLoRA merges at 4 and 8: cycle 8 is compared with cycle 4, within [0, 1]
-    ov = pick(table, kind="update_restart", metric="overlap_prev")
+    ov = pick(table, kind="update_merge", metric="overlap_prev")
     assert set(ov["step"]) == {8} and ov["value"].between(0, 1).all()
     # cross-run rows live under the ReLoRA run; CKA at step 0 is 1 (same init, same probe)
     cross = pick(table, kind="cross_run")
@@ -194,4 +223,5 @@ def test_issue9_rows_heavy_tails_spikes_subspaces_cross_run_and_seeds(results, p
     assert not set(basic["metric"]) & {"alpha", "alpha_status", "signal_rank", "intruders", "overlap_prev"}
     assert "cross_run" not in set(basic["kind"])
     assert len(pick(basic, kind="weight", metric="proportional_effective_rank")) == len(
-        pick(table, kind="weight", metric="proportional_effective_rank"))
+        pick(table, kind="weight", metric="proportional_effective_rank")
+    )

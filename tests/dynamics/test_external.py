@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 import dynamics
-from dynamics.analyze import analyze_runs
+from dynamics.analyze import AnalysisOptions, analyze_runs
 from dynamics.cli import main
 from dynamics.external import (
     UntrustedCheckpointError,
@@ -99,6 +99,21 @@ def test_reimport_of_an_unchanged_source_is_skipped(hf_steps, tmp_path):
     assert manifest["config"]["model"]["n_heads"] == 4 and manifest["config"]["imported"] is True
 
 
+def test_a_relora_import_states_what_was_wrapped(hf_steps, tmp_path):
+    """An imported ReLoRA run carries the wrapped targets and rank it was given; without them the import refuses."""
+    root, _, _ = hf_steps
+    with pytest.raises(dynamics.DynamicsError, match="relora.targets"):
+        import_checkpoints(root, tmp_path / "bad", method="relora", progress=False)
+    assert not (tmp_path / "bad").exists()
+    dst = import_checkpoints(
+        root, tmp_path / "qv", method="relora", relora={"targets": ["q", "v"], "rank": 4}, progress=False
+    )
+    run = dynamics.open_run(dst)
+    assert (run.wrapped.targets, run.wrapped.rank, run.merge_every) == (("q", "v"), 4, None)
+    table, errors = analyze_runs([dst], tmp_path / "r.parquet", options=AnalysisOptions.basic(), progress=False)
+    assert errors == [] and set(table.loc[table["kind"] == "weight", "step"]) == {0, 1000}
+
+
 def test_torch_state_dict_file_is_loaded_with_weights_only(tmp_path):
     state, _ = _micro_state(0)
     path = tmp_path / "pytorch_model.bin"
@@ -151,7 +166,19 @@ def test_keep_going_skips_a_bad_input_and_analyses_the_rest(hf_steps, tmp_path):
 def test_missing_and_empty_inputs_give_one_clear_line(tmp_path):
     (tmp_path / "empty").mkdir()
     for target, words in ((tmp_path / "nope", "not found"), (tmp_path / "empty", "no checkpoints found")):
-        proc = subprocess.run([sys.executable, "-m", "dynamics.cli", "analyze", str(target), "--out",
-                               str(tmp_path / "r.parquet"), "--no-progress"], capture_output=True, text=True)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "dynamics.cli",
+                "analyze",
+                str(target),
+                "--out",
+                str(tmp_path / "r.parquet"),
+                "--no-progress",
+            ],
+            capture_output=True,
+            text=True,
+        )
         assert proc.returncode == 2, proc.stderr
         assert words in proc.stderr and "Traceback" not in proc.stderr

@@ -177,8 +177,9 @@ def test_debiased_cka_matches_the_n_by_n_formula():
         n = k.shape[0]
         k, l_ = k - np.diag(np.diag(k)), l_ - np.diag(np.diag(l_))
         one = np.ones(n)
-        return (np.trace(k @ l_) + one @ k @ one * (one @ l_ @ one) / ((n - 1) * (n - 2))
-                - 2 / (n - 2) * one @ k @ l_ @ one) / (n * (n - 3))
+        return (
+            np.trace(k @ l_) + one @ k @ one * (one @ l_ @ one) / ((n - 1) * (n - 2)) - 2 / (n - 2) * one @ k @ l_ @ one
+        ) / (n * (n - 3))
 
     xc, yc = x - x.mean(0), y - y.mean(0)
     k, l_ = xc @ xc.T, yc @ yc.T
@@ -202,12 +203,33 @@ def _seed_table(effect: float, n_seeds: int) -> pd.DataFrame:
         base = rng.normal(0.5, 0.05)  # shared by the pair: a paired design removes it
         for method, shift in (("full", 0.0), ("relora", effect)):
             run = f"{method}-s{seed}"
-            rows.append(dict(run=run, method=method, step=0, tokens=None, layer=-1, component="model", kind="run",
-                             metric="seed", value=float(seed)))
+            rows.append(
+                dict(
+                    run=run,
+                    method=method,
+                    step=0,
+                    tokens=None,
+                    layer=-1,
+                    component="model",
+                    kind="run",
+                    metric="seed",
+                    value=float(seed),
+                )
+            )
             for layer in range(2):
-                rows.append(dict(run=run, method=method, step=10, tokens=100, layer=layer, component="attn.q",
-                                 kind="weight", metric="proportional_effective_rank",
-                                 value=base + shift + rng.normal(0, 0.005)))
+                rows.append(
+                    dict(
+                        run=run,
+                        method=method,
+                        step=10,
+                        tokens=100,
+                        layer=layer,
+                        component="attn.q",
+                        kind="weight",
+                        metric="proportional_effective_rank",
+                        value=base + shift + rng.normal(0, 0.005),
+                    )
+                )
     return pd.DataFrame(rows)
 
 
@@ -236,8 +258,19 @@ def _analysis_table() -> pd.DataFrame:
     rows = []
 
     def add(run, method, step, layer, comp, kind, metric, value):
-        rows.append(dict(run=run, method=method, step=step, tokens=step * 100, layer=layer, component=comp,
-                         kind=kind, metric=metric, value=float(value)))
+        rows.append(
+            dict(
+                run=run,
+                method=method,
+                step=step,
+                tokens=step * 100,
+                layer=layer,
+                component=comp,
+                kind=kind,
+                metric=metric,
+                value=float(value),
+            )
+        )
 
     for seed in (0, 1):
         for method in ("full", "relora"):
@@ -256,8 +289,8 @@ def _analysis_table() -> pd.DataFrame:
                             add(run, method, step, layer, comp, kind, "proportional_effective_rank", rng.random())
                         add(run, method, step, layer, comp, "weight", "intruders", rng.integers(0, 10))
                         if method == "relora" and step == 20:
-                            add(run, method, step, layer, comp, "update_restart", "overlap_prev", rng.random())
-                            add(run, method, step, layer, comp, "update_restart", "overlap_prev_chance", 0.1)
+                            add(run, method, step, layer, comp, "update_merge", "overlap_prev", rng.random())
+                            add(run, method, step, layer, comp, "update_merge", "overlap_prev_chance", 0.1)
                         if method == "relora" and step > 0:
                             add(run, method, step, layer, comp, "cross_run", "update_overlap", rng.random())
                             add(run, method, step, layer, comp, "cross_run", "update_overlap_chance", 0.1)
@@ -268,25 +301,42 @@ def _analysis_table() -> pd.DataFrame:
 
 
 def test_new_figures_are_drawn_and_registered():
+    """What the figures show: one line per method and matrix over the table's steps, methods in the legend."""
     import matplotlib.pyplot as plt
 
-    from dynamics import plots, plots_analyses
+    from dynamics import plots
 
     table = _analysis_table()
-    fig = plots_analyses.plot_heavy_tails(table, x="step")
-    assert "95% t-interval across seeds" in fig._suptitle.get_text()
+    fig = plots.plot_heavy_tails(table, x="step")
     drawn = [ln for ax in fig.axes for ln in ax.get_lines() if ln.get_marker() == "o"]  # not the merge marks
     assert len(drawn) == 2 * 2 * 7  # 2 kinds × 7 components × 2 methods
     assert all(set(ln.get_xdata()) == {0, 10, 20} for ln in drawn)
+    # alpha is drawn only where the fit is ok (layer 0): each point is the mean over seeds of layer 0's alpha
+    weight_q = table[(table.kind == "weight") & (table.metric == "alpha") & (table.component == "attn.q")]
+    expected = weight_q[weight_q.method == "full"].groupby("step")["value"].mean().to_numpy()
+    assert any(np.allclose(ln.get_ydata(), expected) for ln in drawn)
+    legend = [t.get_text() for lg in fig.legends for t in lg.get_texts()]
+    assert any("full" in t.lower() for t in legend) and any("relora" in t.lower() for t in legend)
     plt.close(fig)
-    plt.close(plots_analyses.plot_cross_run_cka(table))
-    fig = plots_analyses.plot_seed_summary(table)
-    assert "paired t-test" in fig.axes[0].get_title(loc="left")
+    plt.close(plots.plot_cross_run_cka(table))
+    fig = plots.plot_seed_summary(table)
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == [
+        "attn.q",
+        "attn.k",
+        "attn.v",
+        "attn.o",
+        "mlp.gate",
+        "mlp.up",
+        "mlp.down",
+    ]
+    assert len(ax.patches) == 2 * 7  # one bar per method and component
     plt.close(fig)
-    names = {name for name, _ in plots._figures(None)}
-    assert {"heavy_tails", "signal_rank", "update_subspaces", "intruders", "cross_run_cka", "seed_summary"} <= names
-    with pytest.raises(DynamicsError, match="no rows of weight/alpha"):
-        plots_analyses.plot_heavy_tails(table[table.metric != "alpha"])
+    assert {"heavy_tails", "signal_rank", "update_subspaces", "intruders", "cross_run_cka", "seed_summary"} <= set(
+        plots.REGISTRY
+    )
+    with pytest.raises(DynamicsError, match="weight/alpha"):
+        plots.plot_heavy_tails(table[table.metric != "alpha"])
     with pytest.raises(DynamicsError, match=">= 2 runs"):
-        plots_analyses.plot_seed_summary(table[~table.run.str.endswith("s1")])
+        plots.plot_seed_summary(table[~table.run.str.endswith("s1")])
     assert plt.get_fignums() == []

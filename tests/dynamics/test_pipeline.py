@@ -1,4 +1,4 @@
-"""The main job end to end (reduced size) and the study recipe's wiring."""
+"""The main job end to end (reduced size) and the study recipe: the shipped configs, read by `reproduce`."""
 
 from __future__ import annotations
 
@@ -7,12 +7,25 @@ import re
 import pandas as pd
 import pytest
 
+import dynamics.pipeline as pipeline
 from dynamics.cli import main
-from dynamics.pipeline import STUDY_COMMON, STUDY_FULL, STUDY_RELORA, pair_configs, shortened_settings
-from trainer.config import build_config
+from dynamics.cross_run import comparison_key
+from dynamics.pipeline import CONFIG_DIR, shortened_settings, study_config_path, study_configs
+from trainer.config import ConfigError, build_config
 
-SMALL_DEMO = ["steps=24", "checkpoint_interval=8", "eval_interval=8", "relora.reset_every=8", "relora.restart_warmup=2",
-              "warmup_steps=3", "data.train_tokens=60000", "data.val_tokens=6000", "eval_batches=1"]
+SMALL_DEMO = [
+    "steps=24",
+    "checkpoint_interval=8",
+    "eval_interval=8",
+    "relora.merge_every=8",
+    "relora.lr_restart_warmup=2",
+    "warmup_steps=3",
+    "data.train_tokens=60000",
+    "data.val_tokens=6000",
+    "eval_batches=1",
+]
+#: What must agree between a study's two runs (besides everything ``comparison_key`` hashes).
+RUN_LENGTH = ("steps", "batch_size", "grad_accum", "context", "checkpoint_interval", "eval_interval", "eval_batches")
 
 
 @pytest.mark.slow
@@ -21,7 +34,13 @@ def test_demo_end_to_end_writes_report_and_figures(tmp_path):
     args = ["demo", "--out", str(out), "--no-progress"] + [a for o in SMALL_DEMO for a in ("--set", o)]
     assert main(args) == 0
     report = (out / "report.md").read_text()
-    for section in ("## Setup", "## Findings", "## Loss and minimal pairs", "## Weight PER per component", "## Figures"):
+    for section in (
+        "## Setup",
+        "## Findings",
+        "## Loss and minimal pairs",
+        "## Weight PER per component",
+        "## Figures",
+    ):
         assert section in report
     assert "Final validation loss: ReLoRA" in report and "Minimal-pair accuracy" in report
     images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
@@ -38,36 +57,95 @@ def test_demo_end_to_end_writes_report_and_figures(tmp_path):
     assert main(args) == 0
 
 
-def test_study_recipe_matches_spec():
-    cfgs = pair_configs("tiny", STUDY_COMMON, STUDY_FULL, STUDY_RELORA)
-    full, relora = cfgs["full"], cfgs["relora"]
-    assert (full.lr, full.beta1, full.beta2, full.weight_decay, full.grad_clip) == (3e-4, 0.9, 0.999, 0.01, None)
-    assert (full.steps, full.batch_size, full.context, full.checkpoint_interval) == (20000, 1024, 2048, 100)
-    assert (full.schedule, full.warmup) == ("linear", 2500)
+@pytest.mark.parametrize("preset", ["tiny", "small"])
+def test_the_study_recipe_is_the_shipped_configs(preset, monkeypatch, tmp_path):
+    """`reproduce` trains exactly configs/<preset>_study_{full,relora}.yaml: SPEC's settings, one run length."""
+    files = {m: CONFIG_DIR / f"{preset}_study_{m}.yaml" for m in ("full", "relora")}
+    assert all(f.is_file() for f in files.values()) and study_config_path(preset, "full") == files["full"]
+    shipped = {m: build_config(file=f) for m, f in files.items()}
+    trained = {}
+    monkeypatch.setattr(pipeline, "run_pair", lambda configs, out, **kw: trained.update(configs) or out / "report.md")
+    pipeline.reproduce(preset, tmp_path)
+    assert trained == shipped  # the recipe is the files, nothing added or overridden
+    full, relora = shipped["full"], shipped["relora"]
+    assert (full.preset, full.method, relora.preset, relora.method) == (preset, "full", preset, "relora")
+    for cfg in (full, relora):
+        assert (cfg.lr, cfg.beta1, cfg.beta2, cfg.weight_decay, cfg.grad_clip) == (3e-4, 0.9, 0.999, 0.01, None)
+        assert (cfg.steps, cfg.batch_size, cfg.context, cfg.checkpoint_interval) == (20000, 1024, 2048, 100)
+    assert [getattr(full, k) for k in RUN_LENGTH] == [getattr(relora, k) for k in RUN_LENGTH]
+    assert comparison_key(full.to_dict()) == comparison_key(relora.to_dict())  # the analysis pairs them
+    assert (full.schedule, full.warmup, full.min_lr_ratio) == ("linear", 2500, 0.0)
     r = relora.relora
-    assert (r.rank, r.alpha, r.dropout, r.reset_every, r.restart_warmup, relora.warmup) == (16, 32.0, 0.1, 2000, 100, 2000)
+    assert (r.rank, r.alpha, r.dropout, r.merge_every, r.lr_restart_warmup, relora.warmup) == (
+        16,
+        32.0,
+        0.1,
+        2000,
+        100,
+        2000,
+    )
+    assert r.targets == ("q", "k", "v", "o", "gate", "up", "down")
     assert relora.min_lr_ratio == 0.1 and r.prune_ratio == 0.999
 
 
 def test_shortened_recipe_keeps_the_schedule_shape():
-    recipe = STUDY_COMMON + STUDY_RELORA + ["method=relora"]
-    settings = dict(s.split("=") for s in shortened_settings(recipe + ["steps=400"]))
-    assert settings == {"warmup_steps": "40", "relora.reset_every": "40", "relora.restart_warmup": "2",
-                        "checkpoint_interval": "40", "eval_interval": "40"}
-    cfg = build_config(preset="tiny", overrides=recipe + shortened_settings(recipe + ["steps=400"]) + ["steps=400"])
-    assert cfg.steps // cfg.relora.reset_every == 20000 // 2000  # as many restarts as the study
-    assert shortened_settings(recipe) == []
+    recipe = build_config(file=study_config_path("tiny", "relora"))
+    settings = dict(s.split("=") for s in shortened_settings(recipe, 400))
+    assert settings == {
+        "warmup_steps": "40",
+        "relora.merge_every": "40",
+        "relora.lr_restart_warmup": "2",
+        "checkpoint_interval": "40",
+        "eval_interval": "40",
+    }
+    cfg = study_configs("tiny", ["steps=400"])["relora"]
+    assert cfg.steps // cfg.relora.merge_every == 20000 // 2000  # as many merges as the study
+    assert (cfg.warmup, cfg.relora.lr_restart_warmup, cfg.checkpoint_interval) == (40, 2, 40)
+    full = study_configs("tiny", ["steps=400", "warmup_steps=7"])["full"]  # an explicit override still wins
+    assert (full.steps, full.warmup, full.checkpoint_interval) == (400, 7, 40)
+    assert shortened_settings(recipe, 20000) == [] == shortened_settings(recipe, 40000)
+
+
+def test_a_missing_study_config_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setattr(pipeline, "CONFIG_DIR", tmp_path)
+    with pytest.raises(ConfigError, match="tiny_study_full.yaml is missing"):
+        study_configs("tiny")
 
 
 @pytest.mark.slow
 def test_reproduce_runs_at_a_reduced_step_count(tmp_path):
-    args = ["reproduce", "--preset", "tiny", "--out", str(tmp_path / "r"), "--steps", "4", "--no-progress",
-            "--set", "batch_size=2", "--set", "seq_len=32", "--set", "data.train_tokens=20000",
-            "--set", "data.val_tokens=4000", "--set", "eval_batches=1", "--set", "capture.probe_sequences=2",
-            "--set", "capture.grad_sequences=2",
-            # CI-sized: the tiny preset's layers and widths, but a vocabulary that fits the built-in grammar (the
-            # 50 304-row embedding's SVD dominates the analysis otherwise) and three checkpoints per run
-            "--set", "model.vocab_size=512", "--set", "checkpoint_interval=2"]
+    args = [
+        "reproduce",
+        "--preset",
+        "tiny",
+        "--out",
+        str(tmp_path / "r"),
+        "--steps",
+        "4",
+        "--no-progress",
+        "--set",
+        "batch_size=2",
+        "--set",
+        "seq_len=32",
+        "--set",
+        "data.train_tokens=20000",
+        "--set",
+        "data.val_tokens=4000",
+        "--set",
+        "eval_batches=1",
+        "--set",
+        "capture.probe_sequences=2",
+        "--set",
+        "capture.grad_sequences=2",
+        "--set",
+        "grad_accum=1",
+        # CI-sized: the tiny preset's layers and widths, but a vocabulary that fits the built-in grammar (the
+        # 50 304-row embedding's SVD dominates the analysis otherwise) and three checkpoints per run
+        "--set",
+        "model.vocab_size=512",
+        "--set",
+        "checkpoint_interval=2",
+    ]
     assert main(args) == 0
     assert (tmp_path / "r" / "report.md").is_file()
     table = pd.read_parquet(tmp_path / "r" / "results.parquet")

@@ -1,4 +1,4 @@
-"""Update matrices: W_t - W_{t-lag}, restart and cumulative updates, LoRA s*B*A."""
+"""Update matrices: W_t - W_{t-lag}, per-merge and cumulative updates, LoRA s*B*A."""
 
 from __future__ import annotations
 
@@ -45,8 +45,8 @@ def test_weight_updates_lag_and_stacking():
         dynamics.weight_updates(W, lag=0)
 
 
-def test_restart_and_cumulative_updates_accumulate_rank():
-    """Each ReLoRA cycle adds a rank-r update: restart updates have rank r,
+def test_merge_and_cumulative_updates_accumulate_rank():
+    """Each ReLoRA cycle adds a rank-r update: per-merge updates have rank r,
     the cumulative update W_t - W_0 has rank min(t * r, d)."""
     rng = np.random.default_rng(1)
     d, r, cycles = 40, 3, 5
@@ -54,10 +54,11 @@ def test_restart_and_cumulative_updates_accumulate_rank():
     for _ in range(cycles):
         B, A = rng.standard_normal((d, r)), rng.standard_normal((r, d))
         W.append(W[-1] + 0.5 * B @ A)
-    restarts = dynamics.restart_updates(W)
+    merges = dynamics.merge_updates(W)
     cumulative = dynamics.cumulative_updates(torch.from_numpy(np.stack(W)))
-    assert restarts.shape == (cycles, d, d) and isinstance(cumulative, torch.Tensor)
-    np.testing.assert_array_equal(dynamics.numerical_rank(restarts, rtol=1e-10), [r] * cycles)
+    assert merges.shape == (cycles, d, d) and isinstance(cumulative, torch.Tensor)
+    np.testing.assert_array_equal(dynamics.numerical_rank(merges, rtol=1e-10), [r] * cycles)
+    np.testing.assert_array_equal(dynamics.restart_updates(W), merges)  # the former name still works
     np.testing.assert_array_equal(
         dynamics.numerical_rank(cumulative, rtol=1e-10), [r * t for t in range(1, cycles + 1)]
     )

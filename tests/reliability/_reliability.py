@@ -18,18 +18,35 @@ from pathlib import Path
 import numpy as np
 
 #: Kill points of trainer.atomic.fault_point, in the order a checkpoint passes them.
-FAULT_POINTS = ("checkpoint-write", "before-manifest", "manifest-write", "capture-write", "before-capture-manifest",
-                "capture-manifest-write")
+FAULT_POINTS = (
+    "checkpoint-write",
+    "before-manifest",
+    "manifest-write",
+    "capture-write",
+    "before-capture-manifest",
+    "capture-manifest-write",
+)
 #: Steps and checkpoint steps of the campaign's run (checkpoint_interval 3, steps 10).
 STEPS, CKPT_STEPS = 10, (0, 3, 6, 9, 10)
 
 
 def overrides(corpus: Path, steps: int = STEPS) -> list[str]:
     """A micro run on the text fixture: 10 steps, a checkpoint (and capture) every 3 steps and at the end."""
-    return ["data.source=text", f"data.path={corpus}", "seq_len=32", "batch_size=8", "eval_interval=4",
-            "eval_batches=2", "checkpoint_interval=3", "warmup_steps=2", f"steps={steps}",
-            "capture.probe_sequences=2", "capture.grad_sequences=2", "capture.token_sample=32",
-            "capture.grad_names=[layers.0.**,layers.3.**]"]
+    return [
+        "data.source=text",
+        f"data.path={corpus}",
+        "seq_len=32",
+        "batch_size=8",
+        "eval_interval=4",
+        "eval_batches=2",
+        "checkpoint_interval=3",
+        "warmup_steps=2",
+        f"steps={steps}",
+        "capture.probe_sequences=2",
+        "capture.grad_sequences=2",
+        "capture.token_sample=32",
+        "capture.grad_names=[layers.0.**,layers.3.**]",
+    ]
 
 
 def train_argv(out: Path, corpus: Path, *, resume: bool = False, steps: int = STEPS) -> list[str]:
@@ -61,15 +78,34 @@ class Launcher:
 
     def __init__(self) -> None:
         self.ctx = multiprocessing.get_context("forkserver")
-        self.ctx.set_forkserver_preload(["torch", "torch._dynamo", "torch.optim", "tqdm.auto", "trainer.evaluate", "h5py", "safetensors.torch", "trainer.train", "dynamics.cli",
-                                         "_reliability"])
+        self.ctx.set_forkserver_preload(
+            [
+                "torch",
+                "torch._dynamo",
+                "torch.optim",
+                "tqdm.auto",
+                "trainer.evaluate",
+                "h5py",
+                "safetensors.torch",
+                "trainer.train",
+                "dynamics.cli",
+                "_reliability",
+            ]
+        )
 
     def warm(self, log: Path) -> None:
         """Start the forkserver (imports torch once) so that later timings measure only the runs."""
         self.run(["train", "--help"], log)
 
-    def run(self, argv: list[str], log: Path, *, fault: str | None = None, kill_after: float | None = None,
-            timeout: float = 300) -> tuple[int, float]:
+    def run(
+        self,
+        argv: list[str],
+        log: Path,
+        *,
+        fault: str | None = None,
+        kill_after: float | None = None,
+        timeout: float = 300,
+    ) -> tuple[int, float]:
         env = {"OMP_NUM_THREADS": "1", "TRAINER_FAULT": fault or ""}
         p = self.ctx.Process(target=_child, args=(argv, env, str(log)))
         t0 = time.perf_counter()

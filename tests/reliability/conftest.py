@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # the campaign's helpers (_reliability.py), also for forked children
 
-import _reliability as R  # noqa: E402
+import _reliability as R
 
 
 @pytest.fixture(scope="session")
@@ -42,8 +42,10 @@ def reference_seconds(reference_run) -> float:
 @pytest.fixture
 def run_copy(reference_run, tmp_path):
     """A fresh copy of the reference run directory, to damage."""
+
     def make(name: str = "run") -> Path:
         dst = tmp_path / name
         shutil.copytree(reference_run, dst)
         return dst
+
     return make

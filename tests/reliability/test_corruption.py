@@ -11,16 +11,15 @@ damaged runs must name the bad file and analyse every other checkpoint.
 
 from __future__ import annotations
 
-import json
 import random
 import shutil
 from collections import Counter
 from pathlib import Path
 
+import _reliability as R
 import pandas as pd
 import pytest
 
-import _reliability as R
 from dynamics.analyze import AnalysisError, read_results
 from dynamics.cli import main
 from dynamics.io import DynamicsIOError, open_run
@@ -43,8 +42,11 @@ def analysed(reference_run, tmp_path_factory):
 
 def _targets(run: Path, results: Path) -> list[tuple[str, Path]]:
     m = read_manifest(run)
-    out = [("manifest", run / "manifest.json"), ("results", results),
-           ("results", results.with_name("results.spectra.parquet"))]
+    out = [
+        ("manifest", run / "manifest.json"),
+        ("results", results),
+        ("results", results.with_name("results.spectra.parquet")),
+    ]
     for c in m["checkpoints"]:
         out += [("checkpoint", run / c["path"] / name) for name in c["sha256"]]
         if "dynamics" in c:
@@ -85,8 +87,11 @@ def _detect(kind: str, path: Path, run: Path, original) -> str:
             pd.testing.assert_frame_equal(got, original)
             return "harmless"
         try:
-            got = read_results(path) if path.name == "results.parquet" else pd.read_parquet(
-                path, page_checksum_verification=True)
+            got = (
+                read_results(path)
+                if path.name == "results.parquet"
+                else pd.read_parquet(path, page_checksum_verification=True)
+            )
         except AnalysisError as e:
             assert str(path) in str(e)
             return "detected"
@@ -116,7 +121,7 @@ def test_random_damage_is_always_detected(analysed, campaign_scale):
             what = (R.flip if how == "flip" else R.truncate)(path, rng)
             verdict = _detect(kind, path, run, original)
             outcome[(kind, verdict)] += 1
-        except BaseException as e:  # noqa: BLE001 - a failed assertion is the finding; keep going, report all
+        except BaseException as e:
             failures.append(f"{kind} {path.relative_to(path.parents[2])} {how}: {type(e).__name__}: {e}")
             what = "?"
         finally:
@@ -131,8 +136,9 @@ def test_random_damage_is_always_detected(analysed, campaign_scale):
 
 
 @pytest.mark.parametrize("victim", ["weights", "capture"])
-def test_analyze_keep_going_names_the_file_and_analyses_the_rest(reference_run, tmp_path, capsys, victim,
-                                                                  campaign_scale):
+def test_analyze_keep_going_names_the_file_and_analyses_the_rest(
+    reference_run, tmp_path, capsys, victim, campaign_scale
+):
     rng = random.Random(7 + campaign_scale)
     for n in range(campaign_scale):
         run = tmp_path / f"run{n}"

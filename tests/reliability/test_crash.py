@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import random
 
-import pytest
-
 import _reliability as R
+import pytest
 
 pytestmark = pytest.mark.reliability
 
@@ -30,8 +29,9 @@ def _cases(scale: int) -> list[tuple[str, int | float]]:
     return cases
 
 
-def test_sigkill_anywhere_then_resume_is_bit_identical(reference_run, reference_seconds, launcher, text_corpus,
-                                                       tmp_path, campaign_scale):
+def test_sigkill_anywhere_then_resume_is_bit_identical(
+    reference_run, reference_seconds, launcher, text_corpus, tmp_path, campaign_scale
+):
     cases = _cases(campaign_scale)
     results, failures = [], []
     for n, (point, where) in enumerate(cases):
@@ -58,6 +58,13 @@ def test_sigkill_anywhere_then_resume_is_bit_identical(reference_run, reference_
         except Exception as e:  # collect every failure, then fail once with all of them
             failures.append(f"{point}@{where}: {type(e).__name__}: {e}")
     covered = sorted({p for p, _ in cases})
-    R.report("crash campaign", [f"cases: {len(cases)}; kill points covered: {', '.join(covered)}",
-                                *results, f"failures: {len(failures)}", *failures])
+    R.report(
+        "crash campaign",
+        [
+            f"cases: {len(cases)}; kill points covered: {', '.join(covered)}",
+            *results,
+            f"failures: {len(failures)}",
+            *failures,
+        ],
+    )
     assert not failures, "\n".join(failures)

@@ -18,10 +18,10 @@ import random
 import stat
 import tempfile
 
+import _reliability as R
 import pytest
 import torch
 
-import _reliability as R
 from dynamics.cli import main
 
 pytestmark = pytest.mark.reliability
@@ -56,6 +56,35 @@ def _expect_clean_failure(code: int, capsys, *needles: str) -> str:
     return err
 
 
+def _failing_writes(k: int, real_fsync, real_save, real_create):
+    """``(calls, fsync, save, create_dataset)``: stand-ins whose ``k``-th write (counted in ``calls["n"]``) fails with ENOSPC."""
+    calls = {"n": 0}
+
+    def countdown(what: str) -> None:
+        calls["n"] += 1
+        if calls["n"] == k:
+            raise _enospc(what)
+
+    def fsync(fd):
+        countdown(f"fd {fd}")
+        return real_fsync(fd)
+
+    def save(obj, f, *a, **kw):
+        if calls["n"] + 1 == k and isinstance(f, (str, os.PathLike)):
+            calls["n"] += 1
+            with open(f, "wb") as fh:
+                fh.write(b"\x80\x02half a pickle")  # part of the file reached the disk
+            raise _enospc(str(f))
+        calls["n"] += 1
+        return real_save(obj, f, *a, **kw)
+
+    def create_dataset(self, name, *a, **kw):
+        countdown(f"{self.file.filename}:{name}")
+        return real_create(self, name, *a, **kw)
+
+    return calls, fsync, save, create_dataset
+
+
 def test_disk_full_part_way(tmp_path, text_corpus, reference_run, monkeypatch, capsys, one_thread, campaign_scale):
     import h5py
 
@@ -65,35 +94,14 @@ def test_disk_full_part_way(tmp_path, text_corpus, reference_run, monkeypatch, c
     cases = [(mode, rng.randrange(2, 60)) for _ in range(campaign_scale) for mode in ("fsync", "torch.save", "h5")]
     for n, (mode, k) in enumerate(cases):
         run = tmp_path / f"run{n}"
-        calls = {"n": 0}
-
-        def countdown(what: str) -> None:
-            calls["n"] += 1
-            if calls["n"] == k:
-                raise _enospc(what)
-
-        def fsync(fd):
-            countdown(f"fd {fd}")
-            return real_fsync(fd)
-
-        def save(obj, f, *a, **kw):
-            if calls["n"] + 1 == k and isinstance(f, (str, os.PathLike)):
-                calls["n"] += 1
-                with open(f, "wb") as fh:
-                    fh.write(b"\x80\x02half a pickle")  # part of the file reached the disk
-                raise _enospc(str(f))
-            calls["n"] += 1
-            return real_save(obj, f, *a, **kw)
-
-        def create_dataset(self, name, *a, **kw):
-            countdown(f"{self.file.filename}:{name}")
-            return real_create(self, name, *a, **kw)
+        if mode == "torch.save":
+            k = rng.randrange(1, 10)  # torch.save runs twice per checkpoint
+        calls, fsync, save, create_dataset = _failing_writes(k, real_fsync, real_save, real_create)
 
         with monkeypatch.context() as m:
             if mode == "fsync":
                 m.setattr(os, "fsync", fsync)
             elif mode == "torch.save":
-                k = rng.randrange(1, 10)  # torch.save runs twice per checkpoint
                 m.setattr(torch, "save", save)
             else:
                 m.setattr(h5py.Group, "create_dataset", create_dataset)
@@ -116,7 +124,7 @@ def test_read_only_checkpoint_directory(tmp_path, text_corpus, reference_run, mo
     real_mkdtemp = tempfile.mkdtemp
     calls = {"n": 0}
 
-    def mkdtemp(*a, dir=None, **kw):  # noqa: A002
+    def mkdtemp(*a, dir=None, **kw):
         calls["n"] += 1
         if calls["n"] == 3 and os.geteuid() == 0:  # root ignores permissions: simulate the read-only directory
             raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(dir))

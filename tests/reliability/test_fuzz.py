@@ -20,30 +20,71 @@ from hypothesis import strategies as st
 import dynamics
 from dynamics.cli import main
 from dynamics.validation import DynamicsError
-from trainer.config import TrainConfig, ConfigError, build_config
+from trainer.config import ConfigError, TrainConfig, build_config
 
 pytestmark = pytest.mark.reliability
 
-KEYS = sorted(TrainConfig().to_dict()) + ["model.d_model", "model.n_heads", "model.vocab_size", "relora.rank",
-                                          "relora.alpha", "capture.every", "capture.token_sample", "data.source",
-                                          "capture.act_dtype", "nonsense", "model.", ".x", "model.d_model.x"]
+KEYS = sorted(TrainConfig().to_dict()) + [
+    "model.d_model",
+    "model.n_heads",
+    "model.vocab_size",
+    "relora.rank",
+    "relora.alpha",
+    "capture.every",
+    "capture.token_sample",
+    "data.source",
+    "capture.act_dtype",
+    "nonsense",
+    "model.",
+    ".x",
+    "model.d_model.x",
+]
 VALUES = st.one_of(
-    st.sampled_from(["0", "-1", "1e-3", "nan", "inf", "-inf", "1e309", "true", "null", "[]", "[1,2]", "full", "relora",
-                     "bf16", "cuda", "", " ", "=", "2048", "99999999999999999999", "[a,[b]", "micro"]),
+    st.sampled_from(
+        [
+            "0",
+            "-1",
+            "1e-3",
+            "nan",
+            "inf",
+            "-inf",
+            "1e309",
+            "true",
+            "null",
+            "[]",
+            "[1,2]",
+            "full",
+            "relora",
+            "bf16",
+            "cuda",
+            "",
+            " ",
+            "=",
+            "2048",
+            "99999999999999999999",
+            "[a,[b]",
+            "micro",
+        ]
+    ),
     st.text(string.printable, max_size=12),
-    st.integers(-10**12, 10**12).map(str),
+    st.integers(-(10**12), 10**12).map(str),
     st.floats(allow_nan=True, allow_infinity=True).map(repr),
 )
-OVERRIDE = st.one_of(st.tuples(st.sampled_from(KEYS), VALUES).map(lambda kv: f"{kv[0]}={kv[1]}"),
-                     st.text(string.printable, max_size=20))
+OVERRIDE = st.one_of(
+    st.tuples(st.sampled_from(KEYS), VALUES).map(lambda kv: f"{kv[0]}={kv[1]}"), st.text(string.printable, max_size=20)
+)
 
 
 def _examples(base: int):
     import os
 
     n = int(os.environ.get("RELIABILITY_N", "1"))
-    return settings(max_examples=base * max(1, n), deadline=None, derandomize=True,
-                    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+    return settings(
+        max_examples=base * max(1, n),
+        deadline=None,
+        derandomize=True,
+        suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+    )
 
 
 def _builds_or_refuses_cleanly(**kwargs) -> None:
@@ -65,16 +106,21 @@ def test_overrides_fail_only_with_config_errors(items):
 
 
 CONFIG_VALUES = st.recursive(
-    st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**20), st.floats(), st.text(max_size=8)),
-    lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(st.sampled_from(KEYS + ["rank", "d_model"]),
-                                                                         inner, max_size=3)),
-    max_leaves=8)
+    st.one_of(st.none(), st.booleans(), st.integers(-(10**6), 10**20), st.floats(), st.text(max_size=8)),
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3), st.dictionaries(st.sampled_from(KEYS + ["rank", "d_model"]), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
 
 
 @_examples(100)
-@given(data=st.one_of(st.dictionaries(st.sampled_from(KEYS), CONFIG_VALUES, max_size=5), CONFIG_VALUES,
-                      st.text(max_size=40)),
-       suffix=st.sampled_from([".yaml", ".json"]))
+@given(
+    data=st.one_of(
+        st.dictionaries(st.sampled_from(KEYS), CONFIG_VALUES, max_size=5), CONFIG_VALUES, st.text(max_size=40)
+    ),
+    suffix=st.sampled_from([".yaml", ".json"]),
+)
 def test_config_files_fail_only_with_config_errors(tmp_path_factory, data, suffix):
     path = tmp_path_factory.mktemp("cfg") / f"c{suffix}"
     if isinstance(data, str):
@@ -86,22 +132,54 @@ def test_config_files_fail_only_with_config_errors(tmp_path_factory, data, suffi
     _builds_or_refuses_cleanly(file=path)
 
 
-ARG = st.one_of(st.sampled_from(["--steps", "--set", "--config", "--out", "--resume", "--preset", "--method", "--kinds",
-                                 "--workers", "--keep-going", "--metric", "--kind", "--formats", "--dpi", "-h",
-                                 "--blimp", "--init-from", "0", "-3", "x=1", "lr=nan", "tiny", "relora", "/nonexistent",
-                                 "weight,bogus", "a.parquet", "b.csv", "--no-progress"]),
-                st.text(string.printable, max_size=10))
+ARG = st.one_of(
+    st.sampled_from(
+        [
+            "--steps",
+            "--set",
+            "--config",
+            "--out",
+            "--resume",
+            "--preset",
+            "--method",
+            "--kinds",
+            "--workers",
+            "--keep-going",
+            "--metric",
+            "--kind",
+            "--formats",
+            "--dpi",
+            "-h",
+            "--blimp",
+            "--init-from",
+            "0",
+            "-3",
+            "x=1",
+            "lr=nan",
+            "tiny",
+            "relora",
+            "/nonexistent",
+            "weight,bogus",
+            "a.parquet",
+            "b.csv",
+            "--no-progress",
+        ]
+    ),
+    st.text(string.printable, max_size=10),
+)
 
 
 @_examples(120)
-@given(cmd=st.sampled_from(["train", "evaluate", "analyze", "summary", "plot", "reproduce", "demo", "bogus"]),
-       args=st.lists(ARG, max_size=6))
+@given(
+    cmd=st.sampled_from(["train", "evaluate", "analyze", "summary", "plot", "reproduce", "demo", "bogus"]),
+    args=st.lists(ARG, max_size=6),
+)
 def test_cli_arguments_never_crash(tmp_path_factory, monkeypatch, capsys, cmd, args):
     import dynamics.pipeline as pipeline
     import trainer.train as tt
 
     # valid arguments would start hours of work: stop at the point where it would begin (config already validated)
-    stub = lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt())  # noqa: E731
+    stub = lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt())
     monkeypatch.setattr(tt, "train", stub)
     monkeypatch.setattr(pipeline, "demo", stub)
     monkeypatch.setattr(pipeline, "reproduce", stub)
@@ -118,21 +196,33 @@ def test_cli_arguments_never_crash(tmp_path_factory, monkeypatch, capsys, cmd, a
         assert err.startswith("error:") or "failed:" in err or "error:" in err, err
 
 
-METRICS = ["effective_rank", "proportional_effective_rank", "stable_rank", "numerical_rank", "condition_number",
-           "truncated_condition_number", "spectral_entropy", "participation_ratio", "singular_values",
-           "activation_effective_rank", "anisotropy"]
+METRICS = [
+    "effective_rank",
+    "proportional_effective_rank",
+    "stable_rank",
+    "numerical_rank",
+    "condition_number",
+    "truncated_condition_number",
+    "spectral_entropy",
+    "participation_ratio",
+    "singular_values",
+    "activation_effective_rank",
+    "anisotropy",
+]
 DTYPES = ["float64", "float32", "float16", "bfloat16"]
 
 
 @st.composite
 def matrices(draw):
-    shape = draw(st.one_of(
-        st.tuples(st.integers(0, 6), st.integers(0, 6)),
-        st.tuples(st.integers(1, 3), st.integers(200, 2000)),  # huge aspect ratios, both ways
-        st.tuples(st.integers(200, 2000), st.integers(1, 3)),
-        st.tuples(st.integers(1, 3), st.integers(1, 4), st.integers(1, 4)),  # a batch
-        st.tuples(st.integers(1, 5)),  # 1-D: not a matrix
-    ))
+    shape = draw(
+        st.one_of(
+            st.tuples(st.integers(0, 6), st.integers(0, 6)),
+            st.tuples(st.integers(1, 3), st.integers(200, 2000)),  # huge aspect ratios, both ways
+            st.tuples(st.integers(200, 2000), st.integers(1, 3)),
+            st.tuples(st.integers(1, 3), st.integers(1, 4), st.integers(1, 4)),  # a batch
+            st.tuples(st.integers(1, 5)),  # 1-D: not a matrix
+        )
+    )
     scale = draw(st.sampled_from([0.0, 1e-30, 1e-4, 1.0, 1e4, 6e4, 1e30]))
     rng = np.random.default_rng(draw(st.integers(0, 2**16)))
     x = rng.standard_normal(shape) * scale

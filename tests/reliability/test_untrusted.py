@@ -13,9 +13,9 @@ import os
 import pickle
 import struct
 
+import _reliability as R
 import pytest
 
-import _reliability as R
 from dynamics.cli import main
 from dynamics.io import DynamicsIOError, open_run
 from trainer.atomic import sha256_file
@@ -67,13 +67,19 @@ def _safetensors(header: dict, payload: bytes) -> bytes:
 
 
 MALICIOUS_HEADERS = {
-    "offsets beyond the file": _safetensors({"embed.weight": {"dtype": "F32", "shape": [1000, 1000],
-                                                              "data_offsets": [0, 4_000_000]}}, b"\0" * 64),
-    "overlapping offsets": _safetensors({"a.weight": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
-                                         "b.weight": {"dtype": "F32", "shape": [4], "data_offsets": [8, 24]}},
-                                        b"\0" * 24),
-    "shape disagrees with offsets": _safetensors({"a.weight": {"dtype": "F32", "shape": [10**6, 10**6],
-                                                               "data_offsets": [0, 16]}}, b"\0" * 16),
+    "offsets beyond the file": _safetensors(
+        {"embed.weight": {"dtype": "F32", "shape": [1000, 1000], "data_offsets": [0, 4_000_000]}}, b"\0" * 64
+    ),
+    "overlapping offsets": _safetensors(
+        {
+            "a.weight": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
+            "b.weight": {"dtype": "F32", "shape": [4], "data_offsets": [8, 24]},
+        },
+        b"\0" * 24,
+    ),
+    "shape disagrees with offsets": _safetensors(
+        {"a.weight": {"dtype": "F32", "shape": [10**6, 10**6], "data_offsets": [0, 16]}}, b"\0" * 16
+    ),
     "header length beyond the file": struct.pack("<Q", 2**40) + b"{}",
     "header not JSON": struct.pack("<Q", 8) + b"\xff\xfe{{{{{{",
 }
@@ -90,8 +96,10 @@ def test_malicious_safetensors_header_is_refused(run_copy, case):
     load_checkpoint(run, 6)  # the other checkpoints still load
 
 
-@pytest.mark.parametrize("field,value", [("path", "../../evil"), ("path", "/etc"), ("file", "../../../evil.txt"),
-                                         ("dynamics", "../../evil.h5")])
+@pytest.mark.parametrize(
+    "field,value",
+    [("path", "../../evil"), ("path", "/etc"), ("file", "../../../evil.txt"), ("dynamics", "../../evil.h5")],
+)
 def test_path_traversal_in_manifest_is_refused(run_copy, tmp_path, capsys, field, value, text_corpus):
     run = run_copy()
     outside = tmp_path / "evil"  # what ../../evil points at from checkpoints/ ... must stay untouched

@@ -25,7 +25,7 @@ from trainer.config import ConfigError, build_config
 from trainer.model import Decoder
 from trainer.train import Trainer, train
 
-RELORA = ["method=relora", "relora.reset_every=4", "relora.restart_warmup=1"]
+RELORA = ["method=relora", "relora.merge_every=4", "relora.lr_restart_warmup=1"]
 
 
 def _h5(run: Path, step: int) -> h5py.File:

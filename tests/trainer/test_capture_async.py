@@ -15,16 +15,17 @@ import numpy as np
 import pytest
 import torch
 
-import trainer.capture as capture_mod
+import trainer.capture.capturer as capture_mod  # the module whose write_capture the capturer calls
 from trainer import checkpoint as ckpt
 from trainer.atomic import sha256_file
 from trainer.background import BackgroundJob
-from trainer.capture import Capturer, CaptureError, _naming_step
+from trainer.capture import CaptureError, Capturer
+from trainer.capture.capturer import _naming_step
 from trainer.checkpoint import read_manifest
 from trainer.config import build_config
 from trainer.train import Trainer, train
 
-RELORA = ["method=relora", "relora.reset_every=4", "relora.restart_warmup=1"]
+RELORA = ["method=relora", "relora.merge_every=4", "relora.lr_restart_warmup=1"]
 #: a small probe, so that a capture costs little next to the run
 SMALL_PROBE = ["capture.probe_sequences=2", "capture.grad_sequences=2", "capture.token_sample=32"]
 TIMEOUT = 60  # seconds any test waits for a thread before failing instead of hanging
@@ -63,8 +64,8 @@ def _contents(path: Path) -> dict[str, object]:
 
 def _synchronous(monkeypatch) -> None:
     """Make the trainer build its capturer with ``background=False`` (the pre-background behaviour)."""
-    build = Capturer.for_trainer.__func__
-    monkeypatch.setattr(Capturer, "for_trainer", classmethod(lambda cls, t: build(cls, t, background=False)))
+    build = Capturer.for_run.__func__
+    monkeypatch.setattr(Capturer, "for_run", classmethod(lambda cls, *a, **kw: build(cls, *a, **kw, background=False)))
 
 
 @pytest.fixture(scope="module")
@@ -160,6 +161,38 @@ def test_training_goes_on_while_the_capture_is_written_and_the_next_checkpoint_w
         t.cleanup()
 
 
+def test_only_the_training_thread_writes_the_manifest(tmp_path, fast_overrides, gated_writes, monkeypatch):
+    gate, _ = gated_writes
+    writers: list[bool] = []  # per manifest write: was it the training (main) thread?
+    for module in (ckpt, capture_mod):  # checkpoint.save_checkpoint's writes, and the capturer's listings
+        real = module.write_manifest
+
+        def spy(*args, _real=real, **kwargs):
+            writers.append(threading.current_thread() is threading.main_thread())
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(module, "write_manifest", spy)
+    t = Trainer(build_config(overrides=fast_overrides + SMALL_PROBE + ["steps=5"]), tmp_path / "run", progress=False)
+    try:
+        t.setup()  # checkpoint 0; the write of its capture waits at the gate
+        t.capturer.poll()  # the write is not done: poll returns at once and lists nothing
+        assert t.capturer._writer.running and _listed(t.run_dir) == {}
+        gate.set()
+        deadline = time.monotonic() + TIMEOUT
+        while t.capturer._writer.running:
+            assert time.monotonic() < deadline, "the capture write never finished"
+            time.sleep(0.01)
+        assert _h5(t.run_dir, 0).exists() and _listed(t.run_dir) == {}  # written, listed by no one yet
+        t.capturer.poll()  # the training thread collects the writer's record and lists it
+        assert sorted(_listed(t.run_dir)) == [0]
+        t.run()
+    finally:
+        gate.set()
+        t.cleanup()
+    assert sorted(_listed(t.run_dir)) == [0, 5]
+    assert writers and all(writers), writers
+
+
 def test_a_failed_background_write_is_raised_at_the_next_flush_naming_the_step(tmp_path, fast_overrides, monkeypatch):
     real_write = capture_mod.write_capture
     fail = {"step": 0, "error": ValueError("simulated HDF5 failure")}
@@ -172,7 +205,7 @@ def test_a_failed_background_write_is_raised_at_the_next_flush_naming_the_step(t
     monkeypatch.setattr(capture_mod, "write_capture", write_capture)
     cfg = build_config(overrides=fast_overrides + SMALL_PROBE + ["steps=5"])
     with pytest.raises(CaptureError, match=r"capture of step 0 .*ValueError: simulated HDF5 failure") as info:
-        train(cfg, tmp_path / "run", progress=False)  # raised by the flush of checkpoint 5: never written
+        train(cfg, tmp_path / "run", progress=False)  # raised by the next poll (or flush): never written
     assert isinstance(info.value.__cause__, ValueError)
     manifest = read_manifest(tmp_path / "run")
     assert [e["step"] for e in manifest["checkpoints"]] == [0] and "dynamics" not in manifest["checkpoints"][0]
@@ -195,16 +228,17 @@ def test_a_failed_background_write_is_raised_at_the_next_flush_naming_the_step(t
 def test_resume_lists_a_capture_written_but_not_listed(tmp_path, fast_overrides, monkeypatch):
     real_list = Capturer._list
 
-    def no_listing(self, step, record):
-        if step == 5:
+    def no_listing(self, record):
+        assert threading.current_thread() is threading.main_thread()  # only the training thread writes the manifest
+        if record.step == 5:
             raise RuntimeError("simulated crash before the listing")
-        real_list(self, step, record)
+        real_list(self, record)
 
     cfg = build_config(overrides=fast_overrides + SMALL_PROBE + ["steps=5"])
     with monkeypatch.context() as m:
         m.setattr(Capturer, "_list", no_listing)
-        with pytest.raises(CaptureError, match="capture of step 5"):
-            train(cfg, tmp_path / "run", progress=False)
+        with pytest.raises(RuntimeError, match="simulated crash before the listing"):
+            train(cfg, tmp_path / "run", progress=False)  # listed by close(): its error propagates as it is
     run = tmp_path / "run"
     written = sha256_file(_h5(run, 5))  # the file is complete, the manifest does not list it
     assert sorted(_listed(run)) == [0]

@@ -9,6 +9,7 @@ import pytest
 from trainer.atomic import atomic_write_bytes, atomic_write_dir
 from trainer.checkpoint import CheckpointError, load_checkpoint, read_manifest
 from trainer.config import build_config
+from trainer.errors import TrainerError
 from trainer.train import train
 
 
@@ -63,8 +64,9 @@ def test_corrupted_file_detected_by_hash(small_run, victim):
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
-    with pytest.raises(CheckpointError, match=f"step_000005/{victim} is corrupted"):
+    with pytest.raises(CheckpointError, match=f"step_000005/{victim} is corrupted") as e:
         load_checkpoint(small_run)
+    assert isinstance(e.value, OSError) and isinstance(e.value, TrainerError)  # a damaged file, from the trainer
     load_checkpoint(small_run, step=0)  # the others are fine
 
 

@@ -9,12 +9,12 @@ from trainer.config import build_config
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["relora"])  # full-rank runs the same compiled loss; ReLoRA adds the restarts
+@pytest.mark.parametrize("method", ["relora"])  # full-rank runs the same compiled loss; ReLoRA adds merges
 def test_compiled_training_matches_eager(train_variants, method):
     extra = ["steps=6", "checkpoint_interval=6", "eval_interval=6", "capture.enabled=false", "lr=1e-3"]
-    if method == "relora":  # a merge after update 2, so the compiled step also runs through a restart
-        extra += ["method=relora", "relora.rank=4", "relora.alpha=8", "relora.reset_every=2", "relora.dropout=0.0",
-                  "relora.restart_warmup=1", "relora.optimizer_reset=none"]
+    if method == "relora":  # a merge after update 2, so the compiled step also runs through a merge and an lr restart
+        extra += ["method=relora", "relora.rank=4", "relora.alpha=8", "relora.merge_every=2", "relora.dropout=0.0",
+                  "relora.lr_restart_warmup=1", "relora.optimizer_reset=none"]
     runs = train_variants(extra, {"eager": ["compile=false"], "compiled": ["compile=true"]})
     eager, compiled = runs["eager"], runs["compiled"]
     assert len(eager["loss"]) == 6
@@ -25,7 +25,7 @@ def test_compiled_training_matches_eager(train_variants, method):
 
 
 def test_a_compiler_failure_falls_back_to_eager_with_one_warning(monkeypatch):
-    from trainer.train import CompiledLoss
+    from trainer.runtime import CompiledLoss
 
     def broken_compile(fn, **kwargs):
         def compiled(*args):
@@ -44,7 +44,7 @@ def test_a_compiler_failure_falls_back_to_eager_with_one_warning(monkeypatch):
 
 
 def test_an_error_that_eager_mode_also_raises_is_raised(monkeypatch):
-    from trainer.train import CompiledLoss
+    from trainer.runtime import CompiledLoss
 
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
 
@@ -58,7 +58,8 @@ def test_an_error_that_eager_mode_also_raises_is_raised(monkeypatch):
 
 @pytest.mark.parametrize("setting, expect_compiled", [("null", False), ("true", True), ("false", False)])
 def test_compile_default_is_off_on_cpu(tmp_path, fast_overrides, setting, expect_compiled):
-    from trainer.train import CompiledLoss, Trainer
+    from trainer.runtime import CompiledLoss
+    from trainer.train import Trainer
 
     cfg = build_config(overrides=fast_overrides + ["capture.enabled=false", "device=cpu", f"compile={setting}"])
     t = Trainer(cfg, tmp_path / "run", progress=False, echo=lambda msg: None)
@@ -70,7 +71,7 @@ def test_compile_default_is_off_on_cpu(tmp_path, fast_overrides, setting, expect
 
 
 def test_out_of_memory_is_raised_and_compile_stays_on(monkeypatch):
-    from trainer.train import CompiledLoss
+    from trainer.runtime import CompiledLoss
 
     calls = []
 

@@ -26,6 +26,30 @@ def test_roundtrip_through_dict():
     assert config_from_dict(cfg.to_dict()) == cfg
 
 
+def test_old_relora_key_names_load_from_files_overrides_and_stored_manifests(tmp_path):
+    new = build_config(overrides=["method=relora", "relora.merge_every=40", "relora.lr_restart_warmup=5"])
+    assert (new.relora.merge_every, new.relora.lr_restart_warmup, new.relora.lr_restart_period) == (40, 5, 40)
+    assert "reset_every" not in new.to_dict()["relora"] and "restart_warmup" not in new.to_dict()["relora"]
+    # --set with the old names
+    assert build_config(overrides=["method=relora", "relora.reset_every=40", "relora.restart_warmup=5"]) == new
+    # a config file with the old names; a later --set of the new name still wins
+    f = tmp_path / "old.yaml"
+    f.write_text("method: relora\nrelora:\n  reset_every: 40\n  restart_warmup: 5\n")
+    assert build_config(file=f) == new
+    assert build_config(file=f, overrides=["relora.merge_every=50"]).relora.merge_every == 50
+    # a manifest written before the rename
+    stored = new.to_dict()
+    stored["relora"]["reset_every"] = stored["relora"].pop("merge_every")
+    stored["relora"]["restart_warmup"] = stored["relora"].pop("lr_restart_warmup")
+    assert config_from_dict(stored) == new
+    # the same value under both names is fine; different values are refused, naming both
+    assert build_config(overrides=["method=relora", "relora.reset_every=40", "relora.merge_every=40",
+                                   "relora.lr_restart_warmup=5"]) == new
+    with pytest.raises(ConfigError, match=r"relora.reset_every=30 \(its old name\) and relora.merge_every=40") as e:
+        build_config(overrides=["method=relora", "relora.reset_every=30", "relora.merge_every=40"])
+    assert "unknown key" not in str(e.value)
+
+
 @pytest.mark.parametrize("text, value", [("1e-3", 1e-3), ("3", 3), ("true", True), ("null", None), ("abc", "abc")])
 def test_parse_value(text, value):
     assert parse_value(text) == value

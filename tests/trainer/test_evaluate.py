@@ -10,7 +10,13 @@ import torch
 from dynamics.cli import main
 from trainer.config import MODEL_PRESETS, build_config
 from trainer.evaluate import (
-    EvaluationError, Tokenizer, evaluate_run, load_minimal_pairs, minimal_pair_accuracy, sentence_logprobs, tokenizer_for,
+    EvaluationError,
+    Tokenizer,
+    evaluate_run,
+    load_minimal_pairs,
+    minimal_pair_accuracy,
+    sentence_logprobs,
+    tokenizer_for,
 )
 from trainer.model import Decoder
 from trainer.train import train

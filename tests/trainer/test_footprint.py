@@ -12,7 +12,7 @@ from trainer.train import Trainer, memory_footprint
 @pytest.mark.parametrize("method", ["full", "relora"])
 def test_footprint_matches_what_is_allocated(tmp_path, fast_overrides, method):
     cfg = build_config(overrides=fast_overrides + ["capture.enabled=false", "steps=3", f"method={method}",
-                                                   "relora.rank=4", "relora.reset_every=2", "relora.restart_warmup=1"])
+                                                   "relora.rank=4", "relora.merge_every=2", "relora.lr_restart_warmup=1"])
     messages = []
     t = Trainer(cfg, tmp_path / method, progress=False, echo=messages.append)
     try:

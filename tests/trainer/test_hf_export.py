@@ -13,7 +13,23 @@ from trainer.train import Trainer
 
 transformers = pytest.importorskip("transformers")
 
-RELORA = ["method=relora", "relora.rank=4", "relora.alpha=8", "relora.reset_every=4", "relora.restart_warmup=1"]
+RELORA = ["method=relora", "relora.rank=4", "relora.alpha=8", "relora.merge_every=4", "relora.lr_restart_warmup=1"]
+
+
+def test_one_key_map_both_ways():
+    """Export (trainer.hf) and import (dynamics.external) use the one map of trainer.run_format, inverse of each other."""
+    from dynamics.external import canonical_name
+    from trainer import run_format
+    from trainer.hf import hf_key, to_hf_state_dict
+    from trainer.model import Decoder
+
+    assert hf_key is run_format.hf_key
+    state = Decoder(build_config().model).state_dict()
+    hf = to_hf_state_dict(state)
+    assert "model.layers.0.self_attn.q_proj.weight" in hf and "model.embed_tokens.weight" in hf
+    assert {canonical_name(k) for k in hf} == set(state)
+    with pytest.raises(KeyError, match="no Hugging Face LLaMA equivalent"):
+        hf_key("layers.0.attn.q.lora_a.weight")
 
 
 @pytest.mark.parametrize("method", ["full", "relora"])
@@ -43,7 +59,9 @@ def test_exported_model_reproduces_the_trained_model_logits(tmp_path, fast_overr
 def test_export_refuses_an_existing_directory_and_a_missing_step(tmp_path, fast_overrides, capsys):
     from trainer.train import train
 
-    train(build_config(overrides=fast_overrides + ["steps=3", "checkpoint_interval=3"]), tmp_path / "run", progress=False)
+    train(
+        build_config(overrides=fast_overrides + ["steps=3", "checkpoint_interval=3"]), tmp_path / "run", progress=False
+    )
     (tmp_path / "taken").mkdir()
     assert main(["export", str(tmp_path / "run"), str(tmp_path / "taken")]) == 2
     assert "already exists" in capsys.readouterr().err

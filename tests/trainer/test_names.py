@@ -1,10 +1,12 @@
-"""Canonical names: parse, select, step directories."""
+"""Canonical names: parse, select; step directory names (trainer.run_format)."""
 
 from __future__ import annotations
 
 import pytest
 
-from trainer.names import matrix_names, parse, parse_step_dirname, select, step_dirname
+import trainer.names
+from trainer.names import matrix_names, parse, select
+from trainer.run_format import parse_step_dirname, step_dirname
 
 
 def test_parse_columns():
@@ -15,8 +17,18 @@ def test_parse_columns():
     assert parse("embed").layer is None
 
 
-@pytest.mark.parametrize("bad", ["", "layers.01.attn.q", "model.layers.0.self_attn.q_proj", "layers.0.attn.q.weight",
-                                 "q3", "layers.0.mlp.w1", "embed.lora_a"])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "",
+        "layers.01.attn.q",
+        "model.layers.0.self_attn.q_proj",
+        "layers.0.attn.q.weight",
+        "q3",
+        "layers.0.mlp.w1",
+        "embed.lora_a",
+    ],
+)
 def test_parse_rejects_non_canonical(bad):
     with pytest.raises(ValueError):
         parse(bad)
@@ -35,3 +47,5 @@ def test_step_dirnames():
     assert step_dirname(100) == "step_000100"
     assert parse_step_dirname("step_000100") == 100
     assert parse_step_dirname(".step_000100.tmp") is None
+    # said once, in trainer.run_format (which imports trainer.names, so trainer.names does not re-export them)
+    assert not hasattr(trainer.names, "step_dirname") and not hasattr(trainer.names, "parse_step_dirname")

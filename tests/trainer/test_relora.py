@@ -12,7 +12,12 @@ from trainer.checkpoint import load_checkpoint
 from trainer.config import MODEL_PRESETS, ReLoRAConfig, build_config
 from trainer.model import Decoder, count_parameters
 from trainer.relora import (
-    ReLoRALinear, adapter_state_dict, dense_state_dict, lora_parameters, merge_all, prune_optimizer_state, wrap_model,
+    ReLoRALinear,
+    dense_state_dict,
+    lora_parameters,
+    merge_all,
+    prune_optimizer_state,
+    wrap_model,
 )
 from trainer.train import Trainer, train
 
@@ -163,8 +168,8 @@ def test_trainable_parameter_counts_match_spec(preset, extra_millions, trainable
 
 
 def relora_overrides(fast_overrides, *extra):
-    return fast_overrides + ["method=relora", "relora.rank=4", "relora.alpha=8", "relora.reset_every=4",
-                             "relora.restart_warmup=2", "relora.dropout=0.1", *extra]
+    return fast_overrides + ["method=relora", "relora.rank=4", "relora.alpha=8", "relora.merge_every=4",
+                             "relora.lr_restart_warmup=2", "relora.dropout=0.1", *extra]
 
 
 def test_run_logs_merges_and_resets_and_checkpoints_hold_all_forms(tmp_path, fast_overrides):
@@ -218,14 +223,14 @@ def test_warm_start_then_relora_and_init_from(tmp_path, fast_overrides):
 
 @pytest.mark.slow
 def test_full_rank_and_relora_both_learn_the_grammar(tmp_path):
-    from trainer.corpus import GrammarCorpus, unigram_entropy
-    from trainer.data import prepare
     from trainer.config import DataConfig
+    from trainer.corpus import unigram_entropy
+    from trainer.data import prepare
 
     base = ["steps=120", "eval_interval=60", "checkpoint_interval=120", "data.train_tokens=400000", "data.val_tokens=20000"]
     val = {}
-    for method, extra in (("full", []), ("relora", ["relora.rank=8", "relora.alpha=16", "relora.reset_every=40",
-                                                   "relora.restart_warmup=5"])):
+    for method, extra in (("full", []), ("relora", ["relora.rank=8", "relora.alpha=16", "relora.merge_every=40",
+                                                   "relora.lr_restart_warmup=5"])):
         run = train(build_config(overrides=base + [f"method={method}", *extra]), tmp_path / method, progress=False)
         val[method] = load_checkpoint(run).state["val_loss"]
     stream = prepare(DataConfig(train_tokens=400000, val_tokens=20000), tmp_path / "full" / "data").val

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from dynamics.cli import main
 from trainer.checkpoint import load_checkpoint, read_manifest, verify_checkpoint
