@@ -2,17 +2,34 @@
 
 Usage: python benchmarks/analysis_extra_cost.py OUT_DIR [REPEATS]  (trains a 6-step tiny full-rank + ReLoRA pair there once)
 """
-import shutil, sys, time
+
+import shutil
+import sys
+import time
 from pathlib import Path
+
+from dynamics.analyze import AnalysisOptions, analyze_runs
 from trainer.config import build_config
 from trainer.train import train
-from dynamics.analyze import AnalysisOptions, analyze_runs
 
-root = Path(sys.argv[1]); root.mkdir(parents=True, exist_ok=True)
-base = ["steps=6", "checkpoint_interval=2", "eval_interval=6", "seq_len=64", "batch_size=4", "warmup_steps=1",
-        "data.train_tokens=200000", "data.val_tokens=20000", "eval_batches=1"]
+root = Path(sys.argv[1])
+root.mkdir(parents=True, exist_ok=True)
+base = [
+    "steps=6",
+    "checkpoint_interval=2",
+    "eval_interval=6",
+    "seq_len=64",
+    "batch_size=4",
+    "warmup_steps=1",
+    "data.train_tokens=200000",
+    "data.val_tokens=20000",
+    "eval_batches=1",
+]
 runs = []
-for method, extra in (("full", []), ("relora", ["relora.rank=8", "relora.merge_every=2", "relora.lr_restart_warmup=1"])):
+for method, extra in (
+    ("full", []),
+    ("relora", ["relora.rank=8", "relora.merge_every=2", "relora.lr_restart_warmup=1"]),
+):
     d = root / method
     if not (d / "manifest.json").exists():
         train(build_config(preset="tiny", overrides=base + [f"method={method}"] + extra), d, progress=False)

@@ -35,9 +35,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trainer.capture import estimate_bytes  # noqa: E402
-from trainer.config import build_config  # noqa: E402
-from trainer.train import Trainer  # noqa: E402
+from trainer.capture import estimate_bytes
+from trainer.config import build_config
+from trainer.train import Trainer
 
 
 def timed_run(overrides: list[str], out: Path) -> tuple[float, Trainer]:
@@ -87,10 +87,20 @@ def interleaved(base: list[str], out: Path, *, every: int, block: int, repeats: 
     slowdown = (statistics.median(during) - step_s) if during else 0.0  # per step run alongside the write
     steps_per_write = len(during) / repeats
     background = submit_s + slowdown * steps_per_write + wait_s
-    return {"step_s": step_s, "capture_s": capture_s, "overhead": capture_s / (every * step_s),
-            "submit_s": submit_s, "write_s": statistics.median(writes), "slowdown_s": slowdown,
-            "steps_per_write": steps_per_write, "wait_s": wait_s, "overhead_background": background / (every * step_s),
-            "bytes": record.bytes, "steps": steps, "captures": captures}
+    return {
+        "step_s": step_s,
+        "capture_s": capture_s,
+        "overhead": capture_s / (every * step_s),
+        "submit_s": submit_s,
+        "write_s": statistics.median(writes),
+        "slowdown_s": slowdown,
+        "steps_per_write": steps_per_write,
+        "wait_s": wait_s,
+        "overhead_background": background / (every * step_s),
+        "bytes": record.bytes,
+        "steps": steps,
+        "captures": captures,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,9 +115,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", dest="extra", action="append", default=[], help="more key=value settings")
     args = p.parse_args(argv)
 
-    base = [f"preset={args.preset}", f"steps={args.every}", f"seq_len={args.seq_len}", f"batch_size={args.batch_size}",
-            f"checkpoint_interval={args.every}", f"eval_interval={args.every}", "eval_batches=2",
-            "data.train_tokens=400000", "data.val_tokens=40000"] + args.extra
+    base = [
+        f"preset={args.preset}",
+        f"steps={args.every}",
+        f"seq_len={args.seq_len}",
+        f"batch_size={args.batch_size}",
+        f"checkpoint_interval={args.every}",
+        f"eval_interval={args.every}",
+        "eval_batches=2",
+        "data.train_tokens=400000",
+        "data.val_tokens=40000",
+    ] + args.extra
     cfg = build_config(overrides=base)
     print(f"settings: {' '.join(base)}  (torch threads: {__import__('torch').get_num_threads()})")
     print(f"capture: {cfg.capture}")
@@ -121,25 +139,36 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| background write (wall, while {r['steps_per_write']:.1f} steps train) | {r['write_s']:.3f} |")
         print(f"| slowdown of a step trained during the write | {r['slowdown_s']:+.3f} |")
         print(f"| {args.every} steps + one capture: capture overhead, synchronous | {100 * r['overhead']:.1f}% |")
-        print(f"| {args.every} steps + one capture: capture overhead, background | "
-              f"{100 * r['overhead_background']:.1f}% |")
-        print(f"| capture file on disk | {r['bytes'] / 1e6:.2f} MB (uncompressed estimate "
-              f"{estimate_bytes(cfg)['total'] / 1e6:.2f} MB) |")
+        print(
+            f"| {args.every} steps + one capture: capture overhead, background | "
+            f"{100 * r['overhead_background']:.1f}% |"
+        )
+        print(
+            f"| capture file on disk | {r['bytes'] / 1e6:.2f} MB (uncompressed estimate "
+            f"{estimate_bytes(cfg)['total'] / 1e6:.2f} MB) |"
+        )
         if args.end_to_end:
             times: dict[str, list[float]] = {"off": [], "on": []}
             for i in range(2):
                 for mode in ("off", "on"):
-                    elapsed, _ = timed_run(base + [f"capture.enabled={'true' if mode == 'on' else 'false'}"],
-                                           Path(tmp) / f"{mode}{i}")
+                    elapsed, _ = timed_run(
+                        base + [f"capture.enabled={'true' if mode == 'on' else 'false'}"], Path(tmp) / f"{mode}{i}"
+                    )
                     times[mode].append(elapsed)
             off, on = statistics.median(times["off"]), statistics.median(times["on"])
-            print(f"\nend to end, {args.every} steps + checkpoint: no capture {off:.1f} s {times['off']}, "
-                  f"capture {on:.1f} s {times['on']}: {100 * (on - off) / off:+.1f}%")
-    print("\n| preset (default capture settings, full context) | activations MB | gradients MB | total MB | 200 checkpoints GB |")
+            print(
+                f"\nend to end, {args.every} steps + checkpoint: no capture {off:.1f} s {times['off']}, "
+                f"capture {on:.1f} s {times['on']}: {100 * (on - off) / off:+.1f}%"
+            )
+    print(
+        "\n| preset (default capture settings, full context) | activations MB | gradients MB | total MB | 200 checkpoints GB |"
+    )
     print("|---|---|---|---|---|")
     for preset in ("micro", "tiny", "small"):
         e = estimate_bytes(build_config(preset=preset))
-        print(f"| {preset} | {e['act'] / 1e6:.1f} | {e['grad'] / 1e6:.1f} | {e['total'] / 1e6:.1f} | {200 * e['total'] / 1e9:.1f} |")
+        print(
+            f"| {preset} | {e['act'] / 1e6:.1f} | {e['grad'] / 1e6:.1f} | {e['total'] / 1e6:.1f} | {200 * e['total'] / 1e9:.1f} |"
+        )
     return 0
 
 

@@ -96,17 +96,28 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="gpu_bench.py",
         description="Tokens/s, MFU and peak memory of the trainer (capture off / on) and of a bare compiled reference "
-                    "loop, per preset and method, in one process; checks the issue-11 goals.",
+        "loop, per preset and method, in one process; checks the issue-11 goals.",
     )
     p.add_argument("--presets", help=f"comma-separated presets (default {','.join(PRESETS)}; --quick: {QUICK_PRESET})")
-    p.add_argument("--batch-size", dest="batch_sizes", metavar="N|PRESET=N,...",
-                   help="sequences per optimizer step, for every preset or per preset "
-                        "(default tiny=64, small=32; --quick: 8)")
+    p.add_argument(
+        "--batch-size",
+        dest="batch_sizes",
+        metavar="N|PRESET=N,...",
+        help="sequences per optimizer step, for every preset or per preset (default tiny=64, small=32; --quick: 8)",
+    )
     p.add_argument("--seq-len", type=int, help="tokens per sequence (default: the model's context, 2048; --quick: 32)")
-    p.add_argument("--capture-every", type=int, default=100,
-                   help="capture interval of the capture-on trainer, a multiple of --checkpoint-interval (default 100)")
-    p.add_argument("--reference-compile", choices=["auto", "on", "off"], default="auto",
-                   help="torch.compile the reference loop (auto: on CUDA only)")
+    p.add_argument(
+        "--capture-every",
+        type=int,
+        default=100,
+        help="capture interval of the capture-on trainer, a multiple of --checkpoint-interval (default 100)",
+    )
+    p.add_argument(
+        "--reference-compile",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="torch.compile the reference loop (auto: on CUDA only)",
+    )
     tb.add_common_arguments(p)
     return p
 
@@ -132,8 +143,9 @@ def _parse_batch_sizes(text: str | None, presets: list[str], parser: argparse.Ar
 
 def resolve_presets(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[tb.Settings]:
     """One :class:`train_bench.Settings` per preset: the shared timing settings with that preset's sizes."""
-    presets = [x.strip() for x in (args.presets or (QUICK_PRESET if args.quick else ",".join(PRESETS))).split(",")
-               if x.strip()]
+    presets = [
+        x.strip() for x in (args.presets or (QUICK_PRESET if args.quick else ",".join(PRESETS))).split(",") if x.strip()
+    ]
     bad = [x for x in presets if x not in MODEL_PRESETS]
     if bad or not presets:
         parser.error(f"--presets must be a comma-separated subset of {','.join(MODEL_PRESETS)}, got {args.presets!r}")
@@ -213,7 +225,9 @@ class Slot:
 
     @property
     def name(self) -> str:
-        return f"{self.preset}/{self.method}/{self.loop_kind}" + (f"/{self.capture}" if self.loop_kind == "trainer" else "")
+        return f"{self.preset}/{self.method}/{self.loop_kind}" + (
+            f"/{self.capture}" if self.loop_kind == "trainer" else ""
+        )
 
 
 def _capture_overrides(every: int | None) -> list[str]:
@@ -234,7 +248,9 @@ def bench_preset(s: tb.Settings, *, capture_every: int, reference_compile: str) 
     try:
         for method in s.methods:
             for every in (None, capture_every):
-                cfg = tb.trainer_config(dataclasses.replace(s, overrides=s.overrides + _capture_overrides(every)), method)
+                cfg = tb.trainer_config(
+                    dataclasses.replace(s, overrides=s.overrides + _capture_overrides(every)), method
+                )
                 slots.append(Slot(s.preset, method, "trainer", every, cfg, compiled=uses_compile(cfg, s.device)))
             slots.append(Slot(s.preset, method, "reference", None, slots[-2].cfg, compiled=compile_ref))
         data = prepare(slots[0].cfg.data, root / "data")  # the reference's token stream: the trainers' data
@@ -243,8 +259,9 @@ def bench_preset(s: tb.Settings, *, capture_every: int, reference_compile: str) 
             if slot.loop_kind == "trainer":
                 build = functools.partial(tb.TrainerLoop, slot.cfg, root / f"run{i}", s.device, name=slot.name)
             else:
-                build = functools.partial(ReferenceLoop, slot.cfg, data.train, s.device, compiled=compile_ref,
-                                          name=slot.name)
+                build = functools.partial(
+                    ReferenceLoop, slot.cfg, data.train, s.device, compiled=compile_ref, name=slot.name
+                )
             loop, reason = tb.run_guarded(build, _oom)
             if reason is not None:
                 tb._log(f"[gpu_bench] {slot.name}: {reason} while setting up; left out")
@@ -306,15 +323,31 @@ def build_rows(slots: list[Slot]) -> list[dict[str, Any]]:
     """One flat record per configuration, with the ratios between configurations of the same preset."""
     rows = []
     for slot in slots:
-        rows.append({
-            "preset": slot.preset, "method": slot.method, "loop": slot.loop_kind, "capture": slot.capture,
-            "capture_every": slot.capture_every, "status": slot.status, "batch_size": slot.cfg.batch_size,
-            "micro_batch": slot.cfg.micro_batch_size, "seq_len": slot.cfg.context,
-            "tokens_per_step": slot.cfg.tokens_per_step, "flops_per_token": slot.flops,
-            "flops_formula": slot.flops_formula, "compiled": slot.compiled,
-            "tokens_per_s": None, "mfu": None, "peak_gib": None, **slot.result,
-            "vs_reference": None, "relora_vs_full": None, "capture_overhead": None, "capture_share": None,
-        })
+        rows.append(
+            {
+                "preset": slot.preset,
+                "method": slot.method,
+                "loop": slot.loop_kind,
+                "capture": slot.capture,
+                "capture_every": slot.capture_every,
+                "status": slot.status,
+                "batch_size": slot.cfg.batch_size,
+                "micro_batch": slot.cfg.micro_batch_size,
+                "seq_len": slot.cfg.context,
+                "tokens_per_step": slot.cfg.tokens_per_step,
+                "flops_per_token": slot.flops,
+                "flops_formula": slot.flops_formula,
+                "compiled": slot.compiled,
+                "tokens_per_s": None,
+                "mfu": None,
+                "peak_gib": None,
+                **slot.result,
+                "vs_reference": None,
+                "relora_vs_full": None,
+                "capture_overhead": None,
+                "capture_share": None,
+            }
+        )
     ok = {(r["preset"], r["method"], r["loop"], r["capture"]): r for r in rows if r["status"] == OK}
     for r in rows:
         if r["status"] != OK:
@@ -341,6 +374,7 @@ def _verdict(goal: str, items: list[tuple[str, bool]], unchecked: str | None = N
 
 def check_goals(rows: list[dict[str, Any]], *, cuda: bool, capture_every: int) -> list[dict[str, Any]]:
     """The issue's four targets, each ``met``/``not met``/``not checked`` with the numbers behind it."""
+
     def pick(**where: str) -> list[dict[str, Any]]:
         return [r for r in rows if all(r[k] == v for k, v in where.items())]
 
@@ -354,22 +388,33 @@ def check_goals(rows: list[dict[str, Any]], *, cuda: bool, capture_every: int) -
         goals.append(_verdict(g, [], "MFU is measured on CUDA only" if not cuda else "the small preset was not run"))
     else:
         r = rs[0]
-        goals.append(_verdict(g, [(f"{r['status']}", False)] if r["status"] != OK else [
-            (f"{r['mfu']:.1%} (steps only {r['steps_only_mfu']:.1%})", r["mfu"] >= MFU_GOAL)]))
+        goals.append(
+            _verdict(
+                g,
+                [(f"{r['status']}", False)]
+                if r["status"] != OK
+                else [(f"{r['mfu']:.1%} (steps only {r['steps_only_mfu']:.1%})", r["mfu"] >= MFU_GOAL)],
+            )
+        )
 
     g = f"ReLoRA >= {RELORA_GOAL:g}x full-rank tokens/s (trainer, capture off)"
     items = []
     for r in pick(method="relora", loop="trainer", capture="off"):
         x = r["relora_vs_full"]
-        items.append((f"{r['preset']} {x:.2f}x", x >= RELORA_GOAL) if x is not None else (f"{r['preset']}: no pair (OOM)", False))
+        items.append(
+            (f"{r['preset']} {x:.2f}x", x >= RELORA_GOAL) if x is not None else (f"{r['preset']}: no pair (OOM)", False)
+        )
     goals.append(_verdict(g, items))
 
     g = f"capture every {capture_every} steps <= {CAPTURE_GOAL:.0%} overhead"
     items = []
     for r in pick(loop="trainer", capture=f"every {capture_every}"):
         x = r["capture_overhead"]
-        items.append((f"{r['preset']} {r['method']} {x:+.1%} (capture alone {r['capture_share']:.1%})", x <= CAPTURE_GOAL)
-                     if x is not None else (f"{r['preset']} {r['method']}: no pair (OOM)", False))
+        items.append(
+            (f"{r['preset']} {r['method']} {x:+.1%} (capture alone {r['capture_share']:.1%})", x <= CAPTURE_GOAL)
+            if x is not None
+            else (f"{r['preset']} {r['method']}: no pair (OOM)", False)
+        )
     goals.append(_verdict(g, items))
 
     g = f"tiny trains at micro-batch >= {TINY_MICRO_BATCH_GOAL}x{TINY_SEQ_GOAL} within {MEMORY_GOAL_GIB:g} GiB"
@@ -380,10 +425,16 @@ def check_goals(rows: list[dict[str, Any]], *, cuda: bool, capture_every: int) -
     elif not rs:
         unchecked = "the tiny preset was not run"
     elif rs[0]["micro_batch"] < TINY_MICRO_BATCH_GOAL or rs[0]["seq_len"] < TINY_SEQ_GOAL:
-        unchecked = (f"run at micro-batch {rs[0]['micro_batch']}x{rs[0]['seq_len']}; "
-                     f"use --batch-size tiny={TINY_MICRO_BATCH_GOAL} --seq-len {TINY_SEQ_GOAL}")
-    items = [(f"{label(r)}: {r['status']}", False) if r["status"] != OK else
-             (f"{label(r)}: {r['peak_gib']:.1f} GiB", r["peak_gib"] <= MEMORY_GOAL_GIB) for r in rs]
+        unchecked = (
+            f"run at micro-batch {rs[0]['micro_batch']}x{rs[0]['seq_len']}; "
+            f"use --batch-size tiny={TINY_MICRO_BATCH_GOAL} --seq-len {TINY_SEQ_GOAL}"
+        )
+    items = [
+        (f"{label(r)}: {r['status']}", False)
+        if r["status"] != OK
+        else (f"{label(r)}: {r['peak_gib']:.1f} GiB", r["peak_gib"] <= MEMORY_GOAL_GIB)
+        for r in rs
+    ]
     goals.append(_verdict(g, items, unchecked))
     return goals
 
@@ -398,14 +449,20 @@ def run(presets: list[tb.Settings], *, capture_every: int, reference_compile: st
         done = bench_preset(s, capture_every=capture_every, reference_compile=reference_compile)
         slots += done
         cfg = done[0].cfg
-        info[s.preset] = {"batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "seq_len": cfg.context,
-                          "tokens_per_step": cfg.tokens_per_step,
-                          "flops_per_token": {sl.method: sl.flops_formula for sl in done if sl.flops_formula}}
+        info[s.preset] = {
+            "batch_size": cfg.batch_size,
+            "grad_accum": cfg.grad_accum,
+            "seq_len": cfg.context,
+            "tokens_per_step": cfg.tokens_per_step,
+            "flops_per_token": {sl.method: sl.flops_formula for sl in done if sl.flops_formula},
+        }
     rows = build_rows(slots)
     return {
         "settings": {
             "device": str(first.device),
-            "device_name": torch.cuda.get_device_name(first.device) if cuda else platform.processor() or platform.machine(),
+            "device_name": torch.cuda.get_device_name(first.device)
+            if cuda
+            else platform.processor() or platform.machine(),
             "threads": torch.get_num_threads(),
             "precision": "bf16 autocast" if uses_bf16(slots[0].cfg, first.device) else "fp32",
             "methods": first.methods,
@@ -417,8 +474,8 @@ def run(presets: list[tb.Settings], *, capture_every: int, reference_compile: st
             "checkpoint_interval": first.checkpoint_interval,
             "capture_every": capture_every,
             "reference": "bare loop: fused AdamW, autocast as the trainer, SDPA, F.cross_entropy over full float32 "
-                         "logits" + (", torch.compile" if any(sl.compiled for sl in slots if sl.loop_kind == "reference")
-                                     else ", eager"),
+            "logits"
+            + (", torch.compile" if any(sl.compiled for sl in slots if sl.loop_kind == "reference") else ", eager"),
             "peak_tflops": first.peak_tflops if cuda else None,
             "overrides": first.overrides,
             "quick": first.quick,
@@ -450,19 +507,29 @@ def format_table(res: dict[str, Any]) -> str:
         f"reference: {st['reference']}",
     ]
     for preset, p in res["presets"].items():
-        lines.append(f"{preset}: batch {p['batch_size']}x{p['seq_len']} = {p['tokens_per_step']} tokens/step"
-                     + (f" (grad_accum {p['grad_accum']})" if p["grad_accum"] > 1 else ""))
+        lines.append(
+            f"{preset}: batch {p['batch_size']}x{p['seq_len']} = {p['tokens_per_step']} tokens/step"
+            + (f" (grad_accum {p['grad_accum']})" if p["grad_accum"] > 1 else "")
+        )
     lines.append("")
     head = ["preset", "method", "loop", "capture", "tok/s", "MFU", "peak GiB", "vs ref", "relora/full", "capture ovh"]
     table = [head]
     for r in res["rows"]:
         ok = r["status"] == OK
-        table.append([
-            r["preset"], r["method"], r["loop"], r["capture"],
-            f"{r['tokens_per_s']:,.0f}" if ok else r["status"],
-            _fmt(r["mfu"], ".1%"), _fmt(r["peak_gib"], ".1f"), _fmt(r["vs_reference"], ".2f"),
-            _fmt(r["relora_vs_full"], ".2f"), _fmt(r["capture_overhead"], "+.1%"),
-        ])
+        table.append(
+            [
+                r["preset"],
+                r["method"],
+                r["loop"],
+                r["capture"],
+                f"{r['tokens_per_s']:,.0f}" if ok else r["status"],
+                _fmt(r["mfu"], ".1%"),
+                _fmt(r["peak_gib"], ".1f"),
+                _fmt(r["vs_reference"], ".2f"),
+                _fmt(r["relora_vs_full"], ".2f"),
+                _fmt(r["capture_overhead"], "+.1%"),
+            ]
+        )
     widths = [max(len(row[i]) for row in table) for i in range(len(head))]
     for row in table:
         lines.append("  ".join(c.ljust(w) if i < 4 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
@@ -472,8 +539,10 @@ def format_table(res: dict[str, Any]) -> str:
         "of the same method; relora/full: same loop and capture; capture ovh: step time with capture / without - 1",
     ]
     if st["peak_tflops"] is not None:
-        lines.append(f"MFU against {st['peak_tflops']:g} TFLOP/s; FLOPs/token: "
-                     + "; ".join(f"{pr} {m}: {f}" for pr, p in res["presets"].items() for m, f in p["flops_per_token"].items()))
+        lines.append(
+            f"MFU against {st['peak_tflops']:g} TFLOP/s; FLOPs/token: "
+            + "; ".join(f"{pr} {m}: {f}" for pr, p in res["presets"].items() for m, f in p["flops_per_token"].items())
+        )
     lines += ["", "goals:"]
     width = max(len(g["status"]) for g in res["goals"]) + 2
     for g in res["goals"]:

@@ -55,7 +55,11 @@ def make_inputs(tokens: int, d_model: int, vocab: int, device: torch.device, dty
 def run_once(kind: str, hidden, weight, targets, chunk: int | None, bf16: bool) -> float:
     """One forward + backward of ``kind``; returns the loss (nats/token). Gradients are left in ``.grad``."""
     hidden.grad = weight.grad = None
-    ctx = torch.autocast(hidden.device.type, dtype=torch.bfloat16) if bf16 else torch.autocast(hidden.device.type, enabled=False)
+    ctx = (
+        torch.autocast(hidden.device.type, dtype=torch.bfloat16)
+        if bf16
+        else torch.autocast(hidden.device.type, enabled=False)
+    )
     with ctx:
         if kind == "plain":
             loss = F.cross_entropy(F.linear(hidden, weight).float(), targets)
@@ -102,8 +106,18 @@ def time_both(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
 
 def cpu_peak_in_child(kind: str, args: argparse.Namespace) -> int:
     """Peak resident bytes added by one forward + backward of ``kind``, measured in a fresh Python process."""
-    cmd = [sys.executable, __file__, "--child", kind, "--tokens", str(args.tokens), "--d-model", str(args.d_model),
-           "--vocab", str(args.vocab)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        kind,
+        "--tokens",
+        str(args.tokens),
+        "--d-model",
+        str(args.d_model),
+        "--vocab",
+        str(args.vocab),
+    ]
     if args.chunk_tokens is not None:
         cmd += ["--chunk-tokens", str(args.chunk_tokens)]
     if args.bf16:
@@ -137,7 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=int, help="N, tokens per call (default 8192; --quick 512)")
     p.add_argument("--d-model", type=int, default=96, help="D (default 96: tiny)")
     p.add_argument("--vocab", type=int, help="V (default 50304; --quick 4096)")
-    p.add_argument("--chunk-tokens", type=int, help="the fused loss's chunk (default: the trainer's, 512 MiB of logits)")
+    p.add_argument(
+        "--chunk-tokens", type=int, help="the fused loss's chunk (default: the trainer's, 512 MiB of logits)"
+    )
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--bf16", action="store_true", help="run under bf16 autocast, as the trainer does on CUDA")
     p.add_argument("--repeats", type=int, help="timed calls per kind (default 5; --quick 2)")
@@ -156,9 +172,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     if args.child:
         _child(args)
         return None
-    if min(args.tokens, args.d_model, args.vocab, args.repeats) < 1 or (args.chunk_tokens is not None and args.chunk_tokens < 1):
+    if min(args.tokens, args.d_model, args.vocab, args.repeats) < 1 or (
+        args.chunk_tokens is not None and args.chunk_tokens < 1
+    ):
         parser.error("--tokens, --d-model, --vocab, --repeats and --chunk-tokens must be >= 1")
-    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
+    device = torch.device(
+        "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
+    )
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available on this machine")
     res = time_both(args, device)
@@ -167,13 +187,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     chunk = args.chunk_tokens or auto_chunk_tokens(args.vocab)
     sec, peaks, losses = res["seconds"], res["peaks"], res["losses"]
     out = {
-        "settings": {"tokens": args.tokens, "d_model": args.d_model, "vocab": args.vocab, "chunk_tokens": chunk,
-                     "device": str(device), "bf16": args.bf16, "repeats": args.repeats, "torch": torch.__version__,
-                     "threads": torch.get_num_threads()},
-        "seconds": sec, "peak_bytes": peaks, "loss": losses,
+        "settings": {
+            "tokens": args.tokens,
+            "d_model": args.d_model,
+            "vocab": args.vocab,
+            "chunk_tokens": chunk,
+            "device": str(device),
+            "bf16": args.bf16,
+            "repeats": args.repeats,
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+        },
+        "seconds": sec,
+        "peak_bytes": peaks,
+        "loss": losses,
         "time_ratio_fused_over_plain": sec["fused"] / sec["plain"] if len(sec) == 2 else None,
-        "memory_ratio_fused_over_plain": (peaks["fused"] / peaks["plain"]
-                                          if all(isinstance(peaks.get(k), int) and peaks[k] > 0 for k in KINDS) else None),
+        "memory_ratio_fused_over_plain": (
+            peaks["fused"] / peaks["plain"]
+            if all(isinstance(peaks.get(k), int) and peaks[k] > 0 for k in KINDS)
+            else None
+        ),
         "loss_rel_diff": abs(losses["fused"] - losses["plain"]) / abs(losses["plain"]) if len(losses) == 2 else None,
     }
     print(format_table(out))
@@ -184,17 +217,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
 
 def format_table(out: dict[str, Any]) -> str:
     st = out["settings"]
-    lines = [f"loss_bench: N={st['tokens']} D={st['d_model']} V={st['vocab']} chunk={st['chunk_tokens']} tokens, "
-             f"{st['device']} ({st['threads']} threads), {'bf16 autocast' if st['bf16'] else 'float32'}, torch {st['torch']}",
-             f"{'kind':6} {'ms/call':>10} {'peak MiB':>10} {'loss':>12}"]
+    lines = [
+        f"loss_bench: N={st['tokens']} D={st['d_model']} V={st['vocab']} chunk={st['chunk_tokens']} tokens, "
+        f"{st['device']} ({st['threads']} threads), {'bf16 autocast' if st['bf16'] else 'float32'}, torch {st['torch']}",
+        f"{'kind':6} {'ms/call':>10} {'peak MiB':>10} {'loss':>12}",
+    ]
     for k in KINDS:
         ms = f"{out['seconds'][k] * 1e3:.1f}" if k in out["seconds"] else "-"
         peak = out["peak_bytes"].get(k)
         peak_s = f"{peak / 2**20:.0f}" if isinstance(peak, int) else str(peak or "-")
         loss = f"{out['loss'][k]:.6f}" if k in out["loss"] else "-"
         lines.append(f"{k:6} {ms:>10} {peak_s:>10} {loss:>12}")
-    for key, label in (("time_ratio_fused_over_plain", "time fused/plain"),
-                       ("memory_ratio_fused_over_plain", "peak memory fused/plain"), ("loss_rel_diff", "loss rel. diff")):
+    for key, label in (
+        ("time_ratio_fused_over_plain", "time fused/plain"),
+        ("memory_ratio_fused_over_plain", "peak memory fused/plain"),
+        ("loss_rel_diff", "loss rel. diff"),
+    ):
         if out[key] is not None:
             lines.append(f"{label}: {out[key]:.3g}")
     return "\n".join(lines)

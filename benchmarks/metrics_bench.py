@@ -27,14 +27,13 @@ import math
 import os
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
-import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import dynamics  # noqa: E402
+import dynamics
 
 D_MODEL, N_HEADS, N_KV_HEADS, HEAD_DIM, HIDDEN, VOCAB = 384, 12, 4, 32, 1536, 50304
 
@@ -52,10 +51,7 @@ def small_preset_matrices(*, layers: int, vocab: int, seed: int = 0) -> dict[str
         shapes[f"layers.{i}.mlp.up"] = (HIDDEN, D_MODEL)
         shapes[f"layers.{i}.mlp.down"] = (D_MODEL, HIDDEN)
     shapes["lm_head"] = (vocab, D_MODEL)
-    return {
-        name: torch.randn(*shape, generator=g) / math.sqrt(shape[1])
-        for name, shape in shapes.items()
-    }
+    return {name: torch.randn(*shape, generator=g) / math.sqrt(shape[1]) for name, shape in shapes.items()}
 
 
 def floor(mats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -99,10 +95,7 @@ NAIVE_METRICS = (
 
 
 def naive(mats: dict[str, torch.Tensor]) -> dict[str, dict]:
-    return {
-        name: {metric: _naive_metric(metric, m) for metric in NAIVE_METRICS}
-        for name, m in mats.items()
-    }
+    return {name: {metric: _naive_metric(metric, m) for metric in NAIVE_METRICS} for name, m in mats.items()}
 
 
 def best_time(fn: Callable[[], object], repeats: int) -> float:
@@ -133,8 +126,10 @@ def main(argv: list[str] | None = None) -> int:
     # warm-up (first-call overheads) and a correctness check against the floor
     ref, got = floor(mats), ours(mats)
     worst = max(
-        abs(got[n]["effective_rank"] - dynamics.effective_rank(dynamics.Spectrum(
-            ref[n].double().numpy(), tuple(mats[n].shape), "float32")))
+        abs(
+            got[n]["effective_rank"]
+            - dynamics.effective_rank(dynamics.Spectrum(ref[n].double().numpy(), tuple(mats[n].shape), "float32"))
+        )
         / got[n]["effective_rank"]
         for n in mats
     )

@@ -61,9 +61,10 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 try:
     import trainer  # noqa: F401
@@ -110,20 +111,46 @@ def positive_int(text: str) -> int:
 
 def add_common_arguments(p: argparse.ArgumentParser) -> None:
     """The options every trainer benchmark shares: timing, device, methods, intervals, MFU peak, ``--set``, output."""
-    p.add_argument("--steps", type=int, help="timed steps per loop, split over --repeats chunks (default 60 on CPU, 150 on CUDA)")
+    p.add_argument(
+        "--steps", type=int, help="timed steps per loop, split over --repeats chunks (default 60 on CPU, 150 on CUDA)"
+    )
     p.add_argument("--warmup", type=int, help="untimed steps per loop before timing (default 5 on CPU, 10 on CUDA)")
-    p.add_argument("--repeats", type=int, help="interleaved timed chunks per loop; medians are reported (default 3 on CPU, 5 on CUDA)")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        help="interleaved timed chunks per loop; medians are reported (default 3 on CPU, 5 on CUDA)",
+    )
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: cuda if available")
     p.add_argument("--methods", default="full,relora", help="comma-separated subset of full,relora (default both)")
     p.add_argument("--eval-interval", type=int, default=100, help="trainer validation every N steps (default 100)")
-    p.add_argument("--checkpoint-interval", type=int, default=100, help="trainer checkpoint every N steps (default 100)")
-    p.add_argument("--peak-tflops", type=float, default=DEFAULT_PEAK_TFLOPS,
-                   help=f"accelerator peak for MFU, TFLOP/s (default {DEFAULT_PEAK_TFLOPS:g}: H100 dense bf16)")
-    p.add_argument("--threads", type=positive_int, help="torch intra-op threads (default: as `dynamics train`, every core unless OMP_NUM_THREADS)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra trainer setting, as `dynamics train --set` (relora.rank=8, grad_accum=2, ...); repeatable")
-    p.add_argument("--workdir", type=Path, help="where the temporary run directories go (default: the system temp dir); "
-                   "checkpoint cost depends on the file system")
+    p.add_argument(
+        "--checkpoint-interval", type=int, default=100, help="trainer checkpoint every N steps (default 100)"
+    )
+    p.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=DEFAULT_PEAK_TFLOPS,
+        help=f"accelerator peak for MFU, TFLOP/s (default {DEFAULT_PEAK_TFLOPS:g}: H100 dense bf16)",
+    )
+    p.add_argument(
+        "--threads",
+        type=positive_int,
+        help="torch intra-op threads (default: as `dynamics train`, every core unless OMP_NUM_THREADS)",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra trainer setting, as `dynamics train --set` (relora.rank=8, grad_accum=2, ...); repeatable",
+    )
+    p.add_argument(
+        "--workdir",
+        type=Path,
+        help="where the temporary run directories go (default: the system temp dir); "
+        "checkpoint cost depends on the file system",
+    )
     p.add_argument("--json", type=Path, metavar="PATH", help="also write the numbers as JSON")
     p.add_argument("--quick", action="store_true", help="tiny sizes and few steps (a smoke check, seconds)")
 
@@ -173,10 +200,22 @@ def resolve_settings(args: argparse.Namespace, parser: argparse.ArgumentParser) 
     for name in ("eval_interval", "checkpoint_interval", "peak_tflops"):
         if not getattr(args, name) > 0:
             parser.error(f"--{name.replace('_', '-')} must be > 0")
-    return Settings(preset=args.preset, device=device, methods=methods, steps=steps, warmup=warmup, repeats=repeats,
-                    batch_size=batch_size, seq_len=seq_len, eval_interval=args.eval_interval,
-                    checkpoint_interval=args.checkpoint_interval, peak_tflops=args.peak_tflops,
-                    overrides=list(args.overrides), quick=args.quick, workdir=args.workdir)
+    return Settings(
+        preset=args.preset,
+        device=device,
+        methods=methods,
+        steps=steps,
+        warmup=warmup,
+        repeats=repeats,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        eval_interval=args.eval_interval,
+        checkpoint_interval=args.checkpoint_interval,
+        peak_tflops=args.peak_tflops,
+        overrides=list(args.overrides),
+        quick=args.quick,
+        workdir=args.workdir,
+    )
 
 
 def trainer_config(s: Settings, method: str):
@@ -185,7 +224,9 @@ def trainer_config(s: Settings, method: str):
     ctx, mb = probe.context, probe.micro_batch_size
     # A small generated corpus (setup stays fast) that still fills every validation batch.
     val_tokens = max(20_000, (probe.eval_batches * mb + 2) * (ctx + 1))
-    train_tokens = max(200_000, 8 * probe.batch_size * (ctx + 1)) if not s.quick else max(20_000, 4 * probe.batch_size * (ctx + 1))
+    train_tokens = (
+        max(200_000, 8 * probe.batch_size * (ctx + 1)) if not s.quick else max(20_000, 4 * probe.batch_size * (ctx + 1))
+    )
     overrides = [
         f"method={method}",
         # The schedule's horizon lies beyond the timed window, so no end-of-run eval/checkpoint happens in it.
@@ -348,8 +389,13 @@ class TrainerLoop(Loop):
         prune = 0.0
         if r.optimizer_reset != "none":
             t0 = time.perf_counter()
-            relora.prune_optimizer_state(tr.optimizer, relora.lora_parameters(tr.model), mode=r.optimizer_reset,
-                                         ratio=r.prune_ratio, generator=tr.adapter_rng)
+            relora.prune_optimizer_state(
+                tr.optimizer,
+                relora.lora_parameters(tr.model),
+                mode=r.optimizer_reset,
+                ratio=r.prune_ratio,
+                generator=tr.adapter_rng,
+            )
             self.sync()
             prune = time.perf_counter() - t0
         # Amortised later over merge_every: express the optimizer reset's cost at the merge period.
@@ -387,8 +433,15 @@ class BareLoop(Loop):
         ga = cfg.grad_accum
         for t in range(start, start + n):
             for micro in range(ga):
-                x, y = train_micro_batch(self.stream, seed=cfg.seed, step=t, micro=micro, batch_size=cfg.batch_size,
-                                         grad_accum=ga, seq_len=cfg.context)
+                x, y = train_micro_batch(
+                    self.stream,
+                    seed=cfg.seed,
+                    step=t,
+                    micro=micro,
+                    batch_size=cfg.batch_size,
+                    grad_accum=ga,
+                    seq_len=cfg.context,
+                )
                 x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
                 with self.autocast():
                     loss = self.loss_fn(x, y)
@@ -424,7 +477,8 @@ def flops_per_token(model: nn.Module, cfg) -> tuple[float, str]:
             frozen += p.numel()
     if frozen:
         return 4.0 * frozen + 6.0 * trainable + attention, (
-            f"4*N_frozen + 6*N_trainable + 12*L*d*T = 4*{frozen} + 6*{trainable} + 12*{m.n_layers}*{m.d_model}*{cfg.context}")
+            f"4*N_frozen + 6*N_trainable + 12*L*d*T = 4*{frozen} + 6*{trainable} + 12*{m.n_layers}*{m.d_model}*{cfg.context}"
+        )
     return 6.0 * trainable + attention, f"6*N + 12*L*d*T = 6*{trainable} + 12*{m.n_layers}*{m.d_model}*{cfg.context}"
 
 
@@ -485,8 +539,13 @@ def run_guarded(fn: Callable[[], Any], failure: Callable[[BaseException], str | 
     return None, reason
 
 
-def time_loops(loops: list[Loop], s: Settings, *, tag: str = "train_bench",
-               failure: Callable[[BaseException], str | None] | None = None) -> dict[str, str]:
+def time_loops(
+    loops: list[Loop],
+    s: Settings,
+    *,
+    tag: str = "train_bench",
+    failure: Callable[[BaseException], str | None] | None = None,
+) -> dict[str, str]:
     """Warm ``loops`` up for ``s.warmup`` steps, then time ``s.repeats`` chunks of ``s.chunk`` steps each.
 
     The chunks are interleaved in counterbalanced order (A B C, C B A, ...) and fill each loop's
@@ -512,8 +571,10 @@ def time_loops(loops: list[Loop], s: Settings, *, tag: str = "train_bench",
     for r in range(s.repeats):
         start = s.warmup + r * s.chunk
         order = list(loops) if r % 2 == 0 else loops[::-1]
-        _log(f"[{tag}] repeat {r + 1}/{s.repeats}: steps {start}..{start + s.chunk - 1}, "
-             f"order {' '.join(lp.name for lp in order)}")
+        _log(
+            f"[{tag}] repeat {r + 1}/{s.repeats}: steps {start}..{start + s.chunk - 1}, "
+            f"order {' '.join(lp.name for lp in order)}"
+        )
         for loop in order:
             attempt(loop, lambda: _timed(loop, start, s))
     return failed
@@ -590,21 +651,28 @@ def summarise(s: Settings, cfgs: dict, loops: list[Loop]) -> dict[str, Any]:
             "bare_step_s": bare_step,
             **t,
             "n_trainable": sum(p.numel() for p in tl.trainer.model.parameters() if p.requires_grad),
-            "raw": {"trainer_step_s": tl.step_s, "bare_step_s": bl.step_s, "eval_s": tl.events["eval"],
-                    "checkpoint_s": tl.events["checkpoint"], "capture_s": tl.events["capture"],
-                    "reset_s": tl.events["reset"]},
+            "raw": {
+                "trainer_step_s": tl.step_s,
+                "bare_step_s": bl.step_s,
+                "eval_s": tl.events["eval"],
+                "checkpoint_s": tl.events["checkpoint"],
+                "capture_s": tl.events["capture"],
+                "reset_s": tl.events["reset"],
+            },
         }
         if cuda:
             flops, formula = flops_per_token(tl.trainer.model, cfg)
             peak = s.peak_tflops * 1e12
-            rec.update({
-                "flops_per_token": flops,
-                "flops_formula": formula,
-                "mfu_trainer": rec["trainer_tokens_per_s"] * flops / peak,
-                "mfu_bare": rec["bare_tokens_per_s"] * flops / peak,
-                "peak_mem_trainer_gib": max(tl.peak_bytes) / 2**30,
-                "peak_mem_bare_gib": max(bl.peak_bytes) / 2**30,
-            })
+            rec.update(
+                {
+                    "flops_per_token": flops,
+                    "flops_formula": formula,
+                    "mfu_trainer": rec["trainer_tokens_per_s"] * flops / peak,
+                    "mfu_bare": rec["bare_tokens_per_s"] * flops / peak,
+                    "peak_mem_trainer_gib": max(tl.peak_bytes) / 2**30,
+                    "peak_mem_bare_gib": max(bl.peak_bytes) / 2**30,
+                }
+            )
         methods[method] = rec
     if "full" in methods:
         full = methods["full"]
@@ -661,12 +729,26 @@ def format_table(res: dict[str, Any]) -> str:
         f"trainer = Trainer.run() steps + {st['eval_call']} ({st['eval_batches']} val batches) every {st['eval_interval']} steps "
         f"+ checkpoint every {st['checkpoint_interval']} steps"
         + (f" + dynamics capture every {st['capture_every']} steps" if st["capture_every"] else " (capture disabled)")
-        + (f" + ReLoRA merge + optimizer reset every {st['relora_merge_every']} steps" if st["relora_merge_every"] else ""),
+        + (
+            f" + ReLoRA merge + optimizer reset every {st['relora_merge_every']} steps"
+            if st["relora_merge_every"]
+            else ""
+        ),
         "  (each event's cost is measured on the calls Trainer.run makes and amortised over its interval)",
         "",
     ]
-    head = ["method", "trainer tok/s", "bare tok/s", "ratio", "steps-only", "step ms", "vs full", "eval ms", "ckpt ms",
-            "capture ms"]
+    head = [
+        "method",
+        "trainer tok/s",
+        "bare tok/s",
+        "ratio",
+        "steps-only",
+        "step ms",
+        "vs full",
+        "eval ms",
+        "ckpt ms",
+        "capture ms",
+    ]
     if cuda:
         head += ["MFU trainer", "MFU bare", "peak GiB tr/bare"]
     rows = [head]
@@ -684,18 +766,25 @@ def format_table(res: dict[str, Any]) -> str:
             f"{r['capture_s'] * 1e3:.0f}" if r.get("capture_s") is not None else "-",
         ]
         if cuda:
-            row += [f"{r['mfu_trainer']:.1%}", f"{r['mfu_bare']:.1%}",
-                    f"{r['peak_mem_trainer_gib']:.2f}/{r['peak_mem_bare_gib']:.2f}"]
+            row += [
+                f"{r['mfu_trainer']:.1%}",
+                f"{r['mfu_bare']:.1%}",
+                f"{r['peak_mem_trainer_gib']:.2f}/{r['peak_mem_bare_gib']:.2f}",
+            ]
         rows.append(row)
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     for row in rows:
         lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
     lines.append("")
-    lines.append("ratio = trainer tok/s / bare tok/s (target >= 0.95); steps-only = the same without eval/checkpoint; "
-                 "vs full = trainer step time / full-rank trainer step time")
+    lines.append(
+        "ratio = trainer tok/s / bare tok/s (target >= 0.95); steps-only = the same without eval/checkpoint; "
+        "vs full = trainer step time / full-rank trainer step time"
+    )
     for method, r in methods.items():
         if r.get("reset_s"):
-            lines.append(f"{method}: merge + optimizer reset {r['reset_s'] * 1e3:.0f} ms per {st['relora_merge_every']} steps")
+            lines.append(
+                f"{method}: merge + optimizer reset {r['reset_s'] * 1e3:.0f} ms per {st['relora_merge_every']} steps"
+            )
     if cuda:
         formulas = {m: r["flops_formula"] for m, r in methods.items()}
         for m, f in formulas.items():

@@ -72,6 +72,7 @@ Result = float | np.ndarray
 
 # --------------------------------------------------------------------------- singular-value routes
 
+
 def direct_svdvals(x: torch.Tensor) -> np.ndarray:
     """``torch.linalg.svdvals`` of ``x`` (..., m, n) as float64 numpy (..., min(m, n)), descending."""
     values: np.ndarray = torch.linalg.svdvals(x).to("cpu", torch.float64).numpy()
@@ -166,7 +167,10 @@ def r_factor(x: torch.Tensor) -> torch.Tensor:
 
 
 def factored_values(
-    left: torch.Tensor, right: torch.Tensor, *, left_r: torch.Tensor | None = None,
+    left: torch.Tensor,
+    right: torch.Tensor,
+    *,
+    left_r: torch.Tensor | None = None,
     right_r: torch.Tensor | None = None,
 ) -> np.ndarray:
     """Non-zero singular values of ``left @ right`` ((..., m, r) @ (..., r, n)) from the r x r core.
@@ -182,6 +186,7 @@ def factored_values(
 
 
 # --------------------------------------------------------------------------- spectrum kernels
+
 
 def as_result(a: Any) -> Result:
     """Python float for a 0-d result, float64 numpy array of the batch shape otherwise."""

@@ -208,8 +208,16 @@ def linear_cka(X: Any, Y: Any, *, route: str = "auto") -> Result:
     return as_result(np.clip(value, 0.0, 1.0))
 
 
-def _unbiased_hsic(k_diag: torch.Tensor, k_rows: torch.Tensor, k_total: torch.Tensor, kl: torch.Tensor,
-                   l_diag: torch.Tensor, l_rows: torch.Tensor, l_total: torch.Tensor, n: int) -> torch.Tensor:
+def _unbiased_hsic(
+    k_diag: torch.Tensor,
+    k_rows: torch.Tensor,
+    k_total: torch.Tensor,
+    kl: torch.Tensor,
+    l_diag: torch.Tensor,
+    l_rows: torch.Tensor,
+    l_total: torch.Tensor,
+    n: int,
+) -> torch.Tensor:
     """HSIC_1 (Song et al. 2012) from the pieces of K and L with their diagonals removed.
 
     ``*_diag``: the diagonals (..., n); ``*_rows``: row sums of the zero-diagonal
@@ -274,7 +282,9 @@ def debiased_linear_cka(X: Any, Y: Any) -> Result:
     ld, lr, lt = pieces(yc)
 
     def trace(a: torch.Tensor, b: torch.Tensor, ad: torch.Tensor, bd: torch.Tensor) -> torch.Tensor:
-        t: torch.Tensor = torch.linalg.matrix_norm(b.mT @ a) ** 2 - (ad * bd).sum(dim=-1)  # tr(K̃ L̃) = tr(KL) − Σ K_ii L_ii
+        t: torch.Tensor = torch.linalg.matrix_norm(b.mT @ a) ** 2 - (ad * bd).sum(
+            dim=-1
+        )  # tr(K̃ L̃) = tr(KL) − Σ K_ii L_ii
         return t
 
     hxy = _unbiased_hsic(kd, kr, kt, trace(xc, yc, kd, ld), ld, lr, lt, n)
@@ -282,8 +292,10 @@ def debiased_linear_cka(X: Any, Y: Any) -> Result:
     hyy = _unbiased_hsic(ld, lr, lt, trace(yc, yc, ld, ld), ld, lr, lt, n)
     for name, h in (("X", hxx), ("Y", hyy)):
         if bool((h <= 0).any()):
-            raise DynamicsError(f"{caller}(): HSIC_1 of `{name}` with itself is <= 0 (constant features, or too few "
-                                "tokens for the unbiased estimate), so debiased CKA is undefined")
+            raise DynamicsError(
+                f"{caller}(): HSIC_1 of `{name}` with itself is <= 0 (constant features, or too few "
+                "tokens for the unbiased estimate), so debiased CKA is undefined"
+            )
     value = (hxy / torch.sqrt(hxx * hyy)).to("cpu", torch.float64).numpy()
     finite_or_raise(value, caller)
     return as_result(value)

@@ -42,21 +42,35 @@ EXIT_INTERRUPTED = 130
 
 
 def _add_analyze(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("analyze", help="spectral metrics of every checkpoint → one tidy table",
-                       description="Compute spectra and metrics of weights, gradients, activations and update matrices "
-                                   "for every checkpoint of the given runs. Re-running skips what is already computed.")
-    p.add_argument("runs", type=Path, nargs="+", metavar="RUN_DIR",
-                   help="run directories, or checkpoints from elsewhere: a Hugging Face / safetensors model directory, "
-                        "a folder of step directories (step_1000/, checkpoint-1000/ ...), or a .safetensors/.pt/.bin "
-                        "file (pickles are loaded with weights_only=True; one that needs code is refused)")
+    p = sub.add_parser(
+        "analyze",
+        help="spectral metrics of every checkpoint → one tidy table",
+        description="Compute spectra and metrics of weights, gradients, activations and update matrices "
+        "for every checkpoint of the given runs. Re-running skips what is already computed.",
+    )
+    p.add_argument(
+        "runs",
+        type=Path,
+        nargs="+",
+        metavar="RUN_DIR",
+        help="run directories, or checkpoints from elsewhere: a Hugging Face / safetensors model directory, "
+        "a folder of step directories (step_1000/, checkpoint-1000/ ...), or a .safetensors/.pt/.bin "
+        "file (pickles are loaded with weights_only=True; one that needs code is refused)",
+    )
     p.add_argument("--out", type=Path, default=Path("results.parquet"), help="results table (.parquet, or .csv)")
     p.add_argument("--workers", type=int, default=1, help="parallel processes (default 1)")
     p.add_argument("--keep-going", action="store_true", help="analyse the rest when a checkpoint fails; list failures")
-    p.add_argument("--kinds", help="comma-separated subset of weight,grad,act,update,update_cumulative,update_merge,lora "
-                                   "(update_restart: the former name of update_merge)")
+    p.add_argument(
+        "--kinds",
+        help="comma-separated subset of weight,grad,act,update,update_cumulative,update_merge,lora "
+        "(update_restart: the former name of update_merge)",
+    )
     p.add_argument("--no-circuits", action="store_true", help="skip per-head OV/QK circuits")
-    p.add_argument("--basic", action="store_true",
-                   help="spectral metrics only: skip heavy tails, Marchenko-Pastur spikes, subspaces and cross-run rows")
+    p.add_argument(
+        "--basic",
+        action="store_true",
+        help="spectral metrics only: skip heavy tails, Marchenko-Pastur spikes, subspaces and cross-run rows",
+    )
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_analyze)
 
@@ -79,8 +93,14 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         opts = replace(opts, heavy_tails=False, spikes=False, subspaces=False, cross_run=False)
     if args.workers < 1:
         raise ConfigError(f"--workers must be >= 1, got {args.workers}")
-    table, errors = analyze_runs(args.runs, args.out, options=opts, workers=args.workers, keep_going=args.keep_going,
-                                 progress=not args.no_progress)
+    table, errors = analyze_runs(
+        args.runs,
+        args.out,
+        options=opts,
+        workers=args.workers,
+        keep_going=args.keep_going,
+        progress=not args.no_progress,
+    )
     print(f"wrote {args.out} ({len(table)} rows)")
     for e in errors:
         print(f"failed: {e}", file=sys.stderr)
@@ -91,7 +111,9 @@ def _add_summary(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p = sub.add_parser("summary", help="one-screen comparison of methods from a results table")
     p.add_argument("table", type=Path, help="results table written by `dynamics analyze`")
     p.add_argument("--kind", default="weight", help="which kind to summarise (default weight)")
-    p.add_argument("--metric", default="proportional_effective_rank", help="metric (default proportional_effective_rank)")
+    p.add_argument(
+        "--metric", default="proportional_effective_rank", help="metric (default proportional_effective_rank)"
+    )
     p.set_defaults(func=_cmd_summary)
 
 
@@ -106,17 +128,23 @@ def _cmd_summary(args: argparse.Namespace) -> int:
         from dynamics.seeds import seed_summary
 
         print("\nAcross seeds (mean, 95% t-interval; test of relora − full per component):")
-        print(seed_summary(table, kind=args.kind, metric=args.metric).to_string(
-            float_format=lambda v: f"{v:.4g}", na_rep="–"))
+        print(
+            seed_summary(table, kind=args.kind, metric=args.metric).to_string(
+                float_format=lambda v: f"{v:.4g}", na_rep="–"
+            )
+        )
     return 0
 
 
 def _add_plot(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("plot", help="every figure a results table supports → PNG/PDF files",
-                       description="Draw the study's figures from a table written by `dynamics analyze`: loss, PER of "
-                                   "weights/gradients/circuits/activations per layer over training, gradient condition "
-                                   "numbers, update-matrix rank with ReLoRA merges marked, spectra, CKA heatmaps and a "
-                                   "per-component summary. Figures the table has no data for are skipped with a note.")
+    p = sub.add_parser(
+        "plot",
+        help="every figure a results table supports → PNG/PDF files",
+        description="Draw the study's figures from a table written by `dynamics analyze`: loss, PER of "
+        "weights/gradients/circuits/activations per layer over training, gradient condition "
+        "numbers, update-matrix rank with ReLoRA merges marked, spectra, CKA heatmaps and a "
+        "per-component summary. Figures the table has no data for are skipped with a note.",
+    )
     p.add_argument("table", type=Path, help="results table (.parquet or .csv) written by `dynamics analyze`")
     p.add_argument("--spectra", type=Path, help="raw spectra (default: <table stem>.spectra.parquet next to the table)")
     p.add_argument("--out", type=Path, default=Path("figures"), help="output directory (default figures/)")
@@ -142,12 +170,21 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 
 
 def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("demo", help="the main job: train a micro full-rank and ReLoRA pair, analyse, plot, report",
-                       description="Train a micro full-rank and a micro ReLoRA model on the built-in corpus (a few minutes "
-                                   "on 2 CPU cores), capture dynamics, evaluate, analyse, and write OUT/report.md with figures.")
+    p = sub.add_parser(
+        "demo",
+        help="the main job: train a micro full-rank and ReLoRA pair, analyse, plot, report",
+        description="Train a micro full-rank and a micro ReLoRA model on the built-in corpus (a few minutes "
+        "on 2 CPU cores), capture dynamics, evaluate, analyse, and write OUT/report.md with figures.",
+    )
     p.add_argument("--out", type=Path, default=Path("demo"), help="output directory (default demo/)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a setting of both runs (e.g. steps=100); repeatable")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a setting of both runs (e.g. steps=100); repeatable",
+    )
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_demo)
 
@@ -163,16 +200,23 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _add_reproduce(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("reproduce", help="the study's recipe (tiny or small, both methods) for a GPU machine",
-                       description="Train the study's full-rank and ReLoRA runs (SPEC settings: AdamW 3e-4, 1024×2048 tokens "
-                                   "per step, 20 000 steps, checkpoints every 100; ReLoRA r 16, alpha 32, a merge every 2000), then "
-                                   "evaluate, analyse, plot and report. --steps shortens the run and scales warmups and "
-                                   "ReLoRA periods in proportion. Point data.source/data.path at real data with --set.")
+    p = sub.add_parser(
+        "reproduce",
+        help="the study's recipe (tiny or small, both methods) for a GPU machine",
+        description="Train the study's full-rank and ReLoRA runs (SPEC settings: AdamW 3e-4, 1024×2048 tokens "
+        "per step, 20 000 steps, checkpoints every 100; ReLoRA r 16, alpha 32, a merge every 2000), then "
+        "evaluate, analyse, plot and report. --steps shortens the run and scales warmups and "
+        "ReLoRA periods in proportion. Point data.source/data.path at real data with --set.",
+    )
     p.add_argument("--preset", choices=["tiny", "small"], required=True)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--steps", type=int, help="shorter run (default 20000)")
-    p.add_argument("--seeds", type=int, default=1,
-                   help="seed replicates per method (default 1); N > 1 trains seeds 0..N-1 of both methods")
+    p.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        help="seed replicates per method (default 1); N > 1 trains seeds 0..N-1 of both methods",
+    )
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_reproduce)
@@ -192,7 +236,9 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dynamics", description="Learning dynamics of full-rank vs ReLoRA pretraining.")
+    parser = argparse.ArgumentParser(
+        prog="dynamics", description="Learning dynamics of full-rank vs ReLoRA pretraining."
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands.add_train(sub)
     commands.add_evaluate(sub)
@@ -223,8 +269,11 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     except OSError as e:  # disk full, read-only or unwritable directory ...: what failed and where, no traceback
         where = f": {e.filename}" if getattr(e, "filename", None) else ""
-        print(f"error: {e.strerror or e}{where}; files completed before the failure are intact "
-              "(fix the problem and re-run; `dynamics train --resume` continues a run)", file=sys.stderr)
+        print(
+            f"error: {e.strerror or e}{where}; files completed before the failure are intact "
+            "(fix the problem and re-run; `dynamics train --resume` continues a run)",
+            file=sys.stderr,
+        )
         return EXIT_FAILED
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

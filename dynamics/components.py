@@ -62,6 +62,7 @@ __all__ = [
 
 # --------------------------------------------------------------------------- helpers
 
+
 def _check_heads(n_heads: Any, n_kv_heads: Any, caller: str) -> tuple[int, int]:
     h = check_positive_int(n_heads, name="n_heads", caller=caller)
     g = check_positive_int(n_kv_heads, name="n_kv_heads", caller=caller)
@@ -178,6 +179,7 @@ def _head_index(head: Any, h: int, caller: str) -> int:
 
 # --------------------------------------------------------------------------- circuits
 
+
 def ov_circuit(w_o: Any, w_v: Any, *, head: int, n_heads: int, n_kv_heads: int) -> Any:
     """Dense OV circuit ``W_O^h @ W_V^g`` (d x d) of query head ``head``.
 
@@ -197,12 +199,17 @@ def ov_circuit(w_o: Any, w_v: Any, *, head: int, n_heads: int, n_kv_heads: int) 
     """
     caller = "ov_circuit"
     o, v, h, g, hd, _ = _validate_pair(
-        w_o, w_v, n_heads=n_heads, n_kv_heads=n_kv_heads, names=("w_o", "w_v"),
-        read_axis="in", caller=caller,
+        w_o,
+        w_v,
+        n_heads=n_heads,
+        n_kv_heads=n_kv_heads,
+        names=("w_o", "w_v"),
+        read_axis="in",
+        caller=caller,
     )
     hh = _head_index(head, h, caller)
     gg = hh // (h // g)
-    out = o[..., :, hh * hd:(hh + 1) * hd] @ v[..., gg * hd:(gg + 1) * hd, :]
+    out = o[..., :, hh * hd : (hh + 1) * hd] @ v[..., gg * hd : (gg + 1) * hd, :]
     return _framework(out, w_o)
 
 
@@ -223,12 +230,17 @@ def qk_circuit(w_q: Any, w_k: Any, *, head: int, n_heads: int, n_kv_heads: int) 
     """
     caller = "qk_circuit"
     q, k, h, g, hd, _ = _validate_pair(
-        w_q, w_k, n_heads=n_heads, n_kv_heads=n_kv_heads, names=("w_q", "w_k"),
-        read_axis="out", caller=caller,
+        w_q,
+        w_k,
+        n_heads=n_heads,
+        n_kv_heads=n_kv_heads,
+        names=("w_q", "w_k"),
+        read_axis="out",
+        caller=caller,
     )
     hh = _head_index(head, h, caller)
     gg = hh // (h // g)
-    out = q[..., hh * hd:(hh + 1) * hd, :].mT @ k[..., gg * hd:(gg + 1) * hd, :]
+    out = q[..., hh * hd : (hh + 1) * hd, :].mT @ k[..., gg * hd : (gg + 1) * hd, :]
     return _framework(out, w_q)
 
 
@@ -270,12 +282,17 @@ def ov_circuit_spectra(w_o: Any, w_v: Any, *, n_heads: int, n_kv_heads: int) -> 
     """
     caller = "ov_circuit_spectra"
     o, v, h, g, hd, original = _validate_pair(
-        w_o, w_v, n_heads=n_heads, n_kv_heads=n_kv_heads, names=("w_o", "w_v"),
-        read_axis="in", caller=caller,
+        w_o,
+        w_v,
+        n_heads=n_heads,
+        n_kv_heads=n_kv_heads,
+        names=("w_o", "w_v"),
+        read_axis="in",
+        caller=caller,
     )
     d = o.shape[-2]
-    o_heads = o.reshape(*o.shape[:-1], h, hd).movedim(-2, -3)         # (..., H, d, hd)
-    v_groups_t = v.reshape(*v.shape[:-2], g, hd, d).mT                # (..., G, d, hd)
+    o_heads = o.reshape(*o.shape[:-1], h, hd).movedim(-2, -3)  # (..., H, d, hd)
+    v_groups_t = v.reshape(*v.shape[:-2], g, hd, d).mT  # (..., G, d, hd)
     return _circuit_spectra(o_heads, v_groups_t, h, g, d, original, caller)
 
 
@@ -296,16 +313,22 @@ def qk_circuit_spectra(w_q: Any, w_k: Any, *, n_heads: int, n_kv_heads: int) -> 
     """
     caller = "qk_circuit_spectra"
     q, k, h, g, hd, original = _validate_pair(
-        w_q, w_k, n_heads=n_heads, n_kv_heads=n_kv_heads, names=("w_q", "w_k"),
-        read_axis="out", caller=caller,
+        w_q,
+        w_k,
+        n_heads=n_heads,
+        n_kv_heads=n_kv_heads,
+        names=("w_q", "w_k"),
+        read_axis="out",
+        caller=caller,
     )
     d = q.shape[-1]
-    q_heads_t = q.reshape(*q.shape[:-2], h, hd, d).mT                 # (..., H, d, hd)
-    k_groups_t = k.reshape(*k.shape[:-2], g, hd, d).mT                # (..., G, d, hd)
+    q_heads_t = q.reshape(*q.shape[:-2], h, hd, d).mT  # (..., H, d, hd)
+    k_groups_t = k.reshape(*k.shape[:-2], g, hd, d).mT  # (..., G, d, hd)
     return _circuit_spectra(q_heads_t, k_groups_t, h, g, d, original, caller)
 
 
 # --------------------------------------------------------------------------- views
+
 
 def _cat(parts: list[tuple[str, Any]], dim: int, caller: str) -> tuple[torch.Tensor, Any]:
     ts = [as_matrix_batch(p, name=n, caller=caller, convert=False, check_nonfinite=False) for n, p in parts]
@@ -351,9 +374,7 @@ def mlp_views(w_gate: Any, w_up: Any, w_down: Any) -> dict[str, Any]:
     return {"gate": w_gate, "up": w_up, "down": w_down, "gate_up": _framework(gu, tmpl)}
 
 
-def layer_views(
-    w_q: Any, w_k: Any, w_v: Any, w_o: Any, w_gate: Any, w_up: Any, w_down: Any
-) -> dict[str, Any]:
+def layer_views(w_q: Any, w_k: Any, w_v: Any, w_o: Any, w_gate: Any, w_up: Any, w_down: Any) -> dict[str, Any]:
     """Every view of one decoder layer.
 
     Returns
@@ -368,9 +389,7 @@ def layer_views(
     caller = "layer_views"
     out = attention_views(w_q, w_k, w_v, w_o)
     out.update(mlp_views(w_gate, w_up, w_down))
-    read, tmpl = _cat(
-        [("w_q", w_q), ("w_k", w_k), ("w_v", w_v), ("w_gate", w_gate), ("w_up", w_up)], -2, caller
-    )
+    read, tmpl = _cat([("w_q", w_q), ("w_k", w_k), ("w_v", w_v), ("w_gate", w_gate), ("w_up", w_up)], -2, caller)
     write, tmpl_w = _cat([("w_o", w_o), ("w_down", w_down)], -1, caller)
     out["read"] = _framework(read, tmpl)
     out["write"] = _framework(write, tmpl_w)

@@ -123,8 +123,15 @@ def _fit_sorted(x: np.ndarray, min_tail: int) -> PowerLawFit:
     d, start, alpha = best
     n_tail = n - start
     status = "ok" if d <= KS_CRITICAL / np.sqrt(n_tail) else "poor_fit"
-    return PowerLawFit(status, alpha=float(alpha), xmin=float(x[start]), ks=d, n_tail=int(n_tail), n=n,
-                       alpha_se=float((alpha - 1.0) / np.sqrt(n_tail)))
+    return PowerLawFit(
+        status,
+        alpha=float(alpha),
+        xmin=float(x[start]),
+        ks=d,
+        n_tail=int(n_tail),
+        n=n,
+        alpha_se=float((alpha - 1.0) / np.sqrt(n_tail)),
+    )
 
 
 def fit_power_law(samples: Any, *, min_tail: int = 10) -> PowerLawFit:
@@ -155,8 +162,9 @@ def fit_power_law(samples: Any, *, min_tail: int = 10) -> PowerLawFit:
     min_tail = check_positive_int(min_tail, name="min_tail", caller=caller, minimum=2)
     x = as_tensor(samples, name="samples", caller=caller).detach().cpu().double().numpy()
     if x.ndim != 1:
-        raise ShapeError(f"{caller}(): argument `samples` must be 1-D, got shape {x.shape}; "
-                         "for a matrix use esd_power_law(M)")
+        raise ShapeError(
+            f"{caller}(): argument `samples` must be 1-D, got shape {x.shape}; for a matrix use esd_power_law(M)"
+        )
     if not np.all(np.isfinite(x)):
         raise NonFiniteError(f"{caller}(): argument `samples` contains NaN or Inf")
     return _fit_sorted(np.sort(x[x > 0]), min_tail)
@@ -182,8 +190,9 @@ def esd_power_law(M: Any, *, min_tail: int = 10) -> PowerLawFit:
     caller = "esd_power_law"
     spec = M if isinstance(M, Spectrum) else spectrum(M, name="M", caller=caller)
     if spec.batch_shape:
-        raise ShapeError(f"{caller}(): expects one matrix, got a batch of shape {spec.batch_shape}; "
-                         "loop over the batch (spec[i])")
+        raise ShapeError(
+            f"{caller}(): expects one matrix, got a batch of shape {spec.batch_shape}; loop over the batch (spec[i])"
+        )
     if spec.values[0] == 0:
         return PowerLawFit("too_few", n=0)
     tol = float(spec.default_tol())

@@ -82,6 +82,7 @@ __all__ = [
 
 # --------------------------------------------------------------------------- wrappers
 
+
 def _as_spectrum(M: Any, *, method: str, caller: str) -> Spectrum:
     """``M`` itself if it is a :class:`Spectrum`, else its spectrum by ``method``."""
     if isinstance(M, Spectrum):
@@ -129,9 +130,7 @@ def proportional_effective_rank(M: Any, *, method: str = "auto") -> Result:
     ----------
     {M}
     """
-    return _as_spectrum(
-        M, method=method, caller="proportional_effective_rank"
-    ).proportional_effective_rank()
+    return _as_spectrum(M, method=method, caller="proportional_effective_rank").proportional_effective_rank()
 
 
 def stable_rank(M: Any, *, method: str = "auto") -> Result:
@@ -146,9 +145,7 @@ def stable_rank(M: Any, *, method: str = "auto") -> Result:
     return _as_spectrum(M, method=method, caller="stable_rank").stable_rank()
 
 
-def numerical_rank(
-    M: Any, *, tol: Any = None, rtol: Any = None, method: str = "auto"
-) -> int | np.ndarray:
+def numerical_rank(M: Any, *, tol: Any = None, rtol: Any = None, method: str = "auto") -> int | np.ndarray:
     """Numerical rank ``#{{s_i > tol}}``.
 
     Parameters
@@ -168,9 +165,7 @@ def numerical_rank(
     int or numpy.ndarray
         ``int`` for one matrix, int64 array of the batch shape for a batch.
     """
-    return _as_spectrum(M, method=method, caller="numerical_rank").numerical_rank(
-        tol=tol, rtol=rtol
-    )
+    return _as_spectrum(M, method=method, caller="numerical_rank").numerical_rank(tol=tol, rtol=rtol)
 
 
 def condition_number(M: Any, *, log10: bool = False, method: str = "auto") -> Result:
@@ -186,9 +181,7 @@ def condition_number(M: Any, *, log10: bool = False, method: str = "auto") -> Re
     log10
         Return ``log10(s_1 / s_k)`` instead (``inf`` stays ``inf``).
     """
-    return _as_spectrum(M, method=method, caller="condition_number").condition_number(
-        log10=log10
-    )
+    return _as_spectrum(M, method=method, caller="condition_number").condition_number(log10=log10)
 
 
 def truncated_condition_number(
@@ -212,9 +205,9 @@ def truncated_condition_number(
     log10
         Return the log10 of the value.
     """
-    return _as_spectrum(
-        M, method=method, caller="truncated_condition_number"
-    ).truncated_condition_number(tol=tol, rtol=rtol, log10=log10)
+    return _as_spectrum(M, method=method, caller="truncated_condition_number").truncated_condition_number(
+        tol=tol, rtol=rtol, log10=log10
+    )
 
 
 def spectral_entropy(M: Any, *, method: str = "auto") -> Result:
@@ -330,4 +323,3 @@ for _f in (
     if _f.__doc__:  # None under python -OO
         _f.__doc__ = _f.__doc__.replace("{M}", _M_DOC).replace("{{", "{").replace("}}", "}")
 del _f
-

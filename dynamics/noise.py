@@ -89,8 +89,9 @@ def signal_rank(M: Any, *, variance: float | None = None) -> SignalRank:
     caller = "signal_rank"
     spec = M if isinstance(M, Spectrum) else spectrum(M, name="M", caller=caller)
     if spec.batch_shape:
-        raise ShapeError(f"{caller}(): expects one matrix, got a batch of shape {spec.batch_shape}; "
-                         "loop over the batch (spec[i])")
+        raise ShapeError(
+            f"{caller}(): expects one matrix, got a batch of shape {spec.batch_shape}; loop over the batch (spec[i])"
+        )
     m, n = spec.shape
     s = spec.values.astype(np.float64)
     energy = float(np.sum(s**2))

@@ -87,22 +87,31 @@ def paired_test(a: npt.ArrayLike, b: npt.ArrayLike, *, paired: bool = True) -> d
         if xa.size < 2:
             return {"test": f"no test: {xa.size} seed pair (need >= 2)", "n": n, "statistic": None, "p_value": None}
         if np.allclose(xb - xa, (xb - xa)[0]):
-            return {"test": "no test: identical differences in every pair", "n": n, "statistic": None,
-                    "p_value": None}
+            return {"test": "no test: identical differences in every pair", "n": n, "statistic": None, "p_value": None}
         res = stats.ttest_rel(xb, xa)
     else:
         name, n = "Welch's t-test (scipy.stats.ttest_ind, equal_var=False)", (int(xa.size), int(xb.size))
         if min(xa.size, xb.size) < 2:
-            return {"test": f"no test: {min(xa.size, xb.size)} run of a method (need >= 2)", "n": n,
-                    "statistic": None, "p_value": None}
+            return {
+                "test": f"no test: {min(xa.size, xb.size)} run of a method (need >= 2)",
+                "n": n,
+                "statistic": None,
+                "p_value": None,
+            }
         if np.ptp(xa) == 0 and np.ptp(xb) == 0:
             return {"test": "no test: no variation within either method", "n": n, "statistic": None, "p_value": None}
         res = stats.ttest_ind(xb, xa, equal_var=False)
     return {"test": name, "n": n, "statistic": float(res.statistic), "p_value": float(res.pvalue)}
 
 
-def seed_summary(table: pd.DataFrame, *, kind: str = "weight", metric: str = "proportional_effective_rank",
-                 methods: tuple[str, str] = ("full", "relora"), step: int | None = None) -> pd.DataFrame:
+def seed_summary(
+    table: pd.DataFrame,
+    *,
+    kind: str = "weight",
+    metric: str = "proportional_effective_rank",
+    methods: tuple[str, str] = ("full", "relora"),
+    step: int | None = None,
+) -> pd.DataFrame:
     """Per component: each method's mean, 95 % interval and run count across seeds, and the test of the difference.
 
     Columns: ``<method> mean``, ``<method> ci95 low``, ``<method> ci95 high``,
@@ -129,7 +138,7 @@ def seed_summary(table: pd.DataFrame, *, kind: str = "weight", metric: str = "pr
         if a.empty or b.empty:
             continue
         seeds_a, seeds_b = a["seed"].tolist(), b["seed"].tolist()
-        pairable = (len(seeds_a) == len(set(seeds_a)) and sorted(seeds_a) == sorted(seeds_b) and -1 not in seeds_a)
+        pairable = len(seeds_a) == len(set(seeds_a)) and sorted(seeds_a) == sorted(seeds_b) and -1 not in seeds_a
         if pairable:
             av = a.set_index("seed")["value"]
             bv = b.set_index("seed")["value"].reindex(av.index)
@@ -138,14 +147,18 @@ def seed_summary(table: pd.DataFrame, *, kind: str = "weight", metric: str = "pr
         else:
             test = paired_test(a["value"].to_numpy(), b["value"].to_numpy(), paired=False)
             diff = float(b["value"].mean() - a["value"].mean())
-        row.update({"difference": diff, "statistic": test["statistic"], "p_value": test["p_value"],
-                    "test": test["test"]})
+        row.update(
+            {"difference": diff, "statistic": test["statistic"], "p_value": test["p_value"], "test": test["test"]}
+        )
         out.append(row)
     if not out:
-        raise DynamicsError(f"seed summary: no component has rows of both methods {list(methods)} "
-                            f"for kind={kind!r}, metric={metric!r}")
+        raise DynamicsError(
+            f"seed summary: no component has rows of both methods {list(methods)} for kind={kind!r}, metric={metric!r}"
+        )
     result = pd.DataFrame(out).set_index("component")
-    order = [c for c in COMPONENT_ORDER if c in result.index] + sorted(c for c in result.index if c not in COMPONENT_ORDER)
+    order = [c for c in COMPONENT_ORDER if c in result.index] + sorted(
+        c for c in result.index if c not in COMPONENT_ORDER
+    )
     result = result.loc[order].astype(object)
     result.index.name = f"{kind} {metric} (layer mean, final step)"
     return result

@@ -87,6 +87,7 @@ _VERSION = 1
 
 # --------------------------------------------------------------------------- Spectrum
 
+
 @dataclass(frozen=True, eq=False)
 class Spectrum:
     """Singular values of a matrix (or a batch), plus what is needed to derive metrics.
@@ -134,9 +135,7 @@ class Spectrum:
         except (TypeError, ValueError):
             raise ShapeError(f"{where}: `shape` must be (m, n), got {self.shape!r}") from None
         if len(shape) != 2 or min(shape) < 1:
-            raise ShapeError(
-                f"{where}: `shape` must be (m, n) with m, n >= 1, got {self.shape!r}"
-            )
+            raise ShapeError(f"{where}: `shape` must be (m, n) with m, n >= 1, got {self.shape!r}")
         vals = self.values
         if isinstance(vals, torch.Tensor):
             vals = vals.detach().cpu().numpy()
@@ -215,9 +214,7 @@ class Spectrum:
         idx = index if isinstance(index, tuple) else (index,)
         if not self.batch_shape:
             raise TypeError("a single-matrix Spectrum cannot be indexed")
-        if len(idx) > len(self.batch_shape) or any(
-            i is Ellipsis or i is None for i in idx
-        ):
+        if len(idx) > len(self.batch_shape) or any(i is Ellipsis or i is None for i in idx):
             raise IndexError(
                 f"Spectrum index {index!r} must address at most the "
                 f"{len(self.batch_shape)} batch dimension(s) {self.batch_shape} with "
@@ -268,13 +265,9 @@ class Spectrum:
         c = kern.condition_number(self.values, self.k)
         return kern.as_result(np.log10(c) if log10 else c)
 
-    def truncated_condition_number(
-        self, *, tol: Any = None, rtol: Any = None, log10: bool = False
-    ) -> Result:
+    def truncated_condition_number(self, *, tol: Any = None, rtol: Any = None, log10: bool = False) -> Result:
         """``s_1 / s_r`` over the ``r`` singular values above the rank tolerance."""
-        t = kern.resolve_tol(
-            self.values, self.shape, self.eps, tol, rtol, "truncated_condition_number"
-        )
+        t = kern.resolve_tol(self.values, self.shape, self.eps, tol, rtol, "truncated_condition_number")
         c = kern.truncated_condition_number(self.values, t)
         return kern.as_result(np.log10(c) if log10 else c)
 
@@ -288,9 +281,7 @@ class Spectrum:
         k = kern.check_k(k, "tail_energy")
         return kern.as_result(kern.tail_energy(self.values, k))
 
-    def metrics(
-        self, *, tol: Any = None, rtol: Any = None, top_k: Iterable[int] = (1, 10)
-    ) -> dict[str, Result]:
+    def metrics(self, *, tol: Any = None, rtol: Any = None, top_k: Iterable[int] = (1, 10)) -> dict[str, Result]:
         """All metrics as a dict (see :func:`dynamics.spectrum_metrics` for keys)."""
         v, k = self.values, self.k
         t = kern.resolve_tol(v, self.shape, self.eps, tol, rtol, "spectrum_metrics")
@@ -333,10 +324,7 @@ class Spectrum:
     def from_dict(cls, data: Mapping[str, Any]) -> Spectrum:
         """Rebuild a Spectrum written by :meth:`to_dict`."""
         if not isinstance(data, Mapping):
-            raise DynamicsError(
-                f"Spectrum.from_dict(): argument `data` must be a mapping, got "
-                f"{type(data).__name__}"
-            )
+            raise DynamicsError(f"Spectrum.from_dict(): argument `data` must be a mapping, got {type(data).__name__}")
         missing = [key for key in ("values", "shape", "dtype") if key not in data]
         if missing:
             raise DynamicsError(
@@ -357,9 +345,8 @@ class Spectrum:
 
 # --------------------------------------------------------------------------- public
 
-def spectrum(
-    M: Any, *, method: str = "auto", name: str = "M", caller: str = "spectrum"
-) -> Spectrum:
+
+def spectrum(M: Any, *, method: str = "auto", name: str = "M", caller: str = "spectrum") -> Spectrum:
     """Compute the singular values of ``M`` once and wrap them in a :class:`Spectrum`.
 
     Parameters

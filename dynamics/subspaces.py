@@ -59,8 +59,10 @@ def _orthonormal(A: np.ndarray, name: str, caller: str) -> np.ndarray:
     q, r = np.linalg.qr(A)
     d = np.abs(np.diag(r))
     if d.size == 0 or d.min() <= 1e-12 * max(d.max(), np.finfo(float).tiny):
-        raise DynamicsError(f"{caller}(): the columns of `{name}` are (numerically) linearly dependent, so they do "
-                            "not span a subspace of their count; pass a basis (e.g. top singular vectors)")
+        raise DynamicsError(
+            f"{caller}(): the columns of `{name}` are (numerically) linearly dependent, so they do "
+            "not span a subspace of their count; pass a basis (e.g. top singular vectors)"
+        )
     return q
 
 
@@ -73,8 +75,10 @@ def principal_angles(A: Any, B: Any) -> np.ndarray:
     caller = "principal_angles"
     a, b = _matrix(A, "A", caller), _matrix(B, "B", caller)
     if a.shape[0] != b.shape[0]:
-        raise ShapeError(f"{caller}(): `A` and `B` must have the same number of rows (the ambient dimension), "
-                         f"got {a.shape} and {b.shape}")
+        raise ShapeError(
+            f"{caller}(): `A` and `B` must have the same number of rows (the ambient dimension), "
+            f"got {a.shape} and {b.shape}"
+        )
     if a.shape[1] > a.shape[0] or b.shape[1] > b.shape[0]:
         raise ShapeError(f"{caller}(): a basis must have at most as many columns as rows, got {a.shape} and {b.shape}")
     cos = np.linalg.svd(_orthonormal(a, "A", caller).T @ _orthonormal(b, "B", caller), compute_uv=False)
@@ -126,8 +130,12 @@ class UpdateOverlap:
 
     def metrics(self, prefix: str = "overlap") -> dict[str, float]:
         """Table rows: ``<prefix>`` (mean of both sides), ``<prefix>_out``, ``<prefix>_in``, ``<prefix>_chance``."""
-        return {prefix: self.mean, f"{prefix}_out": self.out_, f"{prefix}_in": self.in_,
-                f"{prefix}_chance": self.chance}
+        return {
+            prefix: self.mean,
+            f"{prefix}_out": self.out_,
+            f"{prefix}_in": self.in_,
+            f"{prefix}_chance": self.chance,
+        }
 
 
 def _rank(s: np.ndarray, shape: tuple[int, int]) -> int:
@@ -175,8 +183,7 @@ def _reference_vectors(w0: np.ndarray) -> np.ndarray:
     return _REFERENCE[key]
 
 
-def intruder_dimensions(W: Any, W0: Any, *, k: int = 10, threshold: float = 0.5,
-                        reference_k: int | None = None) -> int:
+def intruder_dimensions(W: Any, W0: Any, *, k: int = 10, threshold: float = 0.5, reference_k: int | None = None) -> int:
     """Number of the top-``k`` left singular vectors of ``W`` with ``max |cos|`` below ``threshold`` against ``W0``'s.
 
     Parameters
@@ -205,8 +212,11 @@ def intruder_dimensions(W: Any, W0: Any, *, k: int = 10, threshold: float = 0.5,
     if not 0 < threshold <= 1:
         raise DynamicsError(f"{caller}(): `threshold` must be in (0, 1], got {threshold!r}")
     k = min(check_positive_int(k, name="k", caller=caller), min(w.shape))
-    rk = min(w.shape) if reference_k is None else min(check_positive_int(reference_k, name="reference_k",
-                                                                         caller=caller), min(w.shape))
+    rk = (
+        min(w.shape)
+        if reference_k is None
+        else min(check_positive_int(reference_k, name="reference_k", caller=caller), min(w.shape))
+    )
     u = _svd(w)[0][:, :k]
     u0 = _reference_vectors(w0)[:, :rk]
     best = np.max(np.abs(u.T @ u0), axis=1)

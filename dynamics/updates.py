@@ -66,17 +66,11 @@ def _stack(weights: Any, *, name: str, caller: str) -> tuple[torch.Tensor, Any, 
     """Validate a trajectory: a sequence of (m, n) matrices or a (T, ..., m, n) array."""
     if isinstance(weights, (list, tuple)):
         if len(weights) < 2:
-            raise ShapeError(
-                f"{caller}(): argument `{name}` needs at least 2 matrices, got "
-                f"{len(weights)}"
-            )
+            raise ShapeError(f"{caller}(): argument `{name}` needs at least 2 matrices, got {len(weights)}")
         ts = [as_tensor(w, name=f"{name}[{i}]", caller=caller) for i, w in enumerate(weights)]
         shapes = {tuple(t.shape) for t in ts}
         if len(shapes) != 1:
-            raise ShapeError(
-                f"{caller}(): all matrices in `{name}` must have the same shape, got "
-                f"{sorted(shapes)}"
-            )
+            raise ShapeError(f"{caller}(): all matrices in `{name}` must have the same shape, got {sorted(shapes)}")
         out_dtype = _result_dtype(*ts)
         template = weights[0]
         stacked = torch.stack([t.to(ts[0].device, compute_dtype(t.dtype, ts[0].device)) for t in ts])
@@ -100,8 +94,7 @@ def _checked_pair(new: Any, old: Any, caller: str) -> tuple[torch.Tensor, torch.
     to = as_tensor(old, name="old", caller=caller)
     if tuple(tn.shape) != tuple(to.shape):
         raise ShapeError(
-            f"{caller}(): `new` and `old` must have the same shape, got "
-            f"{tuple(tn.shape)} and {tuple(to.shape)}"
+            f"{caller}(): `new` and `old` must have the same shape, got {tuple(tn.shape)} and {tuple(to.shape)}"
         )
     a = as_matrix_batch(tn, name="new", caller=caller)
     b = as_matrix_batch(to, name="old", caller=caller)
@@ -148,10 +141,7 @@ def weight_updates(weights: Any, *, lag: int = 1) -> Any:
     lag = check_positive_int(lag, name="lag", caller=caller)
     x, template, out_dtype = _stack(weights, name="weights", caller=caller)
     if lag >= x.shape[0]:
-        raise ShapeError(
-            f"{caller}(): `lag`={lag} must be smaller than the number of matrices "
-            f"({x.shape[0]})"
-        )
+        raise ShapeError(f"{caller}(): `lag`={lag} must be smaller than the number of matrices ({x.shape[0]})")
     return _like(x[lag:] - x[:-lag], template, out_dtype)
 
 

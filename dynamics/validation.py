@@ -138,6 +138,7 @@ def compute_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
 
 # --------------------------------------------------------------------------- arrays
 
+
 def _prefix(caller: str, name: str) -> str:
     return f"{caller}(): argument `{name}`"
 
@@ -156,22 +157,18 @@ def as_tensor(x: Any, *, name: str, caller: str) -> torch.Tensor:
     else:
         if isinstance(x, (str, bytes)) or x is None:
             raise DynamicsError(
-                f"{_prefix(caller, name)} must be a numpy array or torch tensor, "
-                f"got {type(x).__name__}"
+                f"{_prefix(caller, name)} must be a numpy array or torch tensor, got {type(x).__name__}"
             )
         try:
             a = np.asarray(x)
         except Exception as exc:  # noqa: BLE001 - any object may arrive; its conversion failure (ragged lists ...) is bad input
             raise DynamicsError(
-                f"{_prefix(caller, name)} could not be converted to an array "
-                f"({type(x).__name__}: {exc})"
+                f"{_prefix(caller, name)} could not be converted to an array ({type(x).__name__}: {exc})"
             ) from None
         if a.dtype.kind not in "biuf":
             raise DynamicsError(
                 f"{_prefix(caller, name)} must hold real numbers, got dtype "
-                f"{a.dtype.name!r}" + (
-                    "; take .real or abs() first" if a.dtype.kind == "c" else ""
-                )
+                f"{a.dtype.name!r}" + ("; take .real or abs() first" if a.dtype.kind == "c" else "")
             )
         if not a.flags.c_contiguous and not a.flags.f_contiguous:
             a = np.ascontiguousarray(a)
@@ -180,8 +177,7 @@ def as_tensor(x: Any, *, name: str, caller: str) -> torch.Tensor:
         t = torch.from_numpy(a)
     if t.is_complex():
         raise DynamicsError(
-            f"{_prefix(caller, name)} must be real, got complex dtype "
-            f"{dtype_name(t)!r}; take .real or .abs() first"
+            f"{_prefix(caller, name)} must be real, got complex dtype {dtype_name(t)!r}; take .real or .abs() first"
         )
     return t
 
@@ -260,13 +256,13 @@ def as_matrix_batch(
         raise ShapeError(
             f"{_prefix(caller, name)} must have shape {expected} ({exact_ndim} "
             f"dimensions), got shape {shape} ({t.ndim} dimensions)"
-            + (". Loop over the leading dimensions, or use the batched function"
-               if t.ndim > exact_ndim else "")
+            + (". Loop over the leading dimensions, or use the batched function" if t.ndim > exact_ndim else "")
         )
     if t.ndim < 2:
         hint = (
-            "; for a vector v use v.reshape(1, -1) (a 1xN row) or v.reshape(-1, 1) "
-            "(an Nx1 column)" if t.ndim == 1 else "; wrap a scalar as [[x]]"
+            "; for a vector v use v.reshape(1, -1) (a 1xN row) or v.reshape(-1, 1) (an Nx1 column)"
+            if t.ndim == 1
+            else "; wrap a scalar as [[x]]"
         )
         raise ShapeError(
             f"{_prefix(caller, name)} must be a matrix of shape (m, n) or a batch "
@@ -293,8 +289,7 @@ def check_option(value: Any, allowed: Sequence[Any], *, name: str, caller: str) 
     """Return ``value`` if it is one of ``allowed``, else raise DynamicsError."""
     if value not in allowed:
         raise DynamicsError(
-            f"{_prefix(caller, name)} must be one of "
-            f"{', '.join(repr(a) for a in allowed)}, got {value!r}"
+            f"{_prefix(caller, name)} must be one of {', '.join(repr(a) for a in allowed)}, got {value!r}"
         )
     return value
 
@@ -303,19 +298,14 @@ def check_positive_int(value: Any, *, name: str, caller: str, minimum: int = 1) 
     """Return ``value`` as int if it is an integer >= ``minimum``."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise DynamicsError(
-            f"{_prefix(caller, name)} must be an integer >= {minimum}, got "
-            f"{value!r} ({type(value).__name__})"
+            f"{_prefix(caller, name)} must be an integer >= {minimum}, got {value!r} ({type(value).__name__})"
         )
     if value < minimum:
-        raise DynamicsError(
-            f"{_prefix(caller, name)} must be an integer >= {minimum}, got {value}"
-        )
+        raise DynamicsError(f"{_prefix(caller, name)} must be an integer >= {minimum}, got {value}")
     return int(value)
 
 
-def check_tolerance(
-    value: Any, *, name: str, caller: str, batch_shape: tuple[int, ...] = ()
-) -> np.ndarray | None:
+def check_tolerance(value: Any, *, name: str, caller: str, batch_shape: tuple[int, ...] = ()) -> np.ndarray | None:
     """Validate a non-negative finite tolerance (scalar or batch-shaped array).
 
     Returns ``None`` for ``None``, else a float64 array broadcastable to
@@ -328,13 +318,9 @@ def check_tolerance(
     try:
         a = np.asarray(value, dtype=np.float64)
     except (TypeError, ValueError):
-        raise DynamicsError(
-            f"{_prefix(caller, name)} must be a non-negative number, got {value!r}"
-        ) from None
+        raise DynamicsError(f"{_prefix(caller, name)} must be a non-negative number, got {value!r}") from None
     if not np.all(np.isfinite(a)) or np.any(a < 0):
-        raise DynamicsError(
-            f"{_prefix(caller, name)} must be finite and >= 0, got {value!r}"
-        )
+        raise DynamicsError(f"{_prefix(caller, name)} must be finite and >= 0, got {value!r}")
     try:
         np.broadcast_shapes(a.shape, batch_shape)
     except ValueError:
@@ -345,9 +331,7 @@ def check_tolerance(
     return a
 
 
-def check_same_batch(
-    a: torch.Tensor, b: torch.Tensor, *, names: tuple[str, str], caller: str, axis: int
-) -> None:
+def check_same_batch(a: torch.Tensor, b: torch.Tensor, *, names: tuple[str, str], caller: str, axis: int) -> None:
     """Require ``a.shape[axis] == b.shape[axis]`` (e.g. same number of rows)."""
     if a.shape[axis] != b.shape[axis]:
         raise ShapeError(
@@ -357,14 +341,11 @@ def check_same_batch(
         )
 
 
-def check_compatible_pair(
-    a: torch.Tensor, b: torch.Tensor, *, names: tuple[str, str], caller: str
-) -> None:
+def check_compatible_pair(a: torch.Tensor, b: torch.Tensor, *, names: tuple[str, str], caller: str) -> None:
     """Require two matrix batches ``(..., m, n)`` on one device with broadcastable batch dimensions."""
     if a.device != b.device:
         raise DynamicsError(
-            f"{caller}(): `{names[0]}` is on {a.device} and `{names[1]}` on {b.device}; "
-            "move both to the same device"
+            f"{caller}(): `{names[0]}` is on {a.device} and `{names[1]}` on {b.device}; move both to the same device"
         )
     try:
         np.broadcast_shapes(tuple(a.shape[:-2]), tuple(b.shape[:-2]))

@@ -28,8 +28,23 @@ def load_bench(path: Path = BENCH):
 def test_train_bench_quick(tmp_path, capsys):
     bench = load_bench()
     out_json = tmp_path / "bench.json"
-    res = bench.main(["--quick", "--device", "cpu", "--threads", "1", "--steps", "4", "--repeats", "2",
-                      "--workdir", str(tmp_path), "--json", str(out_json)])
+    res = bench.main(
+        [
+            "--quick",
+            "--device",
+            "cpu",
+            "--threads",
+            "1",
+            "--steps",
+            "4",
+            "--repeats",
+            "2",
+            "--workdir",
+            str(tmp_path),
+            "--json",
+            str(out_json),
+        ]
+    )
     printed = capsys.readouterr().out
 
     assert set(res["methods"]) == {"full", "relora"}
@@ -48,12 +63,30 @@ def test_train_bench_quick(tmp_path, capsys):
 def test_gpu_bench_quick(tmp_path, capsys):
     gpu = load_bench(GPU_BENCH)
     out_json = tmp_path / "gpu.json"
-    res = gpu.main(["--quick", "--device", "cpu", "--threads", "1", "--steps", "2", "--repeats", "2",
-                    "--workdir", str(tmp_path), "--json", str(out_json)])
+    res = gpu.main(
+        [
+            "--quick",
+            "--device",
+            "cpu",
+            "--threads",
+            "1",
+            "--steps",
+            "2",
+            "--repeats",
+            "2",
+            "--workdir",
+            str(tmp_path),
+            "--json",
+            str(out_json),
+        ]
+    )
     printed = capsys.readouterr().out
 
-    configs = [(m, loop, cap) for m in ("full", "relora")
-               for loop, cap in (("trainer", "off"), ("trainer", "every 100"), ("reference", "-"))]
+    configs = [
+        (m, loop, cap)
+        for m in ("full", "relora")
+        for loop, cap in (("trainer", "off"), ("trainer", "every 100"), ("reference", "-"))
+    ]
     rows = res["rows"]
     assert [(r["method"], r["loop"], r["capture"]) for r in rows] == configs
     for r in rows:
@@ -98,9 +131,22 @@ def test_time_loops_drops_a_loop_that_runs_out_of_memory():
 
     a, b, c = Fake("a"), Fake("b", fail_at=2), Fake("c")
     loops = [a, b, c]
-    s = bench.Settings(preset="micro", device=torch.device("cpu"), methods=["full"], steps=4, warmup=1, repeats=2,
-                       batch_size=None, seq_len=None, eval_interval=100, checkpoint_interval=100, peak_tflops=1.0,
-                       overrides=[], quick=True, workdir=None)
+    s = bench.Settings(
+        preset="micro",
+        device=torch.device("cpu"),
+        methods=["full"],
+        steps=4,
+        warmup=1,
+        repeats=2,
+        batch_size=None,
+        seq_len=None,
+        eval_interval=100,
+        checkpoint_interval=100,
+        peak_tflops=1.0,
+        overrides=[],
+        quick=True,
+        workdir=None,
+    )
     failed = bench.time_loops(loops, s, failure=lambda e: "OOM" if is_out_of_memory(e) else None)
     assert failed == {"b": "OOM"} and loops == [a, c] and b.closed
     assert len(a.step_s) == len(c.step_s) == 2 and b.step_s == []
@@ -117,14 +163,25 @@ def test_gpu_bench_rows_and_goals_with_oom_and_cuda_numbers():
         s = gpu.Slot(preset, method, loop, every, cfg, compiled=True, status=status, flops=1e9)
         if status == "ok":
             tps = cfg.tokens_per_step / step
-            s.result = {"step_s": step, "tokens_per_s": tps, "steps_only_tokens_per_s": tps, "mfu": tps * 1e9 / 989e12,
-                        "steps_only_mfu": tps * 1e9 / 989e12, "peak_gib": peak, "capture_s": 0.5 if every else None}
+            s.result = {
+                "step_s": step,
+                "tokens_per_s": tps,
+                "steps_only_tokens_per_s": tps,
+                "mfu": tps * 1e9 / 989e12,
+                "steps_only_mfu": tps * 1e9 / 989e12,
+                "peak_gib": peak,
+                "capture_s": 0.5 if every else None,
+            }
         return s
 
-    slots = [slot("tiny", "full", "trainer", None), slot("tiny", "full", "trainer", 100, step=1.02),
-             slot("tiny", "full", "reference", None, status="OOM"),
-             slot("tiny", "relora", "trainer", None, step=1.25), slot("tiny", "relora", "trainer", 100, status="OOM"),
-             slot("small", "full", "trainer", None, step=0.05, batch=32)]
+    slots = [
+        slot("tiny", "full", "trainer", None),
+        slot("tiny", "full", "trainer", 100, step=1.02),
+        slot("tiny", "full", "reference", None, status="OOM"),
+        slot("tiny", "relora", "trainer", None, step=1.25),
+        slot("tiny", "relora", "trainer", 100, status="OOM"),
+        slot("small", "full", "trainer", None, step=0.05, batch=32),
+    ]
     rows = gpu.build_rows(slots)
     assert rows[1]["capture_overhead"] == pytest.approx(0.02) and rows[1]["capture_share"] == pytest.approx(0.005)
     assert rows[3]["relora_vs_full"] == pytest.approx(0.8) and rows[0]["vs_reference"] is None
@@ -133,13 +190,35 @@ def test_gpu_bench_rows_and_goals_with_oom_and_cuda_numbers():
     assert goals["ReLoRA"]["status"] == "not met" and "0.80x" in goals["ReLoRA"]["detail"]
     assert goals["capture"]["status"] == "not met" and "OOM" in goals["capture"]["detail"]  # relora capture row
     assert goals["tiny"]["status"] == "not met" and "OOM" in goals["tiny"]["detail"]
-    res = {"settings": {"device": "cuda", "device_name": "test", "threads": 1, "precision": "bf16 autocast",
-                        "torch": torch.__version__, "python": "3", "timed_steps_per_loop": 4, "repeats": 2,
-                        "steps_per_chunk": 2, "warmup_steps": 1, "eval_interval": 100, "checkpoint_interval": 100,
-                        "reference": "bare", "peak_tflops": 989.0},
-           "presets": {"tiny": {"batch_size": 64, "grad_accum": 1, "seq_len": 2048, "tokens_per_step": 131072,
-                                "flops_per_token": {"full": "6*N"}}},
-           "rows": rows, "goals": list(goals.values())}
+    res = {
+        "settings": {
+            "device": "cuda",
+            "device_name": "test",
+            "threads": 1,
+            "precision": "bf16 autocast",
+            "torch": torch.__version__,
+            "python": "3",
+            "timed_steps_per_loop": 4,
+            "repeats": 2,
+            "steps_per_chunk": 2,
+            "warmup_steps": 1,
+            "eval_interval": 100,
+            "checkpoint_interval": 100,
+            "reference": "bare",
+            "peak_tflops": 989.0,
+        },
+        "presets": {
+            "tiny": {
+                "batch_size": 64,
+                "grad_accum": 1,
+                "seq_len": 2048,
+                "tokens_per_step": 131072,
+                "flops_per_token": {"full": "6*N"},
+            }
+        },
+        "rows": rows,
+        "goals": list(goals.values()),
+    }
     text = gpu.format_table(res)
     assert text.count("OOM") >= 2 and "[not met]" in text and "[met]" in text and "30.0" in text
 
@@ -148,7 +227,9 @@ def test_loss_bench_quick(tmp_path, capsys):
     bench = load_bench(BENCH.with_name("loss_bench.py"))
     out_json = tmp_path / "loss.json"
     # 2 000 tokens at V 4 096: 31 MiB of float32 logits, 16 MiB per fused chunk of 1 000 tokens
-    res = bench.main(["--quick", "--device", "cpu", "--tokens", "2000", "--chunk-tokens", "1000", "--json", str(out_json)])
+    res = bench.main(
+        ["--quick", "--device", "cpu", "--tokens", "2000", "--chunk-tokens", "1000", "--json", str(out_json)]
+    )
     printed = capsys.readouterr().out
     assert set(res["seconds"]) == {"plain", "fused"} and all(v > 0 for v in res["seconds"].values())
     assert res["loss_rel_diff"] < 1e-5

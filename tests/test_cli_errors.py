@@ -36,8 +36,14 @@ def _raising(exc: BaseException) -> Callable[..., int]:
     return command
 
 
-def _run(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], module: object, func: str,
-         exc: BaseException, argv: list[str]) -> tuple[int, list[str], str]:
+def _run(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    module: object,
+    func: str,
+    exc: BaseException,
+    argv: list[str],
+) -> tuple[int, list[str], str]:
     monkeypatch.setattr(module, func, _raising(exc))
     status = cli.main(argv)
     out, err = capsys.readouterr()
@@ -58,28 +64,32 @@ CASES = [
 
 
 @pytest.mark.parametrize(("exc", "status"), CASES, ids=[type(e).__name__ for e, _ in CASES])
-def test_a_project_error_in_a_trainer_command_is_one_line(monkeypatch: pytest.MonkeyPatch,
-                                                           capsys: pytest.CaptureFixture[str], tmp_path: Path,
-                                                           exc: Exception, status: int) -> None:
+def test_a_project_error_in_a_trainer_command_is_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path, exc: Exception, status: int
+) -> None:
     got, err, out = _run(monkeypatch, capsys, commands, "cmd_train", exc, ["train", "--out", str(tmp_path / "run")])
     assert (got, err, out) == (status, [f"error: {exc}"], "")
 
 
 @pytest.mark.parametrize(("exc", "status"), CASES, ids=[type(e).__name__ for e, _ in CASES])
-def test_a_project_error_in_an_analysis_command_is_one_line(monkeypatch: pytest.MonkeyPatch,
-                                                             capsys: pytest.CaptureFixture[str], tmp_path: Path,
-                                                             exc: Exception, status: int) -> None:
+def test_a_project_error_in_an_analysis_command_is_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path, exc: Exception, status: int
+) -> None:
     got, err, _ = _run(monkeypatch, capsys, cli, "_cmd_summary", exc, ["summary", str(tmp_path / "t.parquet")])
     assert (got, err) == (status, [f"error: {exc}"])
 
 
-@pytest.mark.parametrize("func,argv", [
-    ("cmd_evaluate", ["evaluate", "RUN"]),
-    ("cmd_export", ["export", "RUN", "OUT"]),
-    ("cmd_batch_size", ["batch-size"]),
-])
-def test_every_trainer_command_is_covered(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
-                                          func: str, argv: list[str]) -> None:
+@pytest.mark.parametrize(
+    "func,argv",
+    [
+        ("cmd_evaluate", ["evaluate", "RUN"]),
+        ("cmd_export", ["export", "RUN", "OUT"]),
+        ("cmd_batch_size", ["batch-size"]),
+    ],
+)
+def test_every_trainer_command_is_covered(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], func: str, argv: list[str]
+) -> None:
     got, err, _ = _run(monkeypatch, capsys, commands, func, CaptureError("writer failed"), argv)
     assert (got, err) == (1, ["error: writer failed"])
 
@@ -90,16 +100,19 @@ def test_the_roots_and_their_builtins() -> None:
     assert issubclass(CheckpointError, OSError) and issubclass(DynamicsIOError, DynamicsError)
 
 
-def test_project_oserrors_keep_their_message_and_status(monkeypatch: pytest.MonkeyPatch,
-                                                        capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+def test_project_oserrors_keep_their_message_and_status(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
     """CheckpointError is an OSError too: the project root wins, so no "files completed ..." advice and exit 2."""
-    got, err, _ = _run(monkeypatch, capsys, commands, "cmd_train", CheckpointError("bad checkpoint"),
-                       ["train", "--out", str(tmp_path)])
+    got, err, _ = _run(
+        monkeypatch, capsys, commands, "cmd_train", CheckpointError("bad checkpoint"), ["train", "--out", str(tmp_path)]
+    )
     assert (got, err) == (2, ["error: bad checkpoint"])
 
 
-def test_a_plain_oserror_says_what_and_where(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
-                                             tmp_path: Path) -> None:
+def test_a_plain_oserror_says_what_and_where(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
     exc = OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "run" / "model.safetensors"))
     got, err, _ = _run(monkeypatch, capsys, commands, "cmd_train", exc, ["train", "--out", str(tmp_path / "run")])
     assert got == 1 and len(err) == 1
@@ -107,9 +120,12 @@ def test_a_plain_oserror_says_what_and_where(monkeypatch: pytest.MonkeyPatch, ca
     assert "--resume" in err[0]
 
 
-def test_ctrl_c_is_status_130(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
-                              tmp_path: Path) -> None:
-    got, err, _ = _run(monkeypatch, capsys, commands, "cmd_train", KeyboardInterrupt(), ["train", "--out", str(tmp_path)])
+def test_ctrl_c_is_status_130(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    got, err, _ = _run(
+        monkeypatch, capsys, commands, "cmd_train", KeyboardInterrupt(), ["train", "--out", str(tmp_path)]
+    )
     assert (got, err) == (130, ["interrupted"])
 
 
@@ -124,6 +140,7 @@ def test_a_bad_flag_value_is_a_config_error(capsys: pytest.CaptureFixture[str], 
     """Raised by the commands themselves, before any work."""
     assert cli.main(["analyze", str(tmp_path), "--kinds", "weight,nonsense", "--no-progress"]) == 2
     assert capsys.readouterr().err.splitlines() == [
-        f"error: --kinds: unknown ['nonsense']; choose from {','.join(ANALYSIS_KINDS)}"]
+        f"error: --kinds: unknown ['nonsense']; choose from {','.join(ANALYSIS_KINDS)}"
+    ]
     assert cli.main(["analyze", str(tmp_path), "--workers", "0"]) == 2
     assert capsys.readouterr().err.splitlines() == ["error: --workers must be >= 1, got 0"]

@@ -24,18 +24,20 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("dynamics", "trainer")
 
 #: the maths core: functions of tensors and arrays, importing only torch, numpy, the standard library and each other.
-MATHS_CORE = frozenset({
-    "dynamics._kernels",
-    "dynamics.validation",
-    "dynamics.spectra",
-    "dynamics.metrics",
-    "dynamics.updates",
-    "dynamics.components",
-    "dynamics.activations",
-    "dynamics.heavy_tails",
-    "dynamics.noise",
-    "dynamics.subspaces",
-})
+MATHS_CORE = frozenset(
+    {
+        "dynamics._kernels",
+        "dynamics.validation",
+        "dynamics.spectra",
+        "dynamics.metrics",
+        "dynamics.updates",
+        "dynamics.components",
+        "dynamics.activations",
+        "dynamics.heavy_tails",
+        "dynamics.noise",
+        "dynamics.subspaces",
+    }
+)
 CORE_THIRD_PARTY = frozenset({"torch", "numpy"})
 
 #: trainer modules that readers of a run directory use without torch.
@@ -43,6 +45,7 @@ TORCH_FREE = ("trainer.run_format", "trainer.names", "trainer.errors", "trainer.
 
 
 # --------------------------------------------------------------------------- the graph
+
 
 @dataclass(frozen=True)
 class Import:
@@ -242,6 +245,7 @@ def graph(modules: dict[str, Path]) -> dict[str, dict[str, int]]:
 
 # --------------------------------------------------------------------------- the cycle finder itself
 
+
 def test_cycle_finder_on_a_synthetic_graph() -> None:
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a", "d"}, "d": set(), "e": {"f"}, "f": {"e"}, "g": {"a"}}
     assert find_cycles(graph) == [["a", "b", "c", "a"], ["e", "f", "e"]]
@@ -283,6 +287,7 @@ def test_deferred_type_checking_and_from_package_imports_make_cycles(tmp_path: P
 
 # --------------------------------------------------------------------------- the project's layers
 
+
 def test_the_project_modules_are_found(modules: dict[str, Path]) -> None:
     assert {"dynamics", "dynamics.cli", "dynamics.spectra", "trainer.train", "trainer.errors"} <= set(modules)
     assert MATHS_CORE <= set(modules), sorted(MATHS_CORE - set(modules))
@@ -291,7 +296,8 @@ def test_the_project_modules_are_found(modules: dict[str, Path]) -> None:
 def test_no_import_cycles_between_project_modules(graph: dict[str, dict[str, int]], modules: dict[str, Path]) -> None:
     components = cyclic_components(graph)
     assert not components, "import cycles (deferred imports included):\n" + "\n".join(
-        describe(c, graph, modules) for c in components)
+        describe(c, graph, modules) for c in components
+    )
 
 
 def test_maths_core_imports_only_torch_numpy_stdlib_and_itself(modules: dict[str, Path]) -> None:
@@ -374,8 +380,13 @@ def test_no_module_reads_a_private_name_of_another_through_its_module(modules: d
 
 
 def test_trainer_never_imports_dynamics(graph: dict[str, dict[str, int]], modules: dict[str, Path]) -> None:
-    bad = [f"{m} (line {line}) imports {t}" for m, edges in sorted(graph.items()) if m.split(".")[0] == "trainer"
-           for t, line in sorted(edges.items()) if t.split(".")[0] == "dynamics"]
+    bad = [
+        f"{m} (line {line}) imports {t}"
+        for m, edges in sorted(graph.items())
+        if m.split(".")[0] == "trainer"
+        for t, line in sorted(edges.items())
+        if t.split(".")[0] == "dynamics"
+    ]
     assert not bad, "\n".join(bad)
 
 

@@ -45,8 +45,15 @@ from trainer.runtime import (  # is_out_of_memory, release_memory: importable fr
 )
 
 __all__ = [
-    "GIB", "is_out_of_memory", "release_memory", "find_micro_batch", "split_batch", "training_model",
-    "TrainStepProbe", "BatchSizeReport", "measure_batch_size",
+    "GIB",
+    "is_out_of_memory",
+    "release_memory",
+    "find_micro_batch",
+    "split_batch",
+    "training_model",
+    "TrainStepProbe",
+    "BatchSizeReport",
+    "measure_batch_size",
 ]
 
 GIB = 2**30
@@ -123,7 +130,9 @@ def split_batch(max_micro: int, target: int) -> tuple[int, int]:
     ``batch_size=target`` with ``grad_accum=target // micro_batch`` is a valid config.
     """
     if target < 1 or max_micro < 1:
-        raise ValueError(f"split_batch: need target >= 1 and max_micro >= 1, got target={target}, max_micro={max_micro}")
+        raise ValueError(
+            f"split_batch: need target >= 1 and max_micro >= 1, got target={target}, max_micro={max_micro}"
+        )
     micro = next(d for d in range(min(max_micro, target), 0, -1) if target % d == 0)
     return micro, target // micro
 
@@ -175,7 +184,9 @@ class TrainStepProbe:
         y = rows[:, 1:].contiguous().to(self.device)  # (b, T) int64
         if self.compiled:
             torch.compiler.reset()  # no graph of another size left (this resets every compiled function of the process)
-            loss_fn = CompiledLoss(self.model.loss, dynamic=False)  # as the trainer: a compiler failure falls back to eager
+            loss_fn = CompiledLoss(
+                self.model.loss, dynamic=False
+            )  # as the trainer: a compiler failure falls back to eager
             self._run(loss_fn, x, y)
             self.compiled = loss_fn.compiled is not None
         else:
@@ -184,7 +195,9 @@ class TrainStepProbe:
             torch.cuda.synchronize(self.device)
             self.peaks[micro_batch] = torch.cuda.max_memory_allocated(self.device)
 
-    def _run(self, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> None:
+    def _run(
+        self, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor
+    ) -> None:
         """``steps`` training steps of ``loss_fn`` on ids ``x`` and targets ``y`` ``(b, T)`` int64."""
         try:
             for _ in range(self.steps):
@@ -216,8 +229,14 @@ class BatchSizeReport:
     bf16: bool
 
 
-def measure_batch_size(cfg: TrainConfig, *, target_batch: int, limit: int | None = None, device: torch.device | str = "cuda",
-                       echo: Callable[[str], None] | None = None) -> BatchSizeReport:
+def measure_batch_size(
+    cfg: TrainConfig,
+    *,
+    target_batch: int,
+    limit: int | None = None,
+    device: torch.device | str = "cuda",
+    echo: Callable[[str], None] | None = None,
+) -> BatchSizeReport:
     """Find the largest micro-batch of ``cfg`` on a CUDA ``device`` and split ``target_batch`` accordingly.
 
     ``limit`` caps the search (default ``target_batch``: larger micro-batches are
@@ -248,8 +267,16 @@ def measure_batch_size(cfg: TrainConfig, *, target_batch: int, limit: int | None
         try_step(micro)
     release_memory()
     return BatchSizeReport(
-        device_name=torch.cuda.get_device_name(device), total_bytes=torch.cuda.get_device_properties(device).total_memory,
-        seq_len=cfg.context, max_micro_batch=best, limit=limit, max_peak_bytes=probe.peaks.get(best),
-        target_batch=target_batch, micro_batch=micro, grad_accum=accum, peak_bytes=probe.peaks.get(micro),
-        compiled=probe.compiled, bf16=probe.bf16,
+        device_name=torch.cuda.get_device_name(device),
+        total_bytes=torch.cuda.get_device_properties(device).total_memory,
+        seq_len=cfg.context,
+        max_micro_batch=best,
+        limit=limit,
+        max_peak_bytes=probe.peaks.get(best),
+        target_batch=target_batch,
+        micro_batch=micro,
+        grad_accum=accum,
+        peak_bytes=probe.peaks.get(micro),
+        compiled=probe.compiled,
+        bf16=probe.bf16,
     )

@@ -36,18 +36,31 @@ __all__ = [
     "cmd_batch_size",
 ]
 
+
 def add_train(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Declare ``dynamics train``."""
-    p = sub.add_parser("train", help="train a model into a run directory",
-                       description="Train a pico-decoder full-rank or with ReLoRA. Settings: preset < --config < flags < --set.")
+    p = sub.add_parser(
+        "train",
+        help="train a model into a run directory",
+        description="Train a pico-decoder full-rank or with ReLoRA. Settings: preset < --config < flags < --set.",
+    )
     p.add_argument("--preset", choices=["micro", "tiny", "small"], help="model size (default micro)")
     p.add_argument("--method", choices=["full", "relora"], help="full-rank or ReLoRA (default full)")
     p.add_argument("--steps", type=int, help="optimizer steps")
     p.add_argument("--config", type=Path, help="YAML or JSON file of settings")
-    p.add_argument("--init-from", metavar="RUN_DIR[@STEP]",
-                   help="start from another run's dense weights (e.g. a full-rank warm start) instead of a fresh init")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a setting, dotted for sections (lr=1e-3, model.d_model=128, relora.rank=8); repeatable")
+    p.add_argument(
+        "--init-from",
+        metavar="RUN_DIR[@STEP]",
+        help="start from another run's dense weights (e.g. a full-rank warm start) instead of a fresh init",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a setting, dotted for sections (lr=1e-3, model.d_model=128, relora.rank=8); repeatable",
+    )
     p.add_argument("--out", type=Path, required=True, help="run directory to create (or continue with --resume)")
     p.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -60,9 +73,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     from trainer.runtime import threads_hint
     from trainer.train import train
 
-    cfg = build_config(preset=args.preset, file=args.config,
-                       cli={"method": args.method, "steps": args.steps, "init_from": args.init_from},
-                       overrides=args.overrides)
+    cfg = build_config(
+        preset=args.preset,
+        file=args.config,
+        cli={"method": args.method, "steps": args.steps, "init_from": args.init_from},
+        overrides=args.overrides,
+    )
     threads_hint()
     out = train(cfg, args.out, resume=args.resume, progress=not args.no_progress)
     print(f"run written to {out}")
@@ -71,12 +87,21 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def add_evaluate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Declare ``dynamics evaluate``."""
-    p = sub.add_parser("evaluate", help="validation loss/perplexity and minimal-pair accuracy per checkpoint",
-                       description="Evaluate every checkpoint of a run: validation loss and perplexity, and minimal-pair "
-                                   "accuracy per phenomenon on the built-in grammar's pairs and on BLiMP-format JSONL files.")
+    p = sub.add_parser(
+        "evaluate",
+        help="validation loss/perplexity and minimal-pair accuracy per checkpoint",
+        description="Evaluate every checkpoint of a run: validation loss and perplexity, and minimal-pair "
+        "accuracy per phenomenon on the built-in grammar's pairs and on BLiMP-format JSONL files.",
+    )
     p.add_argument("run", type=Path, help="run directory")
-    p.add_argument("--blimp", type=Path, action="append", default=[], metavar="FILE.jsonl",
-                   help="BLiMP-format minimal pairs (sentence_good, sentence_bad[, UID]); repeatable")
+    p.add_argument(
+        "--blimp",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="FILE.jsonl",
+        help="BLiMP-format minimal pairs (sentence_good, sentence_bad[, UID]); repeatable",
+    )
     p.add_argument("--steps", type=int, nargs="+", help="only these checkpoint steps")
     p.add_argument("--out", type=Path, help="write the long table here (.csv or .parquet)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -114,9 +139,12 @@ def write_table(table: pd.DataFrame, path: Path) -> None:
 
 def add_export(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Declare ``dynamics export``."""
-    p = sub.add_parser("export", help="a checkpoint as a Hugging Face LlamaForCausalLM directory",
-                       description="Write one checkpoint as config.json + model.safetensors loadable by transformers' "
-                                   "LlamaForCausalLM (ReLoRA runs: the effective weights W + s·B·A).")
+    p = sub.add_parser(
+        "export",
+        help="a checkpoint as a Hugging Face LlamaForCausalLM directory",
+        description="Write one checkpoint as config.json + model.safetensors loadable by transformers' "
+        "LlamaForCausalLM (ReLoRA runs: the effective weights W + s·B·A).",
+    )
     p.add_argument("run", type=Path, metavar="RUN_DIR", help="run directory")
     p.add_argument("out", type=Path, metavar="OUT_DIR", help="directory to create")
     p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
@@ -135,22 +163,36 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def add_batch_size(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Declare ``dynamics batch-size``."""
-    p = sub.add_parser("batch-size", help="largest micro-batch that fits on this GPU; batch_size/grad_accum for a target",
-                       description="Run real training steps of the configured model (ReLoRA-wrapped for --method relora, "
-                                   "AdamW, bf16 autocast and torch.compile as the trainer would) on the CUDA device at "
-                                   "growing micro-batches, doubling then bisecting, until memory runs out. Prints the "
-                                   "largest micro-batch with its peak memory and the batch_size/grad_accum to use for "
-                                   "--target-batch sequences per optimizer step. Needs a CUDA device.")
+    p = sub.add_parser(
+        "batch-size",
+        help="largest micro-batch that fits on this GPU; batch_size/grad_accum for a target",
+        description="Run real training steps of the configured model (ReLoRA-wrapped for --method relora, "
+        "AdamW, bf16 autocast and torch.compile as the trainer would) on the CUDA device at "
+        "growing micro-batches, doubling then bisecting, until memory runs out. Prints the "
+        "largest micro-batch with its peak memory and the batch_size/grad_accum to use for "
+        "--target-batch sequences per optimizer step. Needs a CUDA device.",
+    )
     p.add_argument("--preset", choices=["micro", "tiny", "small"], default="tiny", help="model size (default tiny)")
     p.add_argument("--method", choices=["full", "relora"], help="full-rank or ReLoRA (default full)")
-    p.add_argument("--seq-len", type=int, help="tokens per sequence (default: the model's context, 2048 for tiny/small)")
-    p.add_argument("--target-batch", type=int, default=1024,
-                   help="sequences per optimizer step to split into micro-batches (default 1024, the study's)")
+    p.add_argument(
+        "--seq-len", type=int, help="tokens per sequence (default: the model's context, 2048 for tiny/small)"
+    )
+    p.add_argument(
+        "--target-batch",
+        type=int,
+        default=1024,
+        help="sequences per optimizer step to split into micro-batches (default 1024, the study's)",
+    )
     p.add_argument("--limit", type=int, help="largest micro-batch to try (default: --target-batch)")
     p.add_argument("--config", type=Path, help="YAML or JSON file of settings")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a setting as in `dynamics train` (compile=false, relora.rank=8, precision=fp32 ...); "
-                        "repeatable")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a setting as in `dynamics train` (compile=false, relora.rank=8, precision=fp32 ...); repeatable",
+    )
     p.set_defaults(func=cmd_batch_size)
 
 
@@ -161,13 +203,19 @@ def cmd_batch_size(args: argparse.Namespace) -> int:
     from trainer.config import build_config
 
     if not torch.cuda.is_available():
-        raise ConfigError("dynamics batch-size measures GPU memory and needs a CUDA device; none is available on this "
-                          "machine (on a CPU memory is rarely the limit: keep the preset's batch_size)")
+        raise ConfigError(
+            "dynamics batch-size measures GPU memory and needs a CUDA device; none is available on this "
+            "machine (on a CPU memory is rarely the limit: keep the preset's batch_size)"
+        )
     for flag, value in (("--target-batch", args.target_batch), ("--limit", args.limit)):
         if value is not None and value < 1:
             raise ConfigError(f"{flag} must be >= 1, got {value}")
-    cfg = build_config(preset=args.preset, file=args.config, cli={"method": args.method, "seq_len": args.seq_len},
-                       overrides=args.overrides)
+    cfg = build_config(
+        preset=args.preset,
+        file=args.config,
+        cli={"method": args.method, "seq_len": args.seq_len},
+        overrides=args.overrides,
+    )
     from trainer.batch_size import GIB, measure_batch_size
     from trainer.runtime import resolve_device
 
@@ -178,13 +226,17 @@ def cmd_batch_size(args: argparse.Namespace) -> int:
     def echo(msg: str) -> None:
         print(f"  {msg}", file=sys.stderr, flush=True)
 
-    print(f"trying micro-batches of {cfg.preset} {cfg.method} ({cfg.context} tokens per sequence) on {device}:",
-          file=sys.stderr, flush=True)
+    print(
+        f"trying micro-batches of {cfg.preset} {cfg.method} ({cfg.context} tokens per sequence) on {device}:",
+        file=sys.stderr,
+        flush=True,
+    )
     try:
         r = measure_batch_size(cfg, target_batch=args.target_batch, limit=args.limit, device=device, echo=echo)
     except MemoryError as e:
         print(f"error: {e}; try a shorter --seq-len", file=sys.stderr)
         return 1
+
     def gib(n_bytes: int | None) -> str:
         return "?" if n_bytes is None else f"{n_bytes / GIB:.2f}"
 
@@ -192,6 +244,8 @@ def cmd_batch_size(args: argparse.Namespace) -> int:
     capped = " (the search limit; more may fit: raise --limit)" if r.max_micro_batch == r.limit else ""
     print(f"{r.device_name}, {r.total_bytes / GIB:.1f} GiB; {cfg.preset} {cfg.method}, seq_len {r.seq_len}, {mode}")
     print(f"largest micro-batch: {r.max_micro_batch} sequences{capped}, peak {gib(r.max_peak_bytes)} GiB allocated")
-    print(f"for {r.target_batch} sequences per step: --set batch_size={r.target_batch} --set grad_accum={r.grad_accum} "
-          f"(micro-batch {r.micro_batch}, peak {gib(r.peak_bytes)} GiB allocated)")
+    print(
+        f"for {r.target_batch} sequences per step: --set batch_size={r.target_batch} --set grad_accum={r.grad_accum} "
+        f"(micro-batch {r.micro_batch}, peak {gib(r.peak_bytes)} GiB allocated)"
+    )
     return 0

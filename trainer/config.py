@@ -41,7 +41,9 @@ class ModelConfig:
     init_std: float = 0.02
 
     def problems(self) -> list[str]:
-        p = _positive(self, "model.", ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_mlp", "max_seq_len"))
+        p = _positive(
+            self, "model.", ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_mlp", "max_seq_len")
+        )
         if self.n_heads > 0 and self.d_model % self.n_heads:
             p.append(f"model.n_heads={self.n_heads} must divide model.d_model={self.d_model}")
         elif self.n_heads > 0 and (self.d_model // self.n_heads) % 2:
@@ -153,8 +155,10 @@ class ReLoRAConfig:
             if v is not None and v <= 0:
                 p.append(f"relora.{attr} must be > 0, got {v}")
         if self.lr_restart_warmup < 0 or self.lr_restart_warmup >= self.lr_restart_period:
-            p.append(f"relora.lr_restart_warmup={self.lr_restart_warmup} must be in "
-                     f"[0, lr restart period {self.lr_restart_period})")
+            p.append(
+                f"relora.lr_restart_warmup={self.lr_restart_warmup} must be in "
+                f"[0, lr restart period {self.lr_restart_period})"
+            )
         if self.optimizer_reset not in OPTIMIZER_RESETS:
             p.append(f"relora.optimizer_reset must be one of {list(OPTIMIZER_RESETS)}, got {self.optimizer_reset!r}")
         r = self.optimizer_reset_ratio
@@ -231,7 +235,9 @@ class CaptureConfig:
             p.append(f"capture.compression_level must be in [0, 9], got {self.compression_level}")
         for attr in ("act_names", "grad_names"):
             if not all(isinstance(g, str) and g for g in getattr(self, attr)):
-                p.append(f"capture.{attr} must be a list of non-empty globs (e.g. [layers.*.attn.q]), got {list(getattr(self, attr))}")
+                p.append(
+                    f"capture.{attr} must be a list of non-empty globs (e.g. [layers.*.attn.q]), got {list(getattr(self, attr))}"
+                )
         if self.seed < 0:
             p.append(f"capture.seed must be >= 0, got {self.seed}")
         return p
@@ -317,7 +323,9 @@ class TrainConfig:
         every = self.capture.every
         if every is not None and every > 0 and self.checkpoint_interval > 0 and every % self.checkpoint_interval:
             p.append(f"capture.every={every} must be a multiple of checkpoint_interval={self.checkpoint_interval}")
-        p += _positive(self, "", ("steps", "batch_size", "grad_accum", "eval_batches", "eval_interval", "checkpoint_interval"))
+        p += _positive(
+            self, "", ("steps", "batch_size", "grad_accum", "eval_batches", "eval_interval", "checkpoint_interval")
+        )
         if self.grad_accum > 0 and self.batch_size % self.grad_accum:
             p.append(f"batch_size={self.batch_size} must be divisible by grad_accum={self.grad_accum}")
         if self.seq_len is not None and not 0 < self.seq_len <= self.model.max_seq_len:
@@ -401,8 +409,9 @@ def _renamed(data: Mapping[str, Any], where: str, problems: list[str]) -> dict[s
         settings = dict(settings)
         value = settings.pop(old_leaf)
         if new_leaf in settings and settings[new_leaf] != value:
-            problems.append(f"{where} sets both {old}={value!r} (its old name) and {new}={settings[new_leaf]!r}; "
-                            f"keep {new} only")
+            problems.append(
+                f"{where} sets both {old}={value!r} (its old name) and {new}={settings[new_leaf]!r}; keep {new} only"
+            )
         else:
             settings[new_leaf] = value
         out[section] = settings
@@ -456,7 +465,9 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     try:
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (ValueError, yaml.YAMLError) as e:
-        raise ConfigError(f"config file {str(path)!r} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {str(e).splitlines()[0]}") from None
+        raise ConfigError(
+            f"config file {str(path)!r} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {str(e).splitlines()[0]}"
+        ) from None
     if data is None:
         return {}
     if not isinstance(data, dict):

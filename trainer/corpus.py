@@ -488,6 +488,7 @@ class GrammarCorpus:
         self._d_prep = _Dist(np.array(prep_ids), _zipf(len(preps), cfg.zipf_exponent))
         self._d_det_sg = _Dist(np.array([det_ids[d] for d in _DET_P_SG]), np.array(list(_DET_P_SG.values())))
         self._d_det_pl = _Dist(np.array([det_ids[d] for d in _DET_P_PL]), np.array(list(_DET_P_PL.values())))
+
         # Number-marked determiners only (the determiner minimal pairs need one).
         def marked(table: dict[str, float]) -> _Dist:
             dets = [d for d in table if d != "the"]
@@ -517,7 +518,6 @@ class GrammarCorpus:
     def vocab_size(self) -> int:
         """Number of token ids (``len(vocab)``); 482 for the default config."""
         return len(self.vocab)
-
 
     def encode(self, text: str) -> list[int]:
         """Token ids of a whitespace-separated string; unknown words map to ``<unk>`` (id 1)."""

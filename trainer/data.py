@@ -210,11 +210,16 @@ def train_micro_batch(
     stream: np.ndarray, *, seed: int, step: int, micro: int, batch_size: int, grad_accum: int, seq_len: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Micro-batch ``micro`` (of ``grad_accum``) of optimizer step ``step``: inputs, targets ``(b, seq_len)`` int64."""
-    return split_rows(train_micro_rows(stream, seed=seed, step=step, micro=micro, batch_size=batch_size,
-                                       grad_accum=grad_accum, seq_len=seq_len))
+    return split_rows(
+        train_micro_rows(
+            stream, seed=seed, step=step, micro=micro, batch_size=batch_size, grad_accum=grad_accum, seq_len=seq_len
+        )
+    )
 
 
-def validation_batches(stream: np.ndarray, *, n_batches: int, batch_size: int, seq_len: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def validation_batches(
+    stream: np.ndarray, *, n_batches: int, batch_size: int, seq_len: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The fixed validation set: the first ``n_batches · batch_size`` windows, in order (fewer if the stream is short)."""
     n = n_windows(stream, seq_len)
     ids = np.arange(min(n, n_batches * batch_size))

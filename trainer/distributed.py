@@ -64,7 +64,7 @@ class DistContext:
         if not self.enabled:
             return x
         n = x.shape[0] // self.world_size
-        return x[self.rank * n:(self.rank + 1) * n]
+        return x[self.rank * n : (self.rank + 1) * n]
 
     def average_gradients(self, params: list[torch.Tensor]) -> None:
         """Replace each ``p.grad`` by its mean over ranks (one all-reduce of a flat buffer)."""
@@ -78,7 +78,7 @@ class DistContext:
         flat /= self.world_size
         offset = 0
         for g in grads:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
             offset += g.numel()
 
     def mean(self, value: torch.Tensor) -> torch.Tensor:
@@ -98,8 +98,13 @@ class DistContext:
         """
         if not self.enabled:
             return True
-        local = torch.stack([torch.stack([t.detach().double().sum(), t.detach().double().square().sum()])
-                             for t in tensors]).reshape(-1).cpu() if tensors else torch.zeros(1, dtype=torch.float64)
+        local = (
+            torch.stack([torch.stack([t.detach().double().sum(), t.detach().double().square().sum()]) for t in tensors])
+            .reshape(-1)
+            .cpu()
+            if tensors
+            else torch.zeros(1, dtype=torch.float64)
+        )
         gathered = [torch.empty_like(local) for _ in range(self.world_size)]
         if dist.get_backend() == "nccl":
             local_dev = local.cuda()

@@ -69,18 +69,30 @@ def load_minimal_pairs(path: str | Path) -> list[dict]:
             rec = json.loads(line)
         except ValueError:
             raise EvaluationError(f"{path}:{n}: not valid JSON") from None
-        if not isinstance(rec, dict) or not isinstance(rec.get("sentence_good"), str) or not isinstance(rec.get("sentence_bad"), str):
+        if (
+            not isinstance(rec, dict)
+            or not isinstance(rec.get("sentence_good"), str)
+            or not isinstance(rec.get("sentence_bad"), str)
+        ):
             raise EvaluationError(f"{path}:{n}: expected an object with string fields sentence_good and sentence_bad")
         phenomenon = rec.get("UID") or rec.get("linguistics_term") or path.stem
-        pairs.append({"sentence_good": rec["sentence_good"], "sentence_bad": rec["sentence_bad"], "phenomenon": str(phenomenon)})
+        pairs.append(
+            {"sentence_good": rec["sentence_good"], "sentence_bad": rec["sentence_bad"], "phenomenon": str(phenomenon)}
+        )
     if not pairs:
         raise EvaluationError(f"{path} holds no minimal pairs")
     return pairs
 
 
 @torch.no_grad()
-def sentence_logprobs(model: torch.nn.Module, sentences: Sequence[list[int]], *, bos_id: int,
-                      device: torch.device | str = "cpu", batch_size: int = 64) -> list[float]:
+def sentence_logprobs(
+    model: torch.nn.Module,
+    sentences: Sequence[list[int]],
+    *,
+    bos_id: int,
+    device: torch.device | str = "cpu",
+    batch_size: int = 64,
+) -> list[float]:
     """Total log-probability (nats) of each token sequence under ``model``, each prefixed with ``bos_id``.
 
     Sequences are right-padded within a batch; padding never influences the
@@ -107,8 +119,9 @@ def sentence_logprobs(model: torch.nn.Module, sentences: Sequence[list[int]], *,
     return out
 
 
-def minimal_pair_accuracy(model: torch.nn.Module, pairs: Iterable[dict], tokenizer: Tokenizer, *,
-                          device: torch.device | str = "cpu") -> dict[str, float]:
+def minimal_pair_accuracy(
+    model: torch.nn.Module, pairs: Iterable[dict], tokenizer: Tokenizer, *, device: torch.device | str = "cpu"
+) -> dict[str, float]:
     """Fraction of pairs where the good sentence scores higher, per phenomenon, plus ``"overall"``."""
     pairs = list(pairs)
     good = [tokenizer.encode(p["sentence_good"]) for p in pairs]
@@ -140,9 +153,15 @@ def perplexity(loss: float) -> float:
         return math.inf
 
 
-def evaluate_run(run_dir: str | Path, *, blimp: Sequence[str | Path] = (), steps: Sequence[int] | None = None,
-                 n_builtin_pairs: int = 1000, device: str | torch.device = "cpu",
-                 progress: bool = True) -> pd.DataFrame:
+def evaluate_run(
+    run_dir: str | Path,
+    *,
+    blimp: Sequence[str | Path] = (),
+    steps: Sequence[int] | None = None,
+    n_builtin_pairs: int = 1000,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> pd.DataFrame:
     """Evaluate every checkpoint (or ``steps``) of a run.
 
     Returns a long table with columns ``step, tokens_seen, metric, phenomenon, value``:
@@ -162,7 +181,9 @@ def evaluate_run(run_dir: str | Path, *, blimp: Sequence[str | Path] = (), steps
     cfg = config_from_dict({**manifest["config"], "init_from": None})
     meta = json.loads((run_dir / "data" / "data.json").read_text())
     streams = prepare(cfg.data, run_dir / "data")
-    val = validation_batches(streams.val, n_batches=cfg.eval_batches, batch_size=cfg.micro_batch_size, seq_len=cfg.context)
+    val = validation_batches(
+        streams.val, n_batches=cfg.eval_batches, batch_size=cfg.micro_batch_size, seq_len=cfg.context
+    )
     pair_sets: dict[str, list[dict]] = {}
     builtin = builtin_pairs(meta, n=n_builtin_pairs)
     if builtin is not None:
@@ -170,10 +191,14 @@ def evaluate_run(run_dir: str | Path, *, blimp: Sequence[str | Path] = (), steps
     for path in blimp:
         pair_sets[Path(path).stem] = load_minimal_pairs(path)
     tokenizer = tokenizer_for(meta) if pair_sets else None
-    entries = manifest["checkpoints"] if steps is None else [c for c in manifest["checkpoints"] if c["step"] in set(steps)]
+    entries = (
+        manifest["checkpoints"] if steps is None else [c for c in manifest["checkpoints"] if c["step"] in set(steps)]
+    )
     if steps is not None and len(entries) != len(set(steps)):
         have = [c["step"] for c in manifest["checkpoints"]]
-        raise EvaluationError(f"{run_dir} has no checkpoint at step(s) {sorted(set(steps) - set(have))}; available: {have}")
+        raise EvaluationError(
+            f"{run_dir} has no checkpoint at step(s) {sorted(set(steps) - set(have))}; available: {have}"
+        )
     rows = []
     for entry in tqdm(entries, desc=f"evaluate {run_dir.name}", disable=not progress, unit="ckpt"):
         model = load_model(run_dir, entry["step"], device=device)
@@ -181,8 +206,10 @@ def evaluate_run(run_dir: str | Path, *, blimp: Sequence[str | Path] = (), steps
             total = sum(float(model.loss(x.to(device), y.to(device))) * x.numel() for x, y in val)
         loss = total / sum(x.numel() for x, _ in val)
         base = {"step": entry["step"], "tokens_seen": entry["tokens_seen"]}
-        rows += [{**base, "metric": "val_loss", "phenomenon": None, "source": "validation", "value": loss},
-                 {**base, "metric": "val_ppl", "phenomenon": None, "source": "validation", "value": perplexity(loss)}]
+        rows += [
+            {**base, "metric": "val_loss", "phenomenon": None, "source": "validation", "value": loss},
+            {**base, "metric": "val_ppl", "phenomenon": None, "source": "validation", "value": perplexity(loss)},
+        ]
         for source, pairs in pair_sets.items():
             assert tokenizer is not None  # made whenever there are pairs
             for phenomenon, acc in minimal_pair_accuracy(model, pairs, tokenizer, device=device).items():

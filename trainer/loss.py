@@ -38,8 +38,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """Mean cross-entropy of ``hidden @ weightᵀ`` against ``targets``, gradients formed chunk by chunk in forward."""
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int,
-                compute_dtype: torch.dtype, want_grad: bool) -> torch.Tensor:
+    def forward(
+        ctx,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        targets: torch.Tensor,
+        chunk: int,
+        compute_dtype: torch.dtype,
+        want_grad: bool,
+    ) -> torch.Tensor:
         # hidden (N, D), weight (V, D), targets (N,) int64, all on one device; the products run in compute_dtype
         n_tokens = hidden.shape[0]
         hidden_dtype = hidden.dtype
@@ -84,8 +91,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return grad_hidden * scale, grad_weight * scale.to(grad_weight.dtype), None, None, None, None
 
 
-def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
-                         chunk_tokens: int | None = None) -> torch.Tensor:
+def linear_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *, chunk_tokens: int | None = None
+) -> torch.Tensor:
     """Mean next-token cross-entropy (nats) of logits ``hidden @ weightᵀ``, never holding more than one chunk of logits.
 
     Args:
@@ -100,8 +108,10 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
         ``F.cross_entropy((hidden @ weight.T).float(), targets)`` up to float32 rounding.
     """
     if hidden.ndim != 2 or weight.ndim != 2 or hidden.shape[1] != weight.shape[1]:
-        raise ValueError(f"linear_cross_entropy expects hidden (N, D) and weight (V, D); got {tuple(hidden.shape)} "
-                         f"and {tuple(weight.shape)}")
+        raise ValueError(
+            f"linear_cross_entropy expects hidden (N, D) and weight (V, D); got {tuple(hidden.shape)} "
+            f"and {tuple(weight.shape)}"
+        )
     if targets.shape != hidden.shape[:1]:
         raise ValueError(f"targets must be (N,) = ({hidden.shape[0]},), got {tuple(targets.shape)}")
     if hidden.shape[0] == 0:

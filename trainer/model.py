@@ -77,8 +77,9 @@ class Attention(nn.Module):
         v = self.v(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, G, T, Hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         # query head h reads KV head h // (H / G); SDPA does the grouping without copying K and V H/G times
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                           enable_gqa=self.n_heads != self.n_kv_heads)  # (B, H, T, Hd)
+        y = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, enable_gqa=self.n_heads != self.n_kv_heads
+        )  # (B, H, T, Hd)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H*Hd)
         return self.o(y)  # (B, T, D)
 
@@ -169,8 +170,9 @@ class Decoder(nn.Module):
         if self.loss_chunk_tokens == 0:
             logits = self.lm_head(h)
             return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
-        return linear_cross_entropy(h.reshape(-1, h.shape[-1]), self.lm_head.weight, targets.reshape(-1),
-                                    chunk_tokens=self.loss_chunk_tokens)
+        return linear_cross_entropy(
+            h.reshape(-1, h.shape[-1]), self.lm_head.weight, targets.reshape(-1), chunk_tokens=self.loss_chunk_tokens
+        )
 
 
 def count_parameters(model: nn.Module, *, trainable_only: bool = False) -> int:

@@ -28,8 +28,9 @@ _POLL_S = 0.1  # how often a blocked worker checks whether it was told to stop
 class Prefetcher(Generic[K, T]):
     """``get(key)`` returns ``make(key)``; with ``depth > 0`` the following keys are made ahead in a thread."""
 
-    def __init__(self, make: Callable[[K], T], successor: Callable[[K], K], *, depth: int = 2,
-                 name: str = "prefetch") -> None:
+    def __init__(
+        self, make: Callable[[K], T], successor: Callable[[K], K], *, depth: int = 2, name: str = "prefetch"
+    ) -> None:
         if depth < 0:
             raise ValueError(f"depth must be >= 0, got {depth}")
         self.make, self.successor, self.depth, self.name = make, successor, depth, name
@@ -57,8 +58,9 @@ class Prefetcher(Generic[K, T]):
         self.close()
         self._queue = queue.Queue(maxsize=self.depth)
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._work, args=(key, self._queue, self._stop),
-                                        name=self.name, daemon=True)
+        self._thread = threading.Thread(
+            target=self._work, args=(key, self._queue, self._stop), name=self.name, daemon=True
+        )
         self._thread.start()
 
     def _work(self, key: K, out: queue.Queue[tuple[K, T | None, BaseException | None]], stop: threading.Event) -> None:

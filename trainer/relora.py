@@ -36,7 +36,9 @@ class ReLoRALinear(nn.Module):
         super().__init__()
         out_features, in_features = base.weight.shape
         if rank > min(out_features, in_features):
-            raise ValueError(f"ReLoRA rank {rank} exceeds min(out, in) = {min(out_features, in_features)} of a {out_features}×{in_features} matrix")
+            raise ValueError(
+                f"ReLoRA rank {rank} exceeds min(out, in) = {min(out_features, in_features)} of a {out_features}×{in_features} matrix"
+            )
         self.in_features, self.out_features = in_features, out_features
         self.rank, self.scale = rank, alpha / rank
         self.weight = nn.Parameter(base.weight.detach().clone(), requires_grad=False)  # (out, in), frozen
@@ -91,7 +93,11 @@ def wrap_model(model: nn.Module, cfg: ReLoRAConfig, generator: torch.Generator) 
         leaf = name.rsplit(".", 1)[-1]
         if isinstance(module, nn.Linear) and leaf in cfg.targets and name.startswith("layers."):
             parent = model.get_submodule(name.rsplit(".", 1)[0])
-            setattr(parent, leaf, ReLoRALinear(module, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, generator=generator))
+            setattr(
+                parent,
+                leaf,
+                ReLoRALinear(module, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, generator=generator),
+            )
             wrapped.append(name)
     return wrapped
 
@@ -142,8 +148,9 @@ def lora_parameters(model: nn.Module) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def prune_optimizer_state(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], *, mode: str, ratio: float,
-                          generator: torch.Generator) -> dict[str, float]:
+def prune_optimizer_state(
+    optimizer: torch.optim.Optimizer, params: list[torch.Tensor], *, mode: str, ratio: float, generator: torch.Generator
+) -> dict[str, float]:
     """The optimizer reset: zero a fraction of Adam's ``exp_avg``/``exp_avg_sq`` for ``params``, in place.
 
     The step counter is kept.

@@ -22,19 +22,42 @@ sha256. This module imports no torch: the trainer and ``dynamics`` both use it.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from trainer.atomic import inside, sha256_file
 from trainer.names import ATTN_PROJS, MLP_PROJS
 
 __all__ = [
-    "MANIFEST", "METRICS", "DATA_DIR", "DATA_META", "CHECKPOINTS_DIR", "MODEL_FILE", "ADAPTERS_FILE",
-    "OPTIMIZER_FILE", "RNG_FILE", "STATE_FILE", "DYNAMICS_DIR", "RUN_SCHEMA_VERSION", "CAPTURE_SCHEMA_VERSION",
-    "CAPTURE_KINDS", "RESULTS_COLUMNS", "SPECTRA_COLUMNS", "step_dirname", "parse_step_dirname",
-    "checkpoint_relpath", "capture_relpath", "hf_key", "canonical_key", "Wrapped", "wrapped_matrices",
-    "projection_name", "file_problem", "checkpoint_file_problems",
+    "MANIFEST",
+    "METRICS",
+    "DATA_DIR",
+    "DATA_META",
+    "CHECKPOINTS_DIR",
+    "MODEL_FILE",
+    "ADAPTERS_FILE",
+    "OPTIMIZER_FILE",
+    "RNG_FILE",
+    "STATE_FILE",
+    "DYNAMICS_DIR",
+    "RUN_SCHEMA_VERSION",
+    "CAPTURE_SCHEMA_VERSION",
+    "CAPTURE_KINDS",
+    "RESULTS_COLUMNS",
+    "SPECTRA_COLUMNS",
+    "step_dirname",
+    "parse_step_dirname",
+    "checkpoint_relpath",
+    "capture_relpath",
+    "hf_key",
+    "canonical_key",
+    "Wrapped",
+    "wrapped_matrices",
+    "projection_name",
+    "file_problem",
+    "checkpoint_file_problems",
 ]
 
 # -- file and directory names ------------------------------------------------------------------------
@@ -96,8 +119,11 @@ _HF_LAYER = {
     **{f"attn.{p}": f"self_attn.{p}_proj" for p in ATTN_PROJS},
     **{f"mlp.{p}": f"mlp.{p}_proj" for p in MLP_PROJS},
 }
-_HF_TOP = {"embed.weight": "model.embed_tokens.weight", "final_norm.weight": "model.norm.weight",
-           "lm_head.weight": "lm_head.weight"}
+_HF_TOP = {
+    "embed.weight": "model.embed_tokens.weight",
+    "final_norm.weight": "model.norm.weight",
+    "lm_head.weight": "lm_head.weight",
+}
 _FROM_HF_LAYER = {v: k for k, v in _HF_LAYER.items()}
 _FROM_HF_TOP = {v: k for k, v in _HF_TOP.items()}
 _OUR_LAYER_KEY = re.compile(r"layers\.(\d+)\.(.+)\.weight")
@@ -153,8 +179,7 @@ class Wrapped:
     def wraps(self, name: str) -> bool:
         """Whether canonical matrix ``name`` (``layers.3.attn.q``) is one of the wrapped ones."""
         parts = name.split(".")
-        return (len(parts) == 4 and parts[0] == "layers" and parts[2] in ("attn", "mlp")
-                and parts[3] in self.targets)
+        return len(parts) == 4 and parts[0] == "layers" and parts[2] in ("attn", "mlp") and parts[3] in self.targets
 
 
 def projection_name(layer: int, leaf: str) -> str:
@@ -183,8 +208,10 @@ def wrapped_matrices(config: Mapping[str, Any]) -> Wrapped:
     targets, rank, alpha = relora.get("targets"), relora.get("rank"), relora.get("alpha")
     known = (*ATTN_PROJS, *MLP_PROJS)
     if not isinstance(targets, (list, tuple)) or not targets or any(t not in known for t in targets):
-        raise ValueError(f"the run's config has no valid relora.targets (got {targets!r}); "
-                         f"expected a non-empty subset of {list(known)}")
+        raise ValueError(
+            f"the run's config has no valid relora.targets (got {targets!r}); "
+            f"expected a non-empty subset of {list(known)}"
+        )
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise ValueError(f"the run's config has no valid relora.rank (got {rank!r})")
     scale = float(alpha) / rank if isinstance(alpha, (int, float)) and not isinstance(alpha, bool) else None
@@ -206,8 +233,9 @@ def file_problem(path: Path, digest: str | None) -> str | None:
     return None
 
 
-def checkpoint_file_problems(run_dir: str | Path, entry: Mapping[str, Any], *, files: Iterable[str] | None = None,
-                             capture: bool = False) -> list[tuple[Path, str]]:
+def checkpoint_file_problems(
+    run_dir: str | Path, entry: Mapping[str, Any], *, files: Iterable[str] | None = None, capture: bool = False
+) -> list[tuple[Path, str]]:
     """Check a checkpoint's files against its manifest entry; ``[(path, problem), ...]``, empty when intact.
 
     ``files`` limits the check to these checkpoint file names (those the entry

@@ -32,8 +32,18 @@ from trainer.errors import ConfigError
 from trainer.schedule import constant_factor, cosine_factor, jagged_cosine_factor, linear_factor
 
 __all__ = [
-    "resolve_device", "threads_hint", "uses_bf16", "autocast_for", "set_tf32", "uses_compile", "CompiledLoss",
-    "training_loss", "is_out_of_memory", "release_memory", "build_optimizer", "lr_at",
+    "resolve_device",
+    "threads_hint",
+    "uses_bf16",
+    "autocast_for",
+    "set_tf32",
+    "uses_compile",
+    "CompiledLoss",
+    "training_loss",
+    "is_out_of_memory",
+    "release_memory",
+    "build_optimizer",
+    "lr_at",
 ]
 
 #: A loss function of token ids and targets ``(b, T)`` int64 → a 0-d float tensor (nats/token).
@@ -115,8 +125,10 @@ class CompiledLoss:
                     raise
                 self.compiled = None
                 first = (str(e).strip().splitlines() or [""])[0][:200]
-                warnings.warn(f"torch.compile failed ({type(e).__name__}: {first}); training continues without compile",
-                              stacklevel=2)
+                warnings.warn(
+                    f"torch.compile failed ({type(e).__name__}: {first}); training continues without compile",
+                    stacklevel=2,
+                )
         return self.eager(*args)
 
 
@@ -168,7 +180,8 @@ def lr_at(cfg: TrainConfig, t: int) -> float:
     kw: dict[str, Any] = dict(total=cfg.steps, warmup=cfg.warmup, min_ratio=cfg.min_lr_ratio)
     if cfg.method == "relora":
         r = cfg.relora
-        return cfg.lr * jagged_cosine_factor(t, lr_restart_every=r.lr_restart_period,
-                                             lr_restart_warmup=r.lr_restart_warmup, **kw)
+        return cfg.lr * jagged_cosine_factor(
+            t, lr_restart_every=r.lr_restart_period, lr_restart_warmup=r.lr_restart_warmup, **kw
+        )
     factor = {"cosine": cosine_factor, "linear": linear_factor, "constant": constant_factor}[cfg.schedule]
     return cfg.lr * factor(t, **kw)

@@ -24,8 +24,9 @@ def linear_factor(t: int, *, total: int, warmup: int, min_ratio: float) -> float
     return 1 - (1 - min_ratio) * progress
 
 
-def jagged_cosine_factor(t: int, *, total: int, warmup: int, lr_restart_every: int, lr_restart_warmup: int,
-                         min_ratio: float) -> float:
+def jagged_cosine_factor(
+    t: int, *, total: int, warmup: int, lr_restart_every: int, lr_restart_warmup: int, min_ratio: float
+) -> float:
     """ReLoRA's cosine with lr restarts (SPEC §3).
 
     With ``c(t) = m + (1 − m)·½(1 + cos(π (t − W0)/(T − W0)))``, lr restart

@@ -58,10 +58,22 @@ from trainer.runtime import (  # importable from here as before (trainer.train.r
 )
 
 __all__ = [
-    "Trainer", "train", "RESUME_MUTABLE", "memory_footprint", "global_norm", "JsonlLog", "truncate_log",
+    "Trainer",
+    "train",
+    "RESUME_MUTABLE",
+    "memory_footprint",
+    "global_norm",
+    "JsonlLog",
+    "truncate_log",
     "TrainingError",
     # re-exported from trainer.runtime
-    "resolve_device", "threads_hint", "uses_bf16", "uses_compile", "CompiledLoss", "build_optimizer", "lr_at",
+    "resolve_device",
+    "threads_hint",
+    "uses_bf16",
+    "uses_compile",
+    "CompiledLoss",
+    "build_optimizer",
+    "lr_at",
 ]
 
 
@@ -83,8 +95,12 @@ def memory_footprint(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict
     params = sum(p.numel() * p.element_size() for p in model.parameters())
     trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     optimized = sum(p.numel() * p.element_size() for g in optimizer.param_groups for p in g["params"])
-    return {"param_bytes": params, "trainable_bytes": trainable, "grad_bytes": trainable,
-            "optimizer_state_bytes": 2 * optimized}
+    return {
+        "param_bytes": params,
+        "trainable_bytes": trainable,
+        "grad_bytes": trainable,
+        "optimizer_state_bytes": 2 * optimized,
+    }
 
 
 class JsonlLog:
@@ -118,15 +134,32 @@ def truncate_log(path: Path, last_step: int) -> None:
 
 
 #: Top-level settings that may differ on resume without changing what is computed.
-RESUME_MUTABLE = ("steps", "eval_interval", "eval_batches", "checkpoint_interval", "device", "precision", "compile",
-                  "tf32", "loss_chunk_tokens", "prefetch")
+RESUME_MUTABLE = (
+    "steps",
+    "eval_interval",
+    "eval_batches",
+    "checkpoint_interval",
+    "device",
+    "precision",
+    "compile",
+    "tf32",
+    "loss_chunk_tokens",
+    "prefetch",
+)
 
 
 class Trainer:
     """Runs one training job into ``run_dir``. Use :func:`train` for the common case."""
 
-    def __init__(self, cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, progress: bool = True,
-                 echo: Callable[[str], None] = print) -> None:
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        run_dir: str | Path,
+        *,
+        resume: bool = False,
+        progress: bool = True,
+        echo: Callable[[str], None] = print,
+    ) -> None:
         self.cfg = cfg.validate()
         self.run_dir = Path(run_dir)
         self.resume = resume
@@ -152,14 +185,18 @@ class Trainer:
             if self.device.type == "cuda":
                 self.device = torch.device("cuda", self.dist.local_rank)
             if cfg.micro_batch_size % self.dist.world_size:
-                raise ConfigError(f"batch_size/grad_accum={cfg.micro_batch_size} must be divisible by the number of "
-                                  f"processes ({self.dist.world_size})")
+                raise ConfigError(
+                    f"batch_size/grad_accum={cfg.micro_batch_size} must be divisible by the number of "
+                    f"processes ({self.dist.world_size})"
+                )
             if not self.dist.is_main:
                 self.echo = lambda msg: None
         manifest = None
         if (self.run_dir / MANIFEST).exists():
             if not self.resume:
-                raise ConfigError(f"{self.run_dir} already holds a run; pass --resume to continue it or choose another --out")
+                raise ConfigError(
+                    f"{self.run_dir} already holds a run; pass --resume to continue it or choose another --out"
+                )
             manifest = ckpt.read_manifest(self.run_dir)
             cfg = self.cfg = self._reconcile(manifest)
         elif self.run_dir.exists() and any(self.run_dir.iterdir()) and not self.resume:
@@ -182,7 +219,9 @@ class Trainer:
             )
         for split, stream in (("train", self.data.train), ("val", self.data.val)):
             if len(stream) < cfg.context + 1:
-                raise ConfigError(f"the {split} split has {len(stream)} tokens, fewer than one sequence of seq_len+1={cfg.context + 1}")
+                raise ConfigError(
+                    f"the {split} split has {len(stream)} tokens, fewer than one sequence of seq_len+1={cfg.context + 1}"
+                )
 
         set_tf32(cfg, self.device)
         torch.manual_seed(cfg.seed)
@@ -200,8 +239,9 @@ class Trainer:
         self.batches = Prefetcher(self._micro_rows, self._next_micro, depth=cfg.prefetch, name="trainer-prefetch")
         self._echo_memory()
         self.eval_pairs = builtin_pairs(self.data.meta, n=200)
-        self.val_batches = validation_batches(self.data.val, n_batches=cfg.eval_batches,
-                                              batch_size=cfg.micro_batch_size, seq_len=cfg.context)
+        self.val_batches = validation_batches(
+            self.data.val, n_batches=cfg.eval_batches, batch_size=cfg.micro_batch_size, seq_len=cfg.context
+        )
         # the fixed probe set; None when capture.enabled is false, and on ranks other than 0
         if self.dist.is_main:
             self.capturer = Capturer.for_run(cfg, self.data.train, self.data.val, self.run_dir)
@@ -232,10 +272,15 @@ class Trainer:
         mutable = {k: asked[k] for k in diffs if k in RESUME_MUTABLE}
         ignored = [k for k in diffs if k not in RESUME_MUTABLE and k != "preset"]
         if ignored:
-            warnings.warn(f"resuming {self.run_dir}: keeping the run's stored {', '.join(ignored)} (the new values are ignored)",
-                          stacklevel=3)
+            warnings.warn(
+                f"resuming {self.run_dir}: keeping the run's stored {', '.join(ignored)} (the new values are ignored)",
+                stacklevel=3,
+            )
         if mutable:
-            warnings.warn(f"resuming {self.run_dir} with changed {', '.join(f'{k}={v}' for k, v in mutable.items())}", stacklevel=3)
+            warnings.warn(
+                f"resuming {self.run_dir} with changed {', '.join(f'{k}={v}' for k, v in mutable.items())}",
+                stacklevel=3,
+            )
         return config_from_dict({**kept, **mutable})
 
     def _init_from(self, spec: str) -> None:
@@ -266,7 +311,9 @@ class Trainer:
             weights.update(payload.adapters)
         missing, unexpected = self.model.load_state_dict(weights, strict=False)
         if missing or unexpected:
-            raise CheckpointError(f"checkpoint does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+            raise CheckpointError(
+                f"checkpoint does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
         self.optimizer.load_state_dict(payload.optimizer)
         torch.set_rng_state(payload.rng["torch"])
         if self.device.type == "cuda" and "cuda" in payload.rng:
@@ -306,7 +353,9 @@ class Trainer:
         grads = [p.grad for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
         if cfg.grad_clip is not None:
             grad_norm = torch.nn.utils.clip_grad_norm_(
-                [p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None], cfg.grad_clip)
+                [p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None],
+                cfg.grad_clip,
+            )
         else:
             grad_norm = global_norm(grads)
         # one host sync per step, for both numbers (the loss must be checked before the update)
@@ -321,8 +370,13 @@ class Trainer:
         self.step = t + 1
         self.tokens_seen += cfg.tokens_per_step
         self.last_loss = loss_value
-        record = {"step": self.step, "loss": loss_value, "lr": lr, "grad_norm": norm_value,
-                  "tokens_seen": self.tokens_seen}
+        record = {
+            "step": self.step,
+            "loss": loss_value,
+            "lr": lr,
+            "grad_norm": norm_value,
+            "tokens_seen": self.tokens_seen,
+        }
         if cfg.method == "relora" and self.wrapped:
             record.update(self._relora_events(t))
         return record
@@ -331,8 +385,15 @@ class Trainer:
         """This rank's windows ``(b, seq_len + 1)`` int64 of micro-batch ``key = (step, micro)``; pinned on CUDA."""
         cfg = self.cfg
         step, micro = key
-        rows = train_micro_rows(self.data.train, seed=cfg.seed, step=step, micro=micro, batch_size=cfg.batch_size,
-                                grad_accum=cfg.grad_accum, seq_len=cfg.context)
+        rows = train_micro_rows(
+            self.data.train,
+            seed=cfg.seed,
+            step=step,
+            micro=micro,
+            batch_size=cfg.batch_size,
+            grad_accum=cfg.grad_accum,
+            seq_len=cfg.context,
+        )
         rows = self.dist.shard(rows)  # this rank's rows of the global micro-batch
         return rows.pin_memory() if self.device.type == "cuda" else rows
 
@@ -358,8 +419,10 @@ class Trainer:
     def _echo_memory(self) -> None:
         m = memory_footprint(self.model, self.optimizer)
         mib = {k: v / 2**20 for k, v in m.items()}
-        self.echo(f"memory: weights {mib['param_bytes']:.1f} MiB ({mib['trainable_bytes']:.1f} MiB trainable), "
-                  f"gradients {mib['grad_bytes']:.1f} MiB, AdamW state {mib['optimizer_state_bytes']:.1f} MiB")
+        self.echo(
+            f"memory: weights {mib['param_bytes']:.1f} MiB ({mib['trainable_bytes']:.1f} MiB trainable), "
+            f"gradients {mib['grad_bytes']:.1f} MiB, AdamW state {mib['optimizer_state_bytes']:.1f} MiB"
+        )
 
     def _relora_events(self, t: int) -> dict[str, Any]:
         """The merge and the optimizer reset due after update ``t`` (``t`` a positive multiple of their periods).
@@ -375,8 +438,13 @@ class Trainer:
             self.merges += 1
             events["merge"] = self.merges
         if t > 0 and t % r.optimizer_reset_period == 0 and r.optimizer_reset != "none":
-            stats = relora.prune_optimizer_state(self.optimizer, relora.lora_parameters(self.model),
-                                                 mode=r.optimizer_reset, ratio=r.prune_ratio, generator=self.adapter_rng)
+            stats = relora.prune_optimizer_state(
+                self.optimizer,
+                relora.lora_parameters(self.model),
+                mode=r.optimizer_reset,
+                ratio=r.prune_ratio,
+                generator=self.adapter_rng,
+            )
             events["optimizer_reset"] = stats["zero_fraction"]
         return events
 
@@ -428,8 +496,12 @@ class Trainer:
                     self.save_checkpoint()
                     last_saved = self.step
                 bar.update(1)
-                bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
-                                tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
+                bar.set_postfix(
+                    loss=f"{record['loss']:.3f}",
+                    lr=f"{record['lr']:.2e}",
+                    tok_s=f"{record['tokens_per_s']:.0f}",
+                    refresh=False,
+                )
         except KeyboardInterrupt:
             if self.step != last_saved:
                 self.echo(f"\ninterrupted: saving a checkpoint at step {self.step}")
@@ -444,11 +516,17 @@ class Trainer:
     def save_checkpoint(self) -> None:
         """Rank 0 writes the checkpoint (and its capture file); every rank then meets at a barrier."""
         if self.dist.enabled:
-            state = [t for p in self.model.parameters() for t in (p, *self.optimizer.state.get(p, {}).values())
-                     if isinstance(t, torch.Tensor)]
+            state = [
+                t
+                for p in self.model.parameters()
+                for t in (p, *self.optimizer.state.get(p, {}).values())
+                if isinstance(t, torch.Tensor)
+            ]
             if not self.dist.in_sync(state):
-                raise TrainingError(f"step {self.step}: the processes' weights or optimizer states differ; "
-                                    f"refusing to checkpoint (the last good checkpoint is kept in {self.run_dir})")
+                raise TrainingError(
+                    f"step {self.step}: the processes' weights or optimizer states differ; "
+                    f"refusing to checkpoint (the last good checkpoint is kept in {self.run_dir})"
+                )
         if self.dist.is_main:
             self._write_checkpoint()
         self.dist.barrier()
@@ -456,10 +534,16 @@ class Trainer:
     def training_state(self) -> TrainingState:
         """Where training stands now: what a checkpoint's ``trainer_state.json`` and a capture file record."""
         wrapped = bool(self.wrapped)
-        return TrainingState(step=self.step, tokens_seen=self.tokens_seen, loss=self.last_loss,
-                             val_loss=self.last_val_loss, lr=lr_at(self.cfg, max(self.step - 1, 0)),
-                             merges=self.merges, wrapped=wrapped,
-                             lora_scale=self.cfg.relora.scale if wrapped else float("nan"))
+        return TrainingState(
+            step=self.step,
+            tokens_seen=self.tokens_seen,
+            loss=self.last_loss,
+            val_loss=self.last_val_loss,
+            lr=lr_at(self.cfg, max(self.step - 1, 0)),
+            merges=self.merges,
+            wrapped=wrapped,
+            lora_scale=self.cfg.relora.scale if wrapped else float("nan"),
+        )
 
     def _write_checkpoint(self) -> None:
         if self.capturer is not None:
@@ -482,13 +566,16 @@ class Trainer:
             "n_trainable": count_parameters(model, trainable_only=True),
             "memory": memory_footprint(model, self.optimizer),
         }
-        ckpt.save_checkpoint(self.run_dir, ckpt.CheckpointPayload(
-            model=relora.dense_state_dict(model),
-            adapters=relora.adapter_state_dict(model) if self.wrapped else None,
-            optimizer=self.optimizer.state_dict(),
-            rng=rng,
-            state=state,
-        ))
+        ckpt.save_checkpoint(
+            self.run_dir,
+            ckpt.CheckpointPayload(
+                model=relora.dense_state_dict(model),
+                adapters=relora.adapter_state_dict(model) if self.wrapped else None,
+                optimizer=self.optimizer.state_dict(),
+                rng=rng,
+                state=state,
+            ),
+        )
         if self.capturer is not None:
             # dynamics/step_XXXXXX.h5 when due: written in the background, listed in the manifest entry later
             self.capturer.on_checkpoint(model, now, self.device)
@@ -510,8 +597,9 @@ class Trainer:
 def _progress_bar(*, total: int, initial: int, enabled: bool) -> Any:
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True,
-                mininterval=0.5, leave=True)
+    return tqdm(
+        total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True, mininterval=0.5, leave=True
+    )
 
 
 def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, progress: bool = True) -> Path:
@@ -522,4 +610,3 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, progre
         return trainer.run()
     finally:
         trainer.cleanup()
-

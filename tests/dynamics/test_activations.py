@@ -28,6 +28,7 @@ def brute_cka(X, Y):
 
 # --------------------------------------------------------------------------- effective rank
 
+
 def test_centring_removes_the_offset():
     rng = np.random.default_rng(0)
     tokens, feats = 200, 16
@@ -60,6 +61,7 @@ def test_activation_effective_rank_batched_and_single_token():
 
 
 # --------------------------------------------------------------------------- anisotropy
+
 
 def test_anisotropy_matches_pairwise_mean():
     rng = np.random.default_rng(2)
@@ -95,11 +97,12 @@ def test_anisotropy_errors():
 
 # --------------------------------------------------------------------------- CKA
 
+
 @pytest.mark.parametrize("n, p, q", [(200, 10, 6), (12, 40, 30), (30, 30, 30)])
 def test_linear_cka_matches_hsic_definition_on_both_routes(n, p, q):
     rng = np.random.default_rng(5)
     X = rng.standard_normal((n, p))
-    Y = X[:, :min(p, q)] @ rng.standard_normal((min(p, q), q)) + rng.standard_normal((n, q))
+    Y = X[:, : min(p, q)] @ rng.standard_normal((min(p, q), q)) + rng.standard_normal((n, q))
     ref = brute_cka(X, Y)
     for route in ("auto", "features", "tokens"):
         assert dynamics.linear_cka(X, Y, route=route) == pytest.approx(ref, rel=1e-10)

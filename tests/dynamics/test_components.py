@@ -27,7 +27,18 @@ def weights(seed=0, d=D, h=H, g=G, hd=HD, dtype=torch.float64):
 
 def test_kv_head_index_gqa_mapping():
     assert [dynamics.kv_head_index(h, n_heads=12, n_kv_heads=4) for h in range(12)] == [
-        0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3,
+        0,
+        0,
+        0,
+        1,
+        1,
+        1,
+        2,
+        2,
+        2,
+        3,
+        3,
+        3,
     ]
     assert dynamics.kv_head_index(5, n_heads=6, n_kv_heads=6) == 5  # MHA
     assert dynamics.kv_head_index(5, n_heads=6, n_kv_heads=1) == 0  # MQA
@@ -41,7 +52,7 @@ def test_ov_circuit_is_wo_times_wv_of_the_group():
     w = weights()
     for h in range(H):
         g = h // (H // G)
-        expected = w["o"][:, h * HD:(h + 1) * HD] @ w["v"][g * HD:(g + 1) * HD, :]
+        expected = w["o"][:, h * HD : (h + 1) * HD] @ w["v"][g * HD : (g + 1) * HD, :]
         got = dynamics.ov_circuit(w["o"], w["v"], head=h, n_heads=H, n_kv_heads=G)
         assert got.shape == (D, D)
         torch.testing.assert_close(got, expected)
@@ -51,7 +62,7 @@ def test_qk_circuit_is_wq_transpose_times_wk_of_the_group():
     w = weights(1)
     for h in range(H):
         g = h // (H // G)
-        expected = w["q"][h * HD:(h + 1) * HD, :].T @ w["k"][g * HD:(g + 1) * HD, :]
+        expected = w["q"][h * HD : (h + 1) * HD, :].T @ w["k"][g * HD : (g + 1) * HD, :]
         got = dynamics.qk_circuit(w["q"], w["k"], head=h, n_heads=H, n_kv_heads=G)
         torch.testing.assert_close(got, expected)
 
@@ -71,9 +82,7 @@ def test_circuit_spectra_match_direct_route(g):
             ref = dynamics.singular_values(dense, method="direct")
             np.testing.assert_allclose(spec.values[h], ref[:HD], rtol=1e-9)
             assert np.all(ref[HD:] <= 1e-10 * ref[0])
-            assert spec[h].effective_rank() == pytest.approx(
-                dynamics.effective_rank(dense), rel=1e-9
-            )
+            assert spec[h].effective_rank() == pytest.approx(dynamics.effective_rank(dense), rel=1e-9)
             assert spec[h].numerical_rank() == dynamics.numerical_rank(dense) == HD
 
 
@@ -124,10 +133,10 @@ def test_split_heads():
     w = weights()
     q = dynamics.split_heads(w["q"], n_heads=H)
     assert q.shape == (H, HD, D)
-    torch.testing.assert_close(q[2], w["q"][2 * HD:3 * HD])
+    torch.testing.assert_close(q[2], w["q"][2 * HD : 3 * HD])
     o = dynamics.split_heads(w["o"].numpy(), n_heads=H, axis="in")
     assert isinstance(o, np.ndarray) and o.shape == (H, D, HD)
-    np.testing.assert_array_equal(o[4], w["o"].numpy()[:, 4 * HD:5 * HD])
+    np.testing.assert_array_equal(o[4], w["o"].numpy()[:, 4 * HD : 5 * HD])
     with pytest.raises(DynamicsError, match="axis"):
         dynamics.split_heads(w["q"], n_heads=H, axis="rows")
 

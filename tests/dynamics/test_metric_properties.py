@@ -27,9 +27,7 @@ from hypothesis.extra.numpy import arrays
 import dynamics
 from dynamics import Spectrum
 
-SETTINGS = settings(
-    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow]
-)
+SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 SLACK = 1e-9  # relative rounding slack for float64 comparisons
 
 finite = st.floats(-100, 100, allow_nan=False, allow_infinity=False, allow_subnormal=False)
@@ -62,7 +60,8 @@ def spectra_values(draw):
     vals = draw(
         st.lists(
             st.one_of(st.floats(0, 1e3, allow_subnormal=False), st.sampled_from([0.0, 1e-12, 1.0])),
-            min_size=k, max_size=k,
+            min_size=k,
+            max_size=k,
         )
     )
     extra = draw(st.integers(0, 3))
@@ -75,8 +74,12 @@ def orthogonal(n, seed):
 
 
 SCALE_INVARIANT = [
-    "effective_rank", "proportional_effective_rank", "stable_rank", "spectral_entropy",
-    "participation_ratio", "top_1_energy",
+    "effective_rank",
+    "proportional_effective_rank",
+    "stable_rank",
+    "spectral_entropy",
+    "participation_ratio",
+    "top_1_energy",
 ]
 
 
@@ -85,6 +88,7 @@ def close(a, b, rel=1e-7, abs_=1e-9):
 
 
 # --------------------------------------------------------------------------- inequalities
+
 
 @SETTINGS
 @given(spectra_values())
@@ -147,6 +151,7 @@ def test_effective_and_stable_rank_can_exceed_numerical_rank():
 
 # --------------------------------------------------------------------------- invariances
 
+
 @SETTINGS
 @given(matrices(), st.floats(1e-3, 1e3))
 def test_scale_invariance(M, c):
@@ -189,6 +194,8 @@ def test_direct_and_gram_routes_agree_on_metrics(M):
     d = dynamics.spectrum(M, method="direct")
     a = dynamics.spectrum(M, method="auto")
     for key in SCALE_INVARIANT:
-        assert close(getattr(d, key)() if key != "top_1_energy" else d.top_k_energy(1),
-                     getattr(a, key)() if key != "top_1_energy" else a.top_k_energy(1)), key
+        assert close(
+            getattr(d, key)() if key != "top_1_energy" else d.top_k_energy(1),
+            getattr(a, key)() if key != "top_1_energy" else a.top_k_energy(1),
+        ), key
     assert d.numerical_rank() == a.numerical_rank()

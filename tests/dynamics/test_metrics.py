@@ -39,6 +39,7 @@ def orthogonal(n, seed=0):
 
 # --------------------------------------------------------------------------- edge cases
 
+
 @pytest.mark.parametrize("shape", [(1, 1), (3, 3), (4, 9), (9, 4), (1, 5), (5, 1)])
 def test_zero_matrix_documented_values(shape):
     m = metrics_of(np.zeros(shape))
@@ -138,6 +139,7 @@ def test_condition_number_closed_form_and_log10():
 
 # --------------------------------------------------------------------------- options
 
+
 def test_numerical_rank_tol_and_rtol():
     M = np.diag([1.0, 0.5, 1e-3, 1e-9])
     assert dynamics.numerical_rank(M) == 4  # default float64 tol ~ 1e-15
@@ -179,6 +181,7 @@ def test_tail_energy_keeps_small_tails():
 
 
 # --------------------------------------------------------------------------- return types
+
 
 def test_single_matrix_returns_python_scalars():
     m = metrics_of(np.random.default_rng(2).standard_normal((5, 4)))
@@ -228,10 +231,20 @@ def test_spectrum_metrics_keys_and_consistency():
     assert m["proportional_effective_rank"] == pytest.approx(m["effective_rank"] / 6)
     assert m["log10_condition_number"] == pytest.approx(math.log10(m["condition_number"]))
     assert set(m) == {
-        "effective_rank", "proportional_effective_rank", "stable_rank", "numerical_rank",
-        "condition_number", "log10_condition_number", "truncated_condition_number",
-        "log10_truncated_condition_number", "spectral_entropy", "participation_ratio",
-        "sigma_max", "sigma_min", "top_1_energy", "top_10_energy",
+        "effective_rank",
+        "proportional_effective_rank",
+        "stable_rank",
+        "numerical_rank",
+        "condition_number",
+        "log10_condition_number",
+        "truncated_condition_number",
+        "log10_truncated_condition_number",
+        "spectral_entropy",
+        "participation_ratio",
+        "sigma_max",
+        "sigma_min",
+        "top_1_energy",
+        "top_10_energy",
     }
 
 

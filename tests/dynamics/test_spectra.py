@@ -32,6 +32,7 @@ def with_spectrum(m: int, n: int, s: np.ndarray, seed: int = 0) -> np.ndarray:
 
 # --------------------------------------------------------------------------- Spectrum
 
+
 def test_spectrum_fields_and_types():
     s = dynamics.spectrum(np.diag([3.0, 2.0, 1.0]).astype(np.float32))
     assert s.shape == (3, 3) and s.dtype == "float32" and s.method == "direct"
@@ -79,8 +80,10 @@ def test_to_dict_from_dict_round_trip_through_json(batch):
     d = json.loads(json.dumps(s.to_dict()))
     s2 = Spectrum.from_dict(d)
     assert s2 == s
-    assert s2.metrics() == s.metrics() if not batch else all(
-        np.array_equal(s2.metrics()[k], v) for k, v in s.metrics().items()
+    assert (
+        s2.metrics() == s.metrics()
+        if not batch
+        else all(np.array_equal(s2.metrics()[k], v) for k, v in s.metrics().items())
     )
 
 
@@ -123,6 +126,7 @@ def test_equality_distinguishes_fields():
 
 # --------------------------------------------------------------------------- inputs
 
+
 def test_numpy_torch_and_list_inputs_agree():
     M = np.random.default_rng(4).standard_normal((6, 4))
     a = dynamics.singular_values(M)
@@ -135,9 +139,7 @@ def test_numpy_torch_and_list_inputs_agree():
 
 def test_non_contiguous_and_grad_inputs():
     M = np.random.default_rng(5).standard_normal((8, 6))
-    np.testing.assert_allclose(
-        dynamics.singular_values(M[::-1, ::2]), np.linalg.svd(M[::-1, ::2], compute_uv=False)
-    )
+    np.testing.assert_allclose(dynamics.singular_values(M[::-1, ::2]), np.linalg.svd(M[::-1, ::2], compute_uv=False))
     t = torch.randn(5, 3, requires_grad=True)
     assert dynamics.effective_rank(t) > 1
 
@@ -205,6 +207,7 @@ def test_complex_and_non_numeric_rejected():
 
 # --------------------------------------------------------------------------- dtypes
 
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_low_precision_is_upcast_and_dtype_recorded(dtype):
     t = torch.randn(12, 5).to(dtype)
@@ -229,6 +232,7 @@ def test_integer_input_is_computed_in_float64():
 
 
 # --------------------------------------------------------------------------- routes
+
 
 def test_auto_route_choice():
     rng = np.random.default_rng(6)
@@ -306,9 +310,7 @@ def test_product_spectrum_batched_and_broadcast():
     s = dynamics.product_spectrum(L, R)
     assert s.batch_shape == (3,)
     for i in range(3):
-        np.testing.assert_allclose(
-            s.values[i], np.linalg.svd(L[i] @ R, compute_uv=False)[:2], rtol=1e-10
-        )
+        np.testing.assert_allclose(s.values[i], np.linalg.svd(L[i] @ R, compute_uv=False)[:2], rtol=1e-10)
     with pytest.raises(ShapeError, match="inner"):
         dynamics.product_spectrum(L, R.T)
 

@@ -88,9 +88,7 @@ def test_lora_update_spectrum_matches_dense(out_dim, r, in_dim):
     np.testing.assert_allclose(s.values, ref[:k], rtol=1e-10)
     np.testing.assert_allclose(ref[k:], 0, atol=1e-10 * ref[0])
     assert s.effective_rank() == pytest.approx(dynamics.effective_rank(dense), rel=1e-8)
-    assert s.proportional_effective_rank() == pytest.approx(
-        dynamics.proportional_effective_rank(dense), rel=1e-8
-    )
+    assert s.proportional_effective_rank() == pytest.approx(dynamics.proportional_effective_rank(dense), rel=1e-8)
 
 
 def test_lora_update_spectrum_scale_sign_batch_and_zero_b():

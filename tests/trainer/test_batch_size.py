@@ -11,13 +11,17 @@ from trainer import batch_size as bs
 from trainer.config import build_config
 
 
-def fake_step(threshold: int, *, error: type[BaseException] = torch.cuda.OutOfMemoryError, tried: list[int] | None = None):
+def fake_step(
+    threshold: int, *, error: type[BaseException] = torch.cuda.OutOfMemoryError, tried: list[int] | None = None
+):
     """A try_step that runs out of memory above ``threshold`` sequences, recording every size tried."""
+
     def try_step(b: int) -> None:
         if tried is not None:
             tried.append(b)
         if b > threshold:
             raise error(f"CUDA out of memory. Tried to allocate {b} GiB")
+
     return try_step
 
 
@@ -44,6 +48,7 @@ def test_other_errors_propagate():
     def try_step(b: int) -> None:
         if b >= 8:
             raise ValueError("shape mismatch")
+
     with pytest.raises(ValueError, match="shape mismatch"):
         bs.find_micro_batch(try_step, limit=64)
     with pytest.raises(RuntimeError, match="device-side assert"):
@@ -63,8 +68,10 @@ def test_is_out_of_memory():
     assert not bs.is_out_of_memory(ValueError("out of memory"))
 
 
-@pytest.mark.parametrize("max_micro, target, expected", [(80, 1024, (64, 16)), (2000, 1024, (1024, 1)),
-                                                         (7, 1000, (5, 200)), (1, 16, (1, 16)), (48, 96, (48, 2))])
+@pytest.mark.parametrize(
+    "max_micro, target, expected",
+    [(80, 1024, (64, 16)), (2000, 1024, (1024, 1)), (7, 1000, (5, 200)), (1, 16, (1, 16)), (48, 96, (48, 2))],
+)
 def test_split_batch(max_micro, target, expected):
     micro, accum = bs.split_batch(max_micro, target)
     assert (micro, accum) == expected and micro * accum == target
@@ -95,7 +102,9 @@ def test_probe_falls_back_to_eager_when_compile_fails_but_not_on_oom(monkeypatch
         def compile_(fn, **kwargs):
             def run(*args):
                 raise error
+
             return run
+
         return compile_
 
     monkeypatch.setattr(torch, "compile", failing_compile(torch.cuda.OutOfMemoryError("CUDA out of memory")))
@@ -123,10 +132,20 @@ def test_cli_prints_the_suggestion(monkeypatch, capsys):
     def fake_measure(cfg, *, target_batch, limit, device, echo):
         seen.update(preset=cfg.preset, method=cfg.method, seq=cfg.context, device=str(device), limit=limit)
         echo("micro-batch 1: fits")
-        return bs.BatchSizeReport(device_name="Fake GPU", total_bytes=80 * bs.GIB, seq_len=cfg.context,
-                                  max_micro_batch=80, limit=target_batch, max_peak_bytes=70 * bs.GIB,
-                                  target_batch=target_batch, micro_batch=64, grad_accum=target_batch // 64,
-                                  peak_bytes=57 * bs.GIB, compiled=True, bf16=True)
+        return bs.BatchSizeReport(
+            device_name="Fake GPU",
+            total_bytes=80 * bs.GIB,
+            seq_len=cfg.context,
+            max_micro_batch=80,
+            limit=target_batch,
+            max_peak_bytes=70 * bs.GIB,
+            target_batch=target_batch,
+            micro_batch=64,
+            grad_accum=target_batch // 64,
+            peak_bytes=57 * bs.GIB,
+            compiled=True,
+            bf16=True,
+        )
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(bs, "measure_batch_size", fake_measure)

@@ -36,8 +36,16 @@ def _h5(run: Path, step: int) -> h5py.File:
 def runs(tmp_path_factory, text_corpus) -> dict[str, Path]:
     """A full-rank and a ReLoRA micro run, 5 steps, checkpoints (and captures) at 0 and 5; token sample capped at 100."""
     base = [
-        "data.source=text", f"data.path={text_corpus}", "seq_len=32", "batch_size=8", "eval_interval=5",
-        "eval_batches=2", "checkpoint_interval=5", "warmup_steps=2", "steps=5", "capture.token_sample=100",
+        "data.source=text",
+        f"data.path={text_corpus}",
+        "seq_len=32",
+        "batch_size=8",
+        "eval_interval=5",
+        "eval_batches=2",
+        "checkpoint_interval=5",
+        "warmup_steps=2",
+        "steps=5",
+        "capture.token_sample=100",
     ]
     root = tmp_path_factory.mktemp("capture")
     return {
@@ -48,25 +56,64 @@ def runs(tmp_path_factory, text_corpus) -> dict[str, Path]:
 
 # micro: D=64, H·Hd=64, G·Hd=32, F=256, 4 layers, r=16; the shapes of data/README.md "Dynamics capture files"
 D, Q, KV, F, R, L, K, N, T = 64, 64, 32, 256, 16, 4, 100, 8, 32
-ACT = {"resid_pre": D, "attn.q": Q, "attn.k": KV, "attn.v": KV, "attn.o": D, "resid_mid": D,
-       "mlp.gate": F, "mlp.up": F, "mlp.down": D, "resid_post": D}
+ACT = {
+    "resid_pre": D,
+    "attn.q": Q,
+    "attn.k": KV,
+    "attn.v": KV,
+    "attn.o": D,
+    "resid_mid": D,
+    "mlp.gate": F,
+    "mlp.up": F,
+    "mlp.down": D,
+    "resid_post": D,
+}
 ACT_IN = {"attn.o": Q, "mlp.down": F}
-GRAD = {"attn.q": (Q, D), "attn.k": (KV, D), "attn.v": (KV, D), "attn.o": (D, Q),
-        "mlp.gate": (F, D), "mlp.up": (F, D), "mlp.down": (D, F)}
+GRAD = {
+    "attn.q": (Q, D),
+    "attn.k": (KV, D),
+    "attn.v": (KV, D),
+    "attn.o": (D, Q),
+    "mlp.gate": (F, D),
+    "mlp.up": (F, D),
+    "mlp.down": (D, F),
+}
 
 
 @pytest.mark.parametrize("method", ["full", "relora"])
 def test_every_documented_dataset_has_its_documented_shape(runs, method):
     with _h5(runs[method], 5) as f:
         assert f.attrs["schema_version"] == CAPTURE_SCHEMA_VERSION == 1
-        for key in ("step", "tokens_seen", "lr", "loss", "val_loss", "probe_loss", "grad_loss", "method", "wrapped",
-                    "merges", "lora_scale", "seed", "config", "code_version", "probe_sha256", "act_dtype", "grad_dtype"):
+        for key in (
+            "step",
+            "tokens_seen",
+            "lr",
+            "loss",
+            "val_loss",
+            "probe_loss",
+            "grad_loss",
+            "method",
+            "wrapped",
+            "merges",
+            "lora_scale",
+            "seed",
+            "config",
+            "code_version",
+            "probe_sha256",
+            "act_dtype",
+            "grad_dtype",
+        ):
             assert key in f.attrs, key
         assert (f.attrs["step"], f.attrs["tokens_seen"], f.attrs["method"]) == (5, 5 * 8 * 32, method)
         assert np.isfinite(f.attrs["loss"]) and np.isfinite(f.attrs["probe_loss"]) and f.attrs["lr"] >= 0
         assert json.loads(f.attrs["config"])["method"] == method
-        probe = {"input_ids": ((N, T), np.int32), "windows": ((N,), np.int64), "token_index": ((K,), np.int64),
-                 "grad_input_ids": ((8, T), np.int32), "grad_windows": ((8,), np.int64)}
+        probe = {
+            "input_ids": ((N, T), np.int32),
+            "windows": ((N,), np.int64),
+            "token_index": ((K,), np.int64),
+            "grad_input_ids": ((8, T), np.int32),
+            "grad_windows": ((8,), np.int64),
+        }
         assert {k: (f["probe"][k].shape, f["probe"][k].dtype) for k in f["probe"]} == probe
         expected = {}
         for i in range(L):
@@ -123,6 +170,7 @@ def test_effective_weight_gradient_equals_full_rank_gradient_of_merged_model():
     merged_loss = merged.loss(x, y)
     merged_loss.backward()
     assert loss == pytest.approx(float(merged_loss.detach()), rel=1e-5)
+
     def close(a, b):  # float32 sums over 48 tokens in different orders
         torch.testing.assert_close(torch.from_numpy(a), b, rtol=1e-4, atol=1e-5 * float(b.abs().max()))
 
@@ -164,8 +212,9 @@ def test_capture_pass_leaves_model_rng_and_grads_untouched(tmp_path, fast_overri
 def test_weights_after_training_are_bit_identical_with_and_without_capture(tmp_path, fast_overrides, method):
     extra = ["steps=10"] + (RELORA + ["relora.dropout=0.2"] if method == "relora" else [])
     on = train(build_config(overrides=fast_overrides + extra), tmp_path / "on", progress=False)
-    off = train(build_config(overrides=fast_overrides + extra + ["capture.enabled=false"]), tmp_path / "off",
-                progress=False)
+    off = train(
+        build_config(overrides=fast_overrides + extra + ["capture.enabled=false"]), tmp_path / "off", progress=False
+    )
     assert (on / "dynamics" / "step_000010.h5").exists() and not (off / "dynamics").exists()
     a, b = load_checkpoint(on), load_checkpoint(off)
     assert a.model.keys() == b.model.keys()
@@ -203,23 +252,30 @@ def test_probe_set_is_fixed_recorded_and_shared_across_seeds(runs, text_corpus):
     assert read_manifest(runs["relora"])["probe"]["sha256"] == probe["sha256"]
     from trainer.data import prepare
 
-    cfg = build_config(overrides=["data.source=text", f"data.path={text_corpus}", "seq_len=32", "seed=3",
-                                  "capture.token_sample=100"])
+    cfg = build_config(
+        overrides=["data.source=text", f"data.path={text_corpus}", "seq_len=32", "seed=3", "capture.token_sample=100"]
+    )
     data = prepare(cfg.data, run / "data")
     assert choose_probe(cfg, data.train, data.val).sha256 == probe["sha256"]
 
 
 def test_capture_every_and_config_checks(tmp_path, fast_overrides):
-    run = train(build_config(overrides=fast_overrides + ["steps=12", "capture.every=10"]), tmp_path / "r",
-                progress=False)
+    run = train(
+        build_config(overrides=fast_overrides + ["steps=12", "capture.every=10"]), tmp_path / "r", progress=False
+    )
     assert sorted(p.name for p in (run / "dynamics").iterdir()) == [
-        "step_000000.h5", "step_000010.h5", "step_000012.h5"]  # every 10th step, and the last
+        "step_000000.h5",
+        "step_000010.h5",
+        "step_000012.h5",
+    ]  # every 10th step, and the last
     entries = read_manifest(run)["checkpoints"]
     assert [e["step"] for e in entries if "dynamics" in e] == [0, 10, 12]
-    for bad, needle in ((["capture.every=7"], "multiple of checkpoint_interval"),
-                        (["capture.act_dtype=bfloat16"], "capture.act_dtype must be one of"),
-                        (["capture.token_sample=0"], "capture.token_sample must be > 0"),
-                        (["capture.compression=zstd"], "capture.compression must be one of")):
+    for bad, needle in (
+        (["capture.every=7"], "multiple of checkpoint_interval"),
+        (["capture.act_dtype=bfloat16"], "capture.act_dtype must be one of"),
+        (["capture.token_sample=0"], "capture.token_sample must be > 0"),
+        (["capture.compression=zstd"], "capture.compression must be one of"),
+    ):
         with pytest.raises(ConfigError, match=needle):
             build_config(overrides=fast_overrides + bad)
 
@@ -262,6 +318,9 @@ def test_sites_follow_the_globs():
     cfg = build_config(overrides=["capture.act_names=[layers.0.mlp.*]", "capture.grad_names=[lm_head,embed]"])
     model = Decoder(cfg.model)
     assert activation_sites(model, cfg.capture.act_names) == [
-        ("act", "layers.0.mlp.gate"), ("act", "layers.0.mlp.up"), ("act_in", "layers.0.mlp.down"),
-        ("act", "layers.0.mlp.down")]
+        ("act", "layers.0.mlp.gate"),
+        ("act", "layers.0.mlp.up"),
+        ("act_in", "layers.0.mlp.down"),
+        ("act", "layers.0.mlp.down"),
+    ]
     assert gradient_names(model, cfg.capture.grad_names) == ["embed", "lm_head"]

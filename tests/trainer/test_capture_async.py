@@ -58,6 +58,7 @@ def _contents(path: Path) -> dict[str, object]:
             if isinstance(obj, h5py.Dataset):
                 out[name] = (obj.dtype, obj[()])
                 out.update({f"{name}@{k}": v for k, v in obj.attrs.items()})
+
         f.visititems(visit)
     return out
 
@@ -71,8 +72,17 @@ def _synchronous(monkeypatch) -> None:
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory, text_corpus) -> dict[str, Path]:
     """The same ReLoRA micro run (checkpoints and captures at 0 and 5, one merge) written both ways."""
-    overrides = ["data.source=text", f"data.path={text_corpus}", "seq_len=32", "batch_size=8", "eval_interval=5",
-                 "eval_batches=2", "checkpoint_interval=5", "warmup_steps=2", "steps=5"] + SMALL_PROBE
+    overrides = [
+        "data.source=text",
+        f"data.path={text_corpus}",
+        "seq_len=32",
+        "batch_size=8",
+        "eval_interval=5",
+        "eval_batches=2",
+        "checkpoint_interval=5",
+        "warmup_steps=2",
+        "steps=5",
+    ] + SMALL_PROBE
     root = tmp_path_factory.mktemp("capture_async")
     runs = {"background": train(build_config(overrides=overrides + RELORA), root / "background", progress=False)}
     with pytest.MonkeyPatch.context() as m:
@@ -132,10 +142,14 @@ def gated_writes(monkeypatch):
 
 
 def test_training_goes_on_while_the_capture_is_written_and_the_next_checkpoint_waits(
-        tmp_path, fast_overrides, gated_writes):
+    tmp_path, fast_overrides, gated_writes
+):
     gate, log = gated_writes
-    t = Trainer(build_config(overrides=fast_overrides + SMALL_PROBE + ["steps=6", "checkpoint_interval=3"]),
-                tmp_path / "run", progress=False)
+    t = Trainer(
+        build_config(overrides=fast_overrides + SMALL_PROBE + ["steps=6", "checkpoint_interval=3"]),
+        tmp_path / "run",
+        progress=False,
+    )
     try:
         t.setup()  # checkpoint 0, then its capture: the pass here, the write handed to the writer (held at the gate)
         assert log == [("checkpoint", 0), ("write-start", 0, False)]  # written off the training thread
@@ -298,8 +312,9 @@ def test_background_job_runs_one_at_a_time_and_hands_errors_back():
 
 
 def test_errors_are_named_by_step_and_keep_os_error_types():
-    e = _naming_step(PermissionError(errno.EACCES, "Permission denied", "/x/step_000100.h5"), 100,
-                     "dynamics/step_000100.h5")
+    e = _naming_step(
+        PermissionError(errno.EACCES, "Permission denied", "/x/step_000100.h5"), 100, "dynamics/step_000100.h5"
+    )
     assert type(e) is PermissionError and e.errno == errno.EACCES and e.filename == "/x/step_000100.h5"
     assert "step 100" in str(e)
     assert "step 7" in str(_naming_step(OSError("Unable to create file"), 7, "dynamics/step_000007.h5"))

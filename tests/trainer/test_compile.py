@@ -13,8 +13,15 @@ from trainer.config import build_config
 def test_compiled_training_matches_eager(train_variants, method):
     extra = ["steps=6", "checkpoint_interval=6", "eval_interval=6", "capture.enabled=false", "lr=1e-3"]
     if method == "relora":  # a merge after update 2, so the compiled step also runs through a merge and an lr restart
-        extra += ["method=relora", "relora.rank=4", "relora.alpha=8", "relora.merge_every=2", "relora.dropout=0.0",
-                  "relora.lr_restart_warmup=1", "relora.optimizer_reset=none"]
+        extra += [
+            "method=relora",
+            "relora.rank=4",
+            "relora.alpha=8",
+            "relora.merge_every=2",
+            "relora.dropout=0.0",
+            "relora.lr_restart_warmup=1",
+            "relora.optimizer_reset=none",
+        ]
     runs = train_variants(extra, {"eager": ["compile=false"], "compiled": ["compile=true"]})
     eager, compiled = runs["eager"], runs["compiled"]
     assert len(eager["loss"]) == 6
@@ -30,6 +37,7 @@ def test_a_compiler_failure_falls_back_to_eager_with_one_warning(monkeypatch):
     def broken_compile(fn, **kwargs):
         def compiled(*args):
             raise RuntimeError("backend exploded\nlong compiler log ...")
+
         return compiled
 
     monkeypatch.setattr(torch, "compile", broken_compile)
@@ -81,6 +89,7 @@ def test_out_of_memory_is_raised_and_compile_stays_on(monkeypatch):
             if len(calls) == 1:
                 raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 26.00 GiB")
             return fn(*args)
+
         return compiled
 
     monkeypatch.setattr(torch, "compile", compile_that_runs_out)

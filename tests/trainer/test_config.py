@@ -43,8 +43,12 @@ def test_old_relora_key_names_load_from_files_overrides_and_stored_manifests(tmp
     stored["relora"]["restart_warmup"] = stored["relora"].pop("lr_restart_warmup")
     assert config_from_dict(stored) == new
     # the same value under both names is fine; different values are refused, naming both
-    assert build_config(overrides=["method=relora", "relora.reset_every=40", "relora.merge_every=40",
-                                   "relora.lr_restart_warmup=5"]) == new
+    assert (
+        build_config(
+            overrides=["method=relora", "relora.reset_every=40", "relora.merge_every=40", "relora.lr_restart_warmup=5"]
+        )
+        == new
+    )
     with pytest.raises(ConfigError, match=r"relora.reset_every=30 \(its old name\) and relora.merge_every=40") as e:
         build_config(overrides=["method=relora", "relora.reset_every=30", "relora.merge_every=40"])
     assert "unknown key" not in str(e.value)

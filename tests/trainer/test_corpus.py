@@ -298,8 +298,13 @@ def test_logprob_rejects(corpus: GrammarCorpus) -> None:
     agreement_errors = ("the {dog} {run} .", "these {dog} {runs} .", "the {dogs} near the {cheese} {runs} .",
                         "the {dog} who the {cheeses} {chases} {runs} .",
                         "the {cheese} who the {dogs} {chase} {runs} .")  # fmt: skip
-    other_errors = ("the {dog} {runs}", "the {dog} {runs} . .", "{dog} {runs} .", "the xyzzy {runs} .",
-                    "the {dog} near the {dog} near the {dog} near the {dog} {runs} .")  # fmt: skip  (depth 3 > 2)
+    other_errors = (
+        "the {dog} {runs}",
+        "the {dog} {runs} . .",
+        "{dog} {runs} .",
+        "the xyzzy {runs} .",
+        "the {dog} near the {dog} near the {dog} near the {dog} {runs} .",
+    )  # fmt: skip  (depth 3 > 2)
     for bad in agreement_errors + other_errors:
         assert corpus.sentence_logprob(bad.format(**w)) == -math.inf, bad
     for bad in agreement_errors:  # the independent checker agrees

@@ -19,26 +19,52 @@ from trainer.train import train
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
 
-COMMON = ["steps=12", "checkpoint_interval=3", "eval_interval=6", "batch_size=8", "grad_accum=2", "warmup_steps=2",
-          "capture.enabled=false"]
-RELORA = ["method=relora", "relora.rank=4", "relora.alpha=8", "relora.merge_every=4", "relora.lr_restart_warmup=1",
-          "relora.dropout=0.0", "relora.optimizer_reset=none",
-          "lr=1e-3"]  # a stable regime: at lr 3e-3 this tiny run is chaotic and float32 rounding differences grow
+COMMON = [
+    "steps=12",
+    "checkpoint_interval=3",
+    "eval_interval=6",
+    "batch_size=8",
+    "grad_accum=2",
+    "warmup_steps=2",
+    "capture.enabled=false",
+]
+RELORA = [
+    "method=relora",
+    "relora.rank=4",
+    "relora.alpha=8",
+    "relora.merge_every=4",
+    "relora.lr_restart_warmup=1",
+    "relora.dropout=0.0",
+    "relora.optimizer_reset=none",
+    "lr=1e-3",
+]  # a stable regime: at lr 3e-3 this tiny run is chaotic and float32 rounding differences grow
 
 
 def torchrun(nproc: int, out: Path, overrides: list[str], *, env_extra: dict | None = None, resume: bool = False):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     env.update(OMP_NUM_THREADS="1", **(env_extra or {}))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "dynamics.cli", "train", "--out", str(out), "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "dynamics.cli",
+        "train",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
     cmd += [a for o in overrides for a in ("--set", o)] + (["--resume"] if resume else [])
     return run_group(cmd, env)
 
 
 def run_group(cmd: list[str], env: dict, timeout: float = 180) -> subprocess.CompletedProcess:
     """Run ``cmd`` in its own process group; on timeout kill the whole group (torchrun and its workers)."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
+    )
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -53,8 +79,11 @@ def final_weights(run: Path, step: int) -> dict[str, torch.Tensor]:
 
 
 def losses(run: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
-            if r.get("loss") is not None}
+    return {
+        r["step"]: r["loss"]
+        for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+        if r.get("loss") is not None
+    }
 
 
 def assert_same_run(a: Path, b: Path, *, until: int = 12) -> None:
@@ -124,8 +153,18 @@ def test_in_sync_detects_a_rank_that_diverged(tmp_path):
     script = tmp_path / "sync.py"
     script.write_text(SYNC_SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-    proc = run_group([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                      str(script), str(tmp_path)], env)
+    proc = run_group(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(script),
+            str(tmp_path),
+        ],
+        env,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     for rank in (0, 1):  # both ranks reach the same verdict: identical tensors agree, a 1e-7 change does not
         assert (tmp_path / f"rank{rank}.txt").read_text() == "True False"

@@ -50,15 +50,21 @@ def test_minimal_pair_accuracy_counts_per_phenomenon(model):
     tok = Tokenizer("test", 0, lambda s: [vocab[w] for w in s.split()])
     lp = {w: sentence_logprobs(model, [[i]], bos_id=0)[0] for w, i in vocab.items()}
     better, worse = sorted(vocab, key=lambda w: -lp[w])
-    pairs = [{"sentence_good": better, "sentence_bad": worse, "phenomenon": "a"},
-             {"sentence_good": worse, "sentence_bad": better, "phenomenon": "b"}]
+    pairs = [
+        {"sentence_good": better, "sentence_bad": worse, "phenomenon": "a"},
+        {"sentence_good": worse, "sentence_bad": better, "phenomenon": "b"},
+    ]
     assert minimal_pair_accuracy(model, pairs, tok) == {"a": 1.0, "b": 0.0, "overall": 0.5}
 
 
 def test_blimp_loader(tmp_path):
     f = tmp_path / "agr.jsonl"
-    f.write_text(json.dumps({"sentence_good": "a b", "sentence_bad": "b a", "UID": "u1"}) + "\n\n"
-                 + json.dumps({"sentence_good": "c", "sentence_bad": "d"}) + "\n")
+    f.write_text(
+        json.dumps({"sentence_good": "a b", "sentence_bad": "b a", "UID": "u1"})
+        + "\n\n"
+        + json.dumps({"sentence_good": "c", "sentence_bad": "d"})
+        + "\n"
+    )
     pairs = load_minimal_pairs(f)
     assert [p["phenomenon"] for p in pairs] == ["u1", "agr"]
     f.write_text('{"sentence_good": "a"}\n')
@@ -76,17 +82,24 @@ def test_pretokenized_runs_have_no_text_tokenizer():
 
 
 def test_evaluate_run_table_and_cli(tmp_path, fast_overrides, capsys):
-    overrides = [o for o in fast_overrides if not o.startswith("data.")] + ["steps=5", "data.train_tokens=50000",
-                                                                           "data.val_tokens=5000"]
+    overrides = [o for o in fast_overrides if not o.startswith("data.")] + [
+        "steps=5",
+        "data.train_tokens=50000",
+        "data.val_tokens=5000",
+    ]
     run = train(build_config(overrides=overrides), tmp_path / "g", progress=False)
     blimp = tmp_path / "b.jsonl"
-    blimp.write_text(json.dumps({"sentence_good": "the cherry sees .", "sentence_bad": "the cherry see .", "UID": "sv"}) + "\n")
+    blimp.write_text(
+        json.dumps({"sentence_good": "the cherry sees .", "sentence_bad": "the cherry see .", "UID": "sv"}) + "\n"
+    )
     table = evaluate_run(run, blimp=[blimp], n_builtin_pairs=40, progress=False)
     assert set(table["step"]) == {0, 5}
     assert set(table["metric"]) == {"val_loss", "val_ppl", "pair_acc"}
     assert {"builtin", "b"} <= set(table["source"])
     first_loss = table[(table.step == 0) & (table.metric == "val_loss")]["value"].item()
-    assert first_loss == pytest.approx(json.loads((run / "metrics.jsonl").read_text().splitlines()[0])["val_loss"], abs=1e-5)
+    assert first_loss == pytest.approx(
+        json.loads((run / "metrics.jsonl").read_text().splitlines()[0])["val_loss"], abs=1e-5
+    )
     assert main(["evaluate", str(run), "--steps", "5", "--out", str(tmp_path / "e.csv")]) == 0
     assert "builtin:subject_verb_agreement" in capsys.readouterr().out
     assert main(["evaluate", str(run), "--steps", "3"]) == 2

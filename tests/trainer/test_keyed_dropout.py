@@ -22,7 +22,7 @@ def test_any_split_of_the_batch_gives_every_row_the_same_mask():
     for parts in ([4, 4], [2, 2, 2, 2], [1, 3, 4]):
         start, pieces = 0, []
         for n in parts:
-            pieces.append(_drop(x[start:start + n], seed=3, step=7, first_row=start))
+            pieces.append(_drop(x[start : start + n], seed=3, step=7, first_row=start))
             start += n
         assert torch.equal(torch.cat(pieces), whole)
 

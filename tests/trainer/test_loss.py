@@ -48,7 +48,7 @@ def test_float64_inputs_stay_float64_precise():
     got = linear_cross_entropy(h64, w64, targets, chunk_tokens=50)
     # the loss is reduced in float32 (as the trainer's loss always is); the products ran in float64
     assert got.item() == pytest.approx(ref.item(), rel=1e-6)
-    gh, = torch.autograd.grad(got, [h64])
+    (gh,) = torch.autograd.grad(got, [h64])
     assert gh.dtype == torch.float64
 
 
@@ -137,8 +137,15 @@ def test_training_results_are_unchanged_by_the_fused_loss(train_variants, method
     """The same run with the plain loss and with small chunks: the same losses and weights, to float32 tolerance."""
     extra = ["steps=6", "checkpoint_interval=6", "eval_interval=6", "capture.enabled=false", "lr=1e-3", "prefetch=0"]
     if method == "relora":
-        extra += ["method=relora", "relora.rank=4", "relora.alpha=8", "relora.merge_every=3", "relora.dropout=0.0",
-                  "relora.lr_restart_warmup=1", "relora.optimizer_reset=none"]  # pruned Adam state would amplify rounding
+        extra += [
+            "method=relora",
+            "relora.rank=4",
+            "relora.alpha=8",
+            "relora.merge_every=3",
+            "relora.dropout=0.0",
+            "relora.lr_restart_warmup=1",
+            "relora.optimizer_reset=none",
+        ]  # pruned Adam state would amplify rounding
     runs = train_variants(extra, {"plain": ["loss_chunk_tokens=0"], "chunked": ["loss_chunk_tokens=37"]})
     plain, chunked = runs["plain"], runs["chunked"]
     assert len(plain["loss"]) == 6

@@ -44,8 +44,15 @@ def test_wrapping_targets_and_trainability():
     assert wrapped == [f"layers.{i}.{p}" for i in range(4) for p in ("attn.q", "attn.v", "mlp.down")]
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert "layers.0.attn.q.weight" not in trainable  # frozen base keeps its key
-    assert {"layers.0.attn.q.lora_a.weight", "layers.0.attn.q.lora_b.weight", "layers.0.attn.k.weight",
-            "embed.weight", "lm_head.weight", "final_norm.weight", "layers.0.attn_norm.weight"} <= trainable
+    assert {
+        "layers.0.attn.q.lora_a.weight",
+        "layers.0.attn.q.lora_b.weight",
+        "layers.0.attn.k.weight",
+        "embed.weight",
+        "lm_head.weight",
+        "final_norm.weight",
+        "layers.0.attn_norm.weight",
+    } <= trainable
 
 
 def test_init_is_a_no_op_but_not_dead():
@@ -153,8 +160,10 @@ def test_full_reset_reaches_the_next_adam_update():
     torch.testing.assert_close(p.detach(), expected, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("preset, extra_millions, trainable_millions, total_millions",
-                         [("tiny", 0.40, 10.0, 11.6), ("small", 1.60, 40.2, 66.1)])
+@pytest.mark.parametrize(
+    "preset, extra_millions, trainable_millions, total_millions",
+    [("tiny", 0.40, 10.0, 11.6), ("small", 1.60, 40.2, 66.1)],
+)
 def test_trainable_parameter_counts_match_spec(preset, extra_millions, trainable_millions, total_millions):
     with torch.device("meta"):
         model = Decoder(MODEL_PRESETS[preset])
@@ -168,8 +177,15 @@ def test_trainable_parameter_counts_match_spec(preset, extra_millions, trainable
 
 
 def relora_overrides(fast_overrides, *extra):
-    return fast_overrides + ["method=relora", "relora.rank=4", "relora.alpha=8", "relora.merge_every=4",
-                             "relora.lr_restart_warmup=2", "relora.dropout=0.1", *extra]
+    return fast_overrides + [
+        "method=relora",
+        "relora.rank=4",
+        "relora.alpha=8",
+        "relora.merge_every=4",
+        "relora.lr_restart_warmup=2",
+        "relora.dropout=0.1",
+        *extra,
+    ]
 
 
 def test_run_logs_merges_and_resets_and_checkpoints_hold_all_forms(tmp_path, fast_overrides):
@@ -183,8 +199,12 @@ def test_run_logs_merges_and_resets_and_checkpoints_hold_all_forms(tmp_path, fas
     ck = load_checkpoint(run, step=10)
     w, a, b = (ck.adapters[f"layers.1.mlp.up{s}.weight"] for s in ("", ".lora_a", ".lora_b"))
     torch.testing.assert_close(ck.model["layers.1.mlp.up.weight"], w + 2.0 * b @ a)
-    assert ck.model.keys() == load_checkpoint(train(build_config(overrides=fast_overrides + ["steps=3"]),
-                                                    tmp_path / "f", progress=False)).model.keys()
+    assert (
+        ck.model.keys()
+        == load_checkpoint(
+            train(build_config(overrides=fast_overrides + ["steps=3"]), tmp_path / "f", progress=False)
+        ).model.keys()
+    )
 
 
 def test_resume_is_exact_across_a_merge(tmp_path, fast_overrides):
@@ -227,10 +247,18 @@ def test_full_rank_and_relora_both_learn_the_grammar(tmp_path):
     from trainer.corpus import unigram_entropy
     from trainer.data import prepare
 
-    base = ["steps=120", "eval_interval=60", "checkpoint_interval=120", "data.train_tokens=400000", "data.val_tokens=20000"]
+    base = [
+        "steps=120",
+        "eval_interval=60",
+        "checkpoint_interval=120",
+        "data.train_tokens=400000",
+        "data.val_tokens=20000",
+    ]
     val = {}
-    for method, extra in (("full", []), ("relora", ["relora.rank=8", "relora.alpha=16", "relora.merge_every=40",
-                                                   "relora.lr_restart_warmup=5"])):
+    for method, extra in (
+        ("full", []),
+        ("relora", ["relora.rank=8", "relora.alpha=16", "relora.merge_every=40", "relora.lr_restart_warmup=5"]),
+    ):
         run = train(build_config(overrides=base + [f"method={method}", *extra]), tmp_path / method, progress=False)
         val[method] = load_checkpoint(run).state["val_loss"]
     stream = prepare(DataConfig(train_tokens=400000, val_tokens=20000), tmp_path / "full" / "data").val
@@ -238,6 +266,8 @@ def test_full_rank_and_relora_both_learn_the_grammar(tmp_path):
     assert val["full"] < h1 - 0.8 and val["relora"] < h1 - 0.8, (val, h1)
     from trainer.evaluate import evaluate_run
 
-    acc = evaluate_run(tmp_path / "full", steps=[120], n_builtin_pairs=400, progress=False).query("metric == 'pair_acc'")
+    acc = evaluate_run(tmp_path / "full", steps=[120], n_builtin_pairs=400, progress=False).query(
+        "metric == 'pair_acc'"
+    )
     simple = acc[acc.phenomenon == "subject_verb_agreement"]["value"].item()
     assert simple > 0.65  # chance is 0.5; 0.65 is 3 standard errors above it with 100 pairs of this phenomenon

@@ -30,7 +30,9 @@ def test_jagged_cosine_equals_spec_at_every_step(T, W0, R, Wr):
         assert got == pytest.approx(spec_jagged(t, T, W0, R, Wr, 0.1), abs=1e-12), t
     for k in range(1, T // R + 1):
         if k * R < T:
-            got = jagged_cosine_factor(k * R, total=T, warmup=W0, lr_restart_every=R, lr_restart_warmup=Wr, min_ratio=0.1)
+            got = jagged_cosine_factor(
+                k * R, total=T, warmup=W0, lr_restart_every=R, lr_restart_warmup=Wr, min_ratio=0.1
+            )
             assert got == 0.0
 
 
@@ -43,8 +45,16 @@ def test_cosine_and_linear_endpoints():
 
 
 def test_relora_runs_use_the_jagged_schedule():
-    cfg = build_config(overrides=["method=relora", "steps=100", "warmup_steps=10", "relora.merge_every=30",
-                                  "relora.lr_restart_warmup=5", "lr=1e-3"])
+    cfg = build_config(
+        overrides=[
+            "method=relora",
+            "steps=100",
+            "warmup_steps=10",
+            "relora.merge_every=30",
+            "relora.lr_restart_warmup=5",
+            "lr=1e-3",
+        ]
+    )
     assert lr_at(cfg, 30) == 0.0 and lr_at(cfg, 60) == 0.0 and lr_at(cfg, 29) > 0
     full = build_config(overrides=["steps=100", "warmup_steps=10", "lr=1e-3"])
     assert lr_at(full, 30) > 0

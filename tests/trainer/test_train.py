@@ -93,7 +93,9 @@ def test_resume_refuses_corrupted_latest_checkpoint(tmp_path, fast_overrides, ca
 
 def test_existing_run_needs_resume(tmp_path, fast_overrides, capsys):
     out = tmp_path / "run"
-    args = ["train", "--out", str(out), "--no-progress", "--steps", "3"] + [a for o in fast_overrides for a in ("--set", o)]
+    args = ["train", "--out", str(out), "--no-progress", "--steps", "3"] + [
+        a for o in fast_overrides for a in ("--set", o)
+    ]
     assert main(args) == 0
     assert main(args) == 2
     assert "--resume" in capsys.readouterr().err

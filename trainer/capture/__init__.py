@@ -58,12 +58,28 @@ from trainer.run_format import CAPTURE_KINDS, CAPTURE_SCHEMA_VERSION, DYNAMICS_D
 
 __all__ = [
     # the run format (trainer.run_format)
-    "CAPTURE_SCHEMA_VERSION", "CAPTURE_KINDS", "DYNAMICS_DIR", "capture_relpath",
+    "CAPTURE_SCHEMA_VERSION",
+    "CAPTURE_KINDS",
+    "DYNAMICS_DIR",
+    "capture_relpath",
     # the pass (trainer.capture.extract)
-    "activation_sites", "matrix_names", "gradient_names", "ProbeSet", "choose_probe", "Captured",
-    "capture_activations", "capture_gradients", "capture_model",
+    "activation_sites",
+    "matrix_names",
+    "gradient_names",
+    "ProbeSet",
+    "choose_probe",
+    "Captured",
+    "capture_activations",
+    "capture_gradients",
+    "capture_model",
     # the file (trainer.capture.store)
-    "CHUNK_BYTES", "CaptureCancelled", "write_capture", "estimate_bytes",
+    "CHUNK_BYTES",
+    "CaptureCancelled",
+    "write_capture",
+    "estimate_bytes",
     # during training (trainer.capture.capturer)
-    "TrainingState", "CaptureRecord", "Capturer", "CaptureError",
+    "TrainingState",
+    "CaptureRecord",
+    "Capturer",
+    "CaptureError",
 ]

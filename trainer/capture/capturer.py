@@ -102,8 +102,9 @@ def _naming_step(error: Exception, step: int, rel: str) -> Exception:
             return type(error)(f"{error} ({where})")
         except Exception:  # noqa: BLE001 - an OSError subclass with another constructor: wrap it instead
             pass
-    return CaptureError(f"the capture of step {step} ({rel}) failed in the background writer: "
-                        f"{type(error).__name__}: {error}")
+    return CaptureError(
+        f"the capture of step {step} ({rel}) failed in the background writer: {type(error).__name__}: {error}"
+    )
 
 
 class Capturer:
@@ -144,8 +145,9 @@ class Capturer:
         self._pending: tuple[int, str] | None = None  # (step, relative path) of the write handed to the writer
 
     @classmethod
-    def for_run(cls, cfg: TrainConfig, train: np.ndarray, val: np.ndarray, run_dir: str | Path, *,
-                background: bool = True) -> Capturer | None:
+    def for_run(
+        cls, cfg: TrainConfig, train: np.ndarray, val: np.ndarray, run_dir: str | Path, *, background: bool = True
+    ) -> Capturer | None:
         """The capturer of a run on token streams ``train``/``val`` (1-D ids); ``None`` when capture is disabled.
 
         Draws the probe set (:func:`~trainer.capture.extract.choose_probe`; a
@@ -176,8 +178,9 @@ class Capturer:
 
     # -- the pass (training thread) and the write (any thread) ----------------------------------------
 
-    def _pass(self, model: Decoder, state: TrainingState,
-              device: torch.device) -> tuple[Captured, dict[str, Any], float]:
+    def _pass(
+        self, model: Decoder, state: TrainingState, device: torch.device
+    ) -> tuple[Captured, dict[str, Any], float]:
         """Run the capture pass on ``model`` now; returns the host tensors, the file's root attributes, seconds."""
         cfg = self.cfg
         t0 = time.perf_counter()
@@ -198,16 +201,28 @@ class Capturer:
         }
         return captured, attrs, time.perf_counter() - t0
 
-    def _write(self, step: int, captured: Captured, attrs: dict[str, Any], pass_seconds: float, *,
-               should_stop: Callable[[], bool] | None = None) -> CaptureRecord:
+    def _write(
+        self,
+        step: int,
+        captured: Captured,
+        attrs: dict[str, Any],
+        pass_seconds: float,
+        *,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> CaptureRecord:
         """Write the file of ``step`` (any thread); returns its record (``seconds``: the pass plus the write)."""
         t0 = time.perf_counter()
         rel = capture_relpath(step)
         path = self.run_dir / rel
         write_capture(path, captured, self.probe, self.cfg, attrs, should_stop=should_stop)
         fault_point("before-capture-manifest", step)  # test hook: renamed, not yet listed
-        return CaptureRecord(step=step, path=rel, sha256=sha256_file(path), bytes=path.stat().st_size,
-                             seconds=round(pass_seconds + time.perf_counter() - t0, 3))
+        return CaptureRecord(
+            step=step,
+            path=rel,
+            sha256=sha256_file(path),
+            bytes=path.stat().st_size,
+            seconds=round(pass_seconds + time.perf_counter() - t0, 3),
+        )
 
     def capture(self, model: Decoder, state: TrainingState, device: torch.device) -> CaptureRecord:
         """Capture ``model`` at ``state.step`` into ``dynamics/step_XXXXXX.h5``; returns the file's record.
@@ -249,8 +264,7 @@ class Capturer:
         if self.due(state.step):
             self.submit(model, state, device)
 
-    def on_resume(self, model: Decoder, state: TrainingState, device: torch.device,
-                  manifest: dict[str, Any]) -> None:
+    def on_resume(self, model: Decoder, state: TrainingState, device: torch.device, manifest: dict[str, Any]) -> None:
         """After loading a checkpoint: drop temp leftovers; redo a capture that a crash left unlisted."""
         self.flush()  # (nothing is pending in a fresh capturer; the manifest is written below)
         self.check_manifest(manifest)

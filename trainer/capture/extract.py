@@ -34,8 +34,15 @@ from trainer.relora import ReLoRALinear, relora_modules
 from trainer.run_format import CAPTURE_SCHEMA_VERSION
 
 __all__ = [
-    "activation_sites", "matrix_names", "gradient_names", "ProbeSet", "choose_probe", "Captured",
-    "capture_activations", "capture_gradients", "capture_model",
+    "activation_sites",
+    "matrix_names",
+    "gradient_names",
+    "ProbeSet",
+    "choose_probe",
+    "Captured",
+    "capture_activations",
+    "capture_gradients",
+    "capture_model",
 ]
 
 
@@ -129,9 +136,12 @@ class ProbeSet:
             "schema_version": CAPTURE_SCHEMA_VERSION,
             "sha256": self.sha256,
             "seq_len": self.seq_len,
-            "act": {"split": "val", "windows": [int(i) for i in self.act_windows],
-                    "n_tokens": int(len(self.token_index)),
-                    "token_index_sha256": hashlib.sha256(self.token_index.astype("<i8").tobytes()).hexdigest()},
+            "act": {
+                "split": "val",
+                "windows": [int(i) for i in self.act_windows],
+                "n_tokens": int(len(self.token_index)),
+                "token_index_sha256": hashlib.sha256(self.token_index.astype("<i8").tobytes()).hexdigest(),
+            },
             "grad": {"split": "train", "windows": [int(i) for i in self.grad_windows]},
         }
 
@@ -143,18 +153,24 @@ def choose_probe(cfg: TrainConfig, train: np.ndarray, val: np.ndarray) -> ProbeS
     """
     c, T = cfg.capture, cfg.context
     n_val, n_train = n_windows(val, T), n_windows(train, T)
-    for split, have, want, key in (("validation", n_val, c.probe_sequences, "probe_sequences"),
-                                   ("training", n_train, c.grad_sequences, "grad_sequences")):
+    for split, have, want, key in (
+        ("validation", n_val, c.probe_sequences, "probe_sequences"),
+        ("training", n_train, c.grad_sequences, "grad_sequences"),
+    ):
         if have < want:
-            raise ConfigError(f"capture.{key}={want} but the {split} split holds only {have} sequences of "
-                              f"seq_len+1={T + 1} tokens; lower capture.{key}")
+            raise ConfigError(
+                f"capture.{key}={want} but the {split} split holds only {have} sequences of "
+                f"seq_len+1={T + 1} tokens; lower capture.{key}"
+            )
     act_windows = np.sort(np.random.default_rng([c.seed, 1]).choice(n_val, c.probe_sequences, replace=False))
     grad_windows = np.sort(np.random.default_rng([c.seed, 2]).choice(n_train, c.grad_sequences, replace=False))
     n_tok = c.probe_sequences * T
     if c.token_sample is None or c.token_sample >= n_tok:
         token_index = np.arange(n_tok, dtype=np.int64)
     else:
-        token_index = np.sort(np.random.default_rng([c.seed, 3]).choice(n_tok, c.token_sample, replace=False)).astype(np.int64)
+        token_index = np.sort(np.random.default_rng([c.seed, 3]).choice(n_tok, c.token_sample, replace=False)).astype(
+            np.int64
+        )
     act_ids, act_targets = get_windows(val, act_windows, T)
     grad_ids, grad_targets = get_windows(train, grad_windows, T)
     h = hashlib.sha256()
@@ -219,8 +235,9 @@ def _synchronize(device: torch.device) -> None:
 
 
 @torch.no_grad()
-def _activation_pass(model: Decoder, probe: ProbeSet, sites: list[tuple[str, str]], *, device: torch.device,
-                     batch_size: int) -> tuple[dict[str, dict[str, torch.Tensor]], torch.Tensor]:
+def _activation_pass(
+    model: Decoder, probe: ProbeSet, sites: list[tuple[str, str]], *, device: torch.device, batch_size: int
+) -> tuple[dict[str, dict[str, torch.Tensor]], torch.Tensor]:
     """:func:`capture_activations` without its final synchronisation.
 
     Returns ``({kind: {name: (K, features) float32 host tensor}}, Σ_chunks loss·rows)`` as a 0-d
@@ -242,15 +259,20 @@ def _activation_pass(model: Decoder, probe: ProbeSet, sites: list[tuple[str, str
                 if (kind, name) not in bufs:
                     bufs[(kind, name)] = _host_empty((n_rows, rows.shape[1]), device)
                 o = where["offset"]
-                _start_copy(bufs[(kind, name)][o:o + rows.shape[0]], rows)
+                _start_copy(bufs[(kind, name)][o : o + rows.shape[0]], rows)
+
         return hook
 
     # every input on the device before the first forward: no transfer (and no wait) between chunks
     T, chunks = probe.seq_len, _chunks(len(probe.act_ids), batch_size)
     act_ids, act_targets = _to_device(probe.act_ids, device), _to_device(probe.act_targets, device)
-    local_rows = [_to_device(torch.from_numpy(probe.token_index[(probe.token_index >= s * T)
-                                                                & (probe.token_index < e * T)] - s * T), device)
-                  for s, e in chunks]  # per chunk: its sampled flat positions, relative to the chunk
+    local_rows = [
+        _to_device(
+            torch.from_numpy(probe.token_index[(probe.token_index >= s * T) & (probe.token_index < e * T)] - s * T),
+            device,
+        )
+        for s, e in chunks
+    ]  # per chunk: its sampled flat positions, relative to the chunk
     total = torch.zeros((), dtype=torch.float64, device=device)
     handles = [model.get_submodule(n).register_forward_hook(hook_for(n, k)) for n, k in by_name.items()]
     try:
@@ -272,8 +294,9 @@ def _activation_pass(model: Decoder, probe: ProbeSet, sites: list[tuple[str, str
 
 
 @torch.no_grad()
-def capture_activations(model: Decoder, probe: ProbeSet, sites: list[tuple[str, str]], *, device: torch.device,
-                        batch_size: int) -> tuple[dict[str, dict[str, np.ndarray]], float]:
+def capture_activations(
+    model: Decoder, probe: ProbeSet, sites: list[tuple[str, str]], *, device: torch.device, batch_size: int
+) -> tuple[dict[str, dict[str, np.ndarray]], float]:
     """Forward the probe sequences in chunks of ``batch_size``; rows ``token_index`` of every site, float32.
 
     Returns ``({kind: {name: (K, features)}}, mean probe loss in nats/token)``. On
@@ -282,8 +305,7 @@ def capture_activations(model: Decoder, probe: ProbeSet, sites: list[tuple[str, 
     """
     out, total = _activation_pass(model, probe, sites, device=device, batch_size=batch_size)
     _synchronize(device)
-    return ({kind: {n: t.numpy() for n, t in d.items()} for kind, d in out.items()},
-            float(total) / len(probe.act_ids))
+    return ({kind: {n: t.numpy() for n, t in d.items()} for kind, d in out.items()}, float(total) / len(probe.act_ids))
 
 
 def _weight(model: nn.Module, name: str) -> torch.Tensor:
@@ -294,8 +316,9 @@ def _weight(model: nn.Module, name: str) -> torch.Tensor:
     return weight
 
 
-def _gradient_pass(model: Decoder, ids: torch.Tensor, targets: torch.Tensor, names: list[str], *,
-                   device: torch.device, batch_size: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+def _gradient_pass(
+    model: Decoder, ids: torch.Tensor, targets: torch.Tensor, names: list[str], *, device: torch.device, batch_size: int
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """:func:`capture_gradients` without its final synchronisation.
 
     Returns ``({name: (out, in) float32 host tensor}, Σ_chunks loss·rows)`` as a 0-d float64
@@ -320,6 +343,7 @@ def _gradient_pass(model: Decoder, ids: torch.Tensor, targets: torch.Tensor, nam
     def hook_for(name: str) -> Callable[[nn.Module, tuple[Any, ...], Any], None]:
         def hook(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
             seen[name] = (inputs[0].detach(), output)
+
         return hook
 
     handles = [model.get_submodule(n).register_forward_hook(hook_for(n)) for n in wrapped]
@@ -361,8 +385,9 @@ def _gradient_pass(model: Decoder, ids: torch.Tensor, targets: torch.Tensor, nam
     return host, total
 
 
-def capture_gradients(model: Decoder, ids: torch.Tensor, targets: torch.Tensor, names: list[str], *,
-                      device: torch.device, batch_size: int) -> tuple[dict[str, np.ndarray], float]:
+def capture_gradients(
+    model: Decoder, ids: torch.Tensor, targets: torch.Tensor, names: list[str], *, device: torch.device, batch_size: int
+) -> tuple[dict[str, np.ndarray], float]:
     """``dL/dW`` (out×in, float32) of the mean next-token loss over ``ids`` for each name of :func:`gradient_names`.
 
     Plain parameters (full-rank matrices, LoRA factors) use ``torch.autograd.grad``;
@@ -380,8 +405,9 @@ def capture_gradients(model: Decoder, ids: torch.Tensor, targets: torch.Tensor, 
     return {k: v.numpy() for k, v in host.items()}, float(total) / len(ids) if names else float("nan")
 
 
-def capture_model(model: Decoder, probe: ProbeSet, cfg: TrainConfig, *, device: torch.device,
-                  batch_size: int) -> Captured:
+def capture_model(
+    model: Decoder, probe: ProbeSet, cfg: TrainConfig, *, device: torch.device, batch_size: int
+) -> Captured:
     """The whole extra pass, with no effect on training: eval mode, forked RNG, no ``.grad`` left behind.
 
     On CUDA every captured tensor is copied into pinned host memory as soon as
@@ -390,15 +416,19 @@ def capture_model(model: Decoder, probe: ProbeSet, cfg: TrainConfig, *, device: 
     c = cfg.capture
     was_training = model.training
     grads_before = {id(p): p.grad for p in model.parameters()}
-    fork_devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    fork_devices = (
+        [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    )
     try:
         with torch.random.fork_rng(devices=fork_devices, enabled=True):
             model.eval()
-            acts, act_total = _activation_pass(model, probe, activation_sites(model, c.act_names),
-                                               device=device, batch_size=batch_size)
+            acts, act_total = _activation_pass(
+                model, probe, activation_sites(model, c.act_names), device=device, batch_size=batch_size
+            )
             names = gradient_names(model, c.grad_names)
-            grads, grad_total = _gradient_pass(model, probe.grad_ids, probe.grad_targets, names, device=device,
-                                               batch_size=batch_size)
+            grads, grad_total = _gradient_pass(
+                model, probe.grad_ids, probe.grad_targets, names, device=device, batch_size=batch_size
+            )
     finally:
         model.train(was_training)
         for p in model.parameters():
@@ -410,7 +440,8 @@ def capture_model(model: Decoder, probe: ProbeSet, cfg: TrainConfig, *, device: 
             factors[f"{name}.{leaf}"] = _host_empty(tuple(w.shape), device)
             _start_copy(factors[f"{name}.{leaf}"], w)
     _synchronize(device)  # the one wait of the pass: every copy above is complete after it
-    data = {kind: {n: t.numpy() for n, t in d.items()} for kind, d in (*acts.items(), ("grad", grads),
-                                                                       ("weight", factors))}
+    data = {
+        kind: {n: t.numpy() for n, t in d.items()} for kind, d in (*acts.items(), ("grad", grads), ("weight", factors))
+    }
     grad_loss = float(grad_total) / len(probe.grad_ids) if names else float("nan")
     return Captured(data, float(act_total) / len(probe.act_ids), grad_loss)

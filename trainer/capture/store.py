@@ -68,8 +68,15 @@ class CaptureCancelled(Exception):
     """A capture write stopped early on request (``should_stop``); its temporary file is removed, nothing renamed."""
 
 
-def write_capture(path: str | Path, captured: Captured, probe: ProbeSet, cfg: TrainConfig,
-                  attrs: dict[str, Any], *, should_stop: Callable[[], bool] | None = None) -> None:
+def write_capture(
+    path: str | Path,
+    captured: Captured,
+    probe: ProbeSet,
+    cfg: TrainConfig,
+    attrs: dict[str, Any],
+    *,
+    should_stop: Callable[[], bool] | None = None,
+) -> None:
     """Write one capture file atomically (temp file in the same directory, fsync, rename).
 
     ``should_stop`` is asked before every dataset; when it returns true the write
@@ -125,8 +132,20 @@ def estimate_bytes(cfg: TrainConfig) -> dict[str, int]:
     hd = m.d_model // m.n_heads
     q, kv, d, f = m.n_heads * hd, m.n_kv_heads * hd, m.d_model, m.d_mlp
     # (name, features) of every site of one layer, as activation_sites lists them (act_in of o and down included)
-    per_layer = [("resid_pre", d), ("attn.q", q), ("attn.k", kv), ("attn.v", kv), ("attn.o", q), ("attn.o", d),
-                 ("resid_mid", d), ("mlp.gate", f), ("mlp.up", f), ("mlp.down", f), ("mlp.down", d), ("resid_post", d)]
+    per_layer = [
+        ("resid_pre", d),
+        ("attn.q", q),
+        ("attn.k", kv),
+        ("attn.v", kv),
+        ("attn.o", q),
+        ("attn.o", d),
+        ("resid_mid", d),
+        ("mlp.gate", f),
+        ("mlp.up", f),
+        ("mlp.down", f),
+        ("mlp.down", d),
+        ("resid_post", d),
+    ]
     sites = [(f"layers.{i}.{leaf}", w) for i in range(m.n_layers) for leaf, w in per_layer]
     chosen = set(select([n for n, _ in sites], list(c.act_names)))
     width = sum(w for n, w in sites if n in chosen)
@@ -135,8 +154,16 @@ def estimate_bytes(cfg: TrainConfig) -> dict[str, int]:
     act = tokens * width * np.dtype(c.act_dtype).itemsize
     mats = {"embed": m.vocab_size * d, "lm_head": m.vocab_size * d}
     for i in range(m.n_layers):
-        mats.update({f"layers.{i}.attn.q": q * d, f"layers.{i}.attn.k": kv * d, f"layers.{i}.attn.v": kv * d,
-                     f"layers.{i}.attn.o": d * q, f"layers.{i}.mlp.gate": f * d, f"layers.{i}.mlp.up": f * d,
-                     f"layers.{i}.mlp.down": d * f})
+        mats.update(
+            {
+                f"layers.{i}.attn.q": q * d,
+                f"layers.{i}.attn.k": kv * d,
+                f"layers.{i}.attn.v": kv * d,
+                f"layers.{i}.attn.o": d * q,
+                f"layers.{i}.mlp.gate": f * d,
+                f"layers.{i}.mlp.up": f * d,
+                f"layers.{i}.mlp.down": d * f,
+            }
+        )
     grad = sum(mats[k] for k in select(list(mats), list(c.grad_names))) * np.dtype(c.grad_dtype).itemsize
     return {"act": int(act), "grad": int(grad), "total": int(act + grad)}
