@@ -25,6 +25,7 @@ def load_bench(path: Path = BENCH):
     return module
 
 
+@pytest.mark.slow
 def test_train_bench_quick(tmp_path, capsys):
     bench = load_bench()
     out_json = tmp_path / "bench.json"
@@ -60,6 +61,7 @@ def test_train_bench_quick(tmp_path, capsys):
     assert list(tmp_path.glob("train_bench.*")) == []  # temporary run directories removed
 
 
+@pytest.mark.slow
 def test_gpu_bench_quick(tmp_path, capsys):
     gpu = load_bench(GPU_BENCH)
     out_json = tmp_path / "gpu.json"
@@ -223,6 +225,7 @@ def test_gpu_bench_rows_and_goals_with_oom_and_cuda_numbers():
     assert text.count("OOM") >= 2 and "[not met]" in text and "[met]" in text and "30.0" in text
 
 
+@pytest.mark.slow
 def test_loss_bench_quick(tmp_path, capsys):
     bench = load_bench(BENCH.with_name("loss_bench.py"))
     out_json = tmp_path / "loss.json"
