@@ -24,10 +24,12 @@ per optimizer step, after gradient accumulation).
 Everything else that must agree across ranks already does: the ReLoRA merge
 and re-initialisation and the optimizer-state pruning draw from the adapter
 generator, seeded identically on every rank, and act on identical weights.
-Only rank 0 evaluates, logs, writes checkpoints and captures dynamics; the
-others wait at a barrier after each checkpoint. Adapter dropout draws from each
-rank's own torch RNG, so with ``relora.dropout > 0`` an N-rank run is a
-different (equally valid) sample than the 1-rank run.
+Adapter dropout is keyed (:mod:`trainer.keyed_dropout`): the mask of a row is a
+function of (seed, step, the row's place in the step's global batch, module),
+so rank ``k`` draws for rows :meth:`DistContext.shard_range` exactly the masks
+the 1-process run draws for them, whatever the number of processes and of
+accumulation steps. Only rank 0 evaluates, logs, prints, writes checkpoints
+and captures dynamics; the others wait at a barrier after each checkpoint.
 """
 
 from __future__ import annotations
@@ -59,12 +61,17 @@ class DistContext:
         if self.enabled:
             dist.barrier()
 
+    def shard_range(self, b: int) -> range:
+        """Which rows of a global micro-batch of ``b`` rows are this rank's: ``rank·b/W … (rank+1)·b/W − 1``."""
+        n = b // self.world_size
+        return range(self.rank * n, (self.rank + 1) * n)
+
     def shard(self, x: torch.Tensor) -> torch.Tensor:
         """This rank's rows of a global micro-batch ``(b, ...)``; ``b`` must be divisible by the world size."""
         if not self.enabled:
             return x
-        n = x.shape[0] // self.world_size
-        return x[self.rank * n : (self.rank + 1) * n]
+        rows = self.shard_range(x.shape[0])
+        return x[rows.start : rows.stop]
 
     def average_gradients(self, params: list[torch.Tensor]) -> None:
         """Replace each ``p.grad`` by its mean over ranks (one all-reduce of a flat buffer)."""
@@ -118,6 +125,11 @@ class DistContext:
     def close(self) -> None:
         if self.enabled and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def is_main_process() -> bool:
+    """Whether this process is rank 0 of a torchrun job, or not under torchrun (``RANK`` unset): the one that prints."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def init_from_env(device_type: str) -> DistContext:

@@ -23,6 +23,7 @@ another number of rows) :func:`keyed_dropout` falls back to plain dropout.
 from __future__ import annotations
 
 import hashlib
+import math
 
 import torch
 
@@ -64,8 +65,8 @@ def _shr(x: torch.Tensor, s: int) -> torch.Tensor:
     return (x >> s) & ((1 << (64 - s)) - 1)
 
 
-def uniform_from_keys(keys: torch.Tensor) -> torch.Tensor:
-    """float32 uniforms in [0, 1), same shape as int64 ``keys``: SplitMix64's finaliser, top 24 bits.
+def _top24(keys: torch.Tensor) -> torch.Tensor:
+    """SplitMix64's finaliser of int64 ``keys``, top 24 bits as int64 in [0, 2**24).
 
     Integer multiplication wraps modulo 2**64 on CPU and CUDA alike, so the result
     does not depend on the device.
@@ -73,8 +74,12 @@ def uniform_from_keys(keys: torch.Tensor) -> torch.Tensor:
     z = keys + _signed(_GOLDEN)
     z = (z ^ _shr(z, 30)) * _signed(_MIX1)
     z = (z ^ _shr(z, 27)) * _signed(_MIX2)
-    z = z ^ _shr(z, 31)
-    return _shr(z, 40).to(torch.float32) * (1.0 / (1 << 24))
+    return _shr(z ^ _shr(z, 31), 40)
+
+
+def uniform_from_keys(keys: torch.Tensor) -> torch.Tensor:
+    """float32 uniforms in [0, 1) on the grid k / 2**24, same shape as int64 ``keys`` (see :func:`_top24`)."""
+    return _top24(keys).to(torch.float32) * (1.0 / (1 << 24))
 
 
 class RowKeys:
@@ -92,7 +97,8 @@ class RowKeys:
     def set(self, seed: int, step: int, first_row: int, n_rows: int, device: torch.device | str) -> None:
         """Key rows ``first_row .. first_row + n_rows − 1`` of the global batch of ``step``."""
         host = torch.tensor(row_keys(seed, step, range(first_row, first_row + n_rows)), dtype=torch.int64)
-        if self.keys is None or self.keys.shape != host.shape or self.keys.device != torch.device(device):
+        device = torch.empty(0, device=device).device  # "cuda" → "cuda:0", so an unchanged device is recognised
+        if self.keys is None or self.keys.shape != host.shape or self.keys.device != device:
             self.keys = host.to(device)
         else:
             self.keys.copy_(host, non_blocking=True)
@@ -116,5 +122,6 @@ def keyed_dropout(x: torch.Tensor, p: float, *, rows: RowKeys | None, key: int, 
     per_row = x[0].numel()
     offsets = torch.arange(per_row, device=x.device, dtype=torch.int64) * _signed(_GOLDEN)  # (per_row,)
     element_keys = (keys.to(x.device) + key)[:, None] + offsets[None, :]  # (rows, per_row)
-    keep = (uniform_from_keys(element_keys) >= p).view(x.shape)
-    return x * keep.to(x.dtype) * (1.0 / (1.0 - p))
+    # u = k / 2**24 >= p  ⟺  k >= ceil(p · 2**24): compared as integers, no float uniforms materialised
+    keep = (_top24(element_keys) >= math.ceil(p * (1 << 24))).view(x.shape)  # bool: what backward saves
+    return torch.where(keep, x, 0.0) * (1.0 / (1.0 - p))

@@ -6,6 +6,14 @@ init. The module keeps the base weight's state-dict key (``<name>.weight``) and
 the factors are real submodules ``<name>.lora_a`` / ``<name>.lora_b``, so names
 stay canonical.
 
+The adapter dropout is :func:`trainer.keyed_dropout.keyed_dropout`: its mask is
+a function of (seed, step, row of the global batch, the module's canonical
+name) only, read from a :class:`~trainer.keyed_dropout.RowKeys` that all wrapped
+modules of a model share and that the trainer fills before each micro-batch.
+So a run draws the same masks however its global batch is split over processes
+and gradient-accumulation steps, and needs no RNG state to resume. The RowKeys
+is a plain attribute (neither parameter nor buffer): state dicts are unchanged.
+
 ReLoRA's periodic events, one name each (periods in :class:`trainer.config.ReLoRAConfig`):
 
 * a **merge** (:func:`merge_all`, every ``merge_every`` updates) sets
@@ -27,12 +35,29 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainer.config import ReLoRAConfig
+from trainer.keyed_dropout import RowKeys, keyed_dropout, module_key
 
 
 class ReLoRALinear(nn.Module):
-    """A bias-free linear layer with a frozen base ``weight`` and a trainable low-rank adapter."""
+    """A bias-free linear layer with a frozen base ``weight`` and a trainable low-rank adapter.
 
-    def __init__(self, base: nn.Linear, *, rank: int, alpha: float, dropout: float, generator: torch.Generator) -> None:
+    ``name``: the canonical name (``layers.3.attn.q``), which keys the dropout
+    masks (:func:`~trainer.keyed_dropout.module_key`); ``rows``: the model's
+    shared :class:`~trainer.keyed_dropout.RowKeys` (a fresh one if ``None``;
+    without keys set, the dropout is plain ``torch.nn.functional.dropout``).
+    """
+
+    def __init__(
+        self,
+        base: nn.Linear,
+        *,
+        rank: int,
+        alpha: float,
+        dropout: float,
+        generator: torch.Generator,
+        name: str = "",
+        rows: RowKeys | None = None,
+    ) -> None:
         super().__init__()
         out_features, in_features = base.weight.shape
         if rank > min(out_features, in_features):
@@ -44,7 +69,9 @@ class ReLoRALinear(nn.Module):
         self.weight = nn.Parameter(base.weight.detach().clone(), requires_grad=False)  # (out, in), frozen
         self.lora_a = nn.Linear(in_features, rank, bias=False, device=base.weight.device)  # weight (r, in)
         self.lora_b = nn.Linear(rank, out_features, bias=False, device=base.weight.device)  # weight (out, r)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout_p = dropout
+        self.dropout_key = module_key(name)  # int64 value, the same in every process
+        self.rows = RowKeys() if rows is None else rows  # a plain attribute: not in the state dict
         self.init_adapter(generator)
 
     @torch.no_grad()
@@ -57,11 +84,12 @@ class ReLoRALinear(nn.Module):
         self.lora_b.weight.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: (..., in) → (..., out). The adapter's product is accumulated into the base output by one
-        # addmm (out = W x + s · (A x') Bᵀ), so the scale and the sum cost no extra passes over (N, out).
+        # x: (rows, ..., in) → (rows, ..., out). The adapter's product is accumulated into the base output by
+        # one addmm (out = W x + s · (A x') Bᵀ), so the scale and the sum cost no extra passes over (N, out).
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)  # (N, in)
-        u = self.lora_a(self.dropout(x2))  # (N, r)
+        dropped = keyed_dropout(x, self.dropout_p, rows=self.rows, key=self.dropout_key, training=self.training)
+        u = self.lora_a(dropped.reshape(-1, self.in_features))  # (N, r); masks keyed by x's first (row) axis
         out = torch.addmm(F.linear(x2, self.weight), u, self.lora_b.weight.T, alpha=self.scale)  # (N, out)
         return out.view(*lead, self.out_features)
 
@@ -82,12 +110,17 @@ class ReLoRALinear(nn.Module):
         self.init_adapter(generator)
 
 
-def wrap_model(model: nn.Module, cfg: ReLoRAConfig, generator: torch.Generator) -> list[str]:
+def wrap_model(
+    model: nn.Module, cfg: ReLoRAConfig, generator: torch.Generator, rows: RowKeys | None = None
+) -> list[str]:
     """Replace every target projection (``cfg.targets``: q, k, v, o, gate, up, down) by a :class:`ReLoRALinear`.
 
-    Embeddings, norms and the LM head stay full-rank and trainable. Returns the
-    canonical names of the wrapped modules, in model order.
+    Embeddings, norms and the LM head stay full-rank and trainable. All wrapped
+    modules share ``rows`` (a new :class:`~trainer.keyed_dropout.RowKeys` if
+    ``None``; :func:`row_keys_of` finds it), which the trainer fills before each
+    micro-batch. Returns the canonical names of the wrapped modules, in model order.
     """
+    rows = RowKeys() if rows is None else rows
     wrapped = []
     for name, module in list(model.named_modules()):
         leaf = name.rsplit(".", 1)[-1]
@@ -96,7 +129,15 @@ def wrap_model(model: nn.Module, cfg: ReLoRAConfig, generator: torch.Generator) 
             setattr(
                 parent,
                 leaf,
-                ReLoRALinear(module, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, generator=generator),
+                ReLoRALinear(
+                    module,
+                    rank=cfg.rank,
+                    alpha=cfg.alpha,
+                    dropout=cfg.dropout,
+                    generator=generator,
+                    name=name,
+                    rows=rows,
+                ),
             )
             wrapped.append(name)
     return wrapped
@@ -105,6 +146,11 @@ def wrap_model(model: nn.Module, cfg: ReLoRAConfig, generator: torch.Generator) 
 def relora_modules(model: nn.Module) -> dict[str, ReLoRALinear]:
     """Canonical name → wrapped module."""
     return {n: m for n, m in model.named_modules() if isinstance(m, ReLoRALinear)}
+
+
+def row_keys_of(model: nn.Module) -> RowKeys | None:
+    """The :class:`~trainer.keyed_dropout.RowKeys` the wrapped modules of ``model`` share (``None`` if none is wrapped)."""
+    return next((m.rows for m in relora_modules(model).values()), None)
 
 
 def merge_all(model: nn.Module, generator: torch.Generator) -> int:

@@ -40,7 +40,16 @@ RELORA = [
 ]  # a stable regime: at lr 3e-3 this tiny run is chaotic and float32 rounding differences grow
 
 
-def torchrun(nproc: int, out: Path, overrides: list[str], *, env_extra: dict | None = None, resume: bool = False):
+def torchrun(
+    nproc: int,
+    out: Path,
+    overrides: list[str],
+    *,
+    env_extra: dict | None = None,
+    resume: bool = False,
+    launcher: list[str] | None = None,
+):
+    """``torchrun --standalone --nproc_per_node NPROC [LAUNCHER...] -m dynamics.cli train --out OUT --set ...``."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     env.update(OMP_NUM_THREADS="1", **(env_extra or {}))
     cmd = [
@@ -49,6 +58,7 @@ def torchrun(nproc: int, out: Path, overrides: list[str], *, env_extra: dict | N
         "torch.distributed.run",
         "--standalone",
         f"--nproc_per_node={nproc}",
+        *(launcher or []),
         "-m",
         "dynamics.cli",
         "train",
@@ -199,3 +209,13 @@ def test_single_process_context_is_a_no_op():
     p.grad = torch.full((2,), 3.0)
     ctx.average_gradients([p])
     assert p.grad.tolist() == [3.0, 3.0]
+
+
+def test_shard_range_names_the_rows_shard_keeps():
+    """Rank k keeps rows k·b/W … (k+1)·b/W − 1 of each global micro-batch: the rows its dropout masks are keyed by."""
+    x = torch.arange(8.0)[:, None]  # row i holds i
+    assert DistContext().shard_range(8) == range(8)
+    for rank in range(4):
+        ctx = DistContext(rank=rank, world_size=4)
+        assert ctx.shard_range(8) == range(2 * rank, 2 * rank + 2)
+        assert ctx.shard(x)[:, 0].tolist() == list(map(float, ctx.shard_range(8)))

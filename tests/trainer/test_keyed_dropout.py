@@ -82,3 +82,27 @@ def test_identity_in_eval_and_plain_dropout_without_keys():
 def test_cuda_masks_equal_cpu_masks():
     x = torch.randn(4, 8, 16)
     assert torch.equal(_drop(x.cuda(), seed=1, step=2, first_row=3).cpu(), _drop(x, seed=1, step=2, first_row=3))
+
+
+@pytest.mark.slow
+def test_dropout_bench_quick(tmp_path, capsys):
+    """benchmarks/dropout_bench.py --quick runs end to end: positive times, both kinds, masks equal across devices."""
+    import importlib.util
+    import json
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "dropout_bench.py"
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = bench
+    spec.loader.exec_module(bench)
+    out = bench.main(["--quick", "--device", "cpu", "--repeats", "1", "--json", str(tmp_path / "d.json")])
+    assert json.loads((tmp_path / "d.json").read_text())["settings"]["rows"] == 2
+    for workload in ("op", "layer"):
+        assert all(out["seconds"][workload][k] > 0 for k in ("plain", "keyed"))
+        assert out["time_ratio_keyed_over_plain"][workload] > 0
+        assert out["saved_bytes"][workload]["keyed"] > 0
+    assert out["masks_agree"] == {"device_equals_cpu": True}
+    assert "keyed/plain, layer: time" in capsys.readouterr().out

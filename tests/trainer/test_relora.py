@@ -17,6 +17,8 @@ from trainer.relora import (
     lora_parameters,
     merge_all,
     prune_optimizer_state,
+    relora_modules,
+    row_keys_of,
     wrap_model,
 )
 from trainer.train import Trainer, train
@@ -239,6 +241,91 @@ def test_warm_start_then_relora_and_init_from(tmp_path, fast_overrides):
     init = load_checkpoint(tmp_path / "i", step=0).model
     for k, v in load_checkpoint(run, step=5).model.items():
         torch.testing.assert_close(init[k], v, rtol=0, atol=0)
+
+
+def dropout_micro(p: float = 0.5) -> Decoder:
+    """A wrapped micro model in train mode whose adapters are not zero (B ~ N(0, 0.05)), so dropout shows."""
+    model, _ = wrapped_micro(dropout=p)
+    with torch.no_grad():
+        for m in relora_modules(model).values():
+            m.lora_b.weight.normal_(0, 0.05, generator=torch.Generator().manual_seed(3))
+    return model.train()
+
+
+def test_adapter_dropout_masks_follow_the_rows_not_the_split():
+    """Rows 0-3 in one micro-batch or as 0-1 and 2-3 (two processes or two accumulation steps) get the same masks."""
+    model = dropout_micro()
+    rows = row_keys_of(model)
+    assert rows is not None and all(m.rows is rows for m in relora_modules(model).values())
+    x, _ = batch()  # (4, 24)
+    rows.set(seed=7, step=3, first_row=0, n_rows=4, device="cpu")
+    whole = model(x)
+    parts = []
+    for first in (0, 2):
+        rows.set(seed=7, step=3, first_row=first, n_rows=2, device="cpu")
+        parts.append(model(x[first : first + 2]))
+    torch.testing.assert_close(torch.cat(parts), whole, rtol=1e-5, atol=1e-6)
+    rows.set(seed=7, step=4, first_row=0, n_rows=4, device="cpu")  # another step: other masks
+    assert (model(x) - whole).abs().max() > 1e-3
+    model.eval()  # no dropout at all: the same output whatever the keys
+    eval_out = model(x)
+    rows.set(seed=7, step=3, first_row=0, n_rows=4, device="cpu")
+    assert torch.equal(model(x), eval_out)
+
+
+def test_row_keys_are_not_in_the_state_dict():
+    model, _ = wrapped_micro(dropout=0.1)
+    torch.manual_seed(0)
+    plain_keys = set(Decoder(MICRO).state_dict())
+    lora_keys = {f"{n}.lora_{f}.weight" for n in relora_modules(model) for f in ("a", "b")}
+    assert set(model.state_dict()) == plain_keys | lora_keys
+    row_keys_of(model).set(seed=0, step=0, first_row=0, n_rows=4, device="cpu")
+    assert set(model.state_dict()) == plain_keys | lora_keys  # setting keys adds no buffer
+
+
+def test_the_trainer_keys_every_adapter_dropout_also_after_a_warm_start(tmp_path, fast_overrides, monkeypatch):
+    """The fallback to plain (process-RNG) dropout never runs in training, before or after the warm-start switch."""
+
+    def unkeyed(*args, **kwargs):
+        raise AssertionError("adapter dropout fell back to the process's random stream")
+
+    monkeypatch.setattr(torch.nn.functional, "dropout", unkeyed)
+    cfg = build_config(
+        overrides=relora_overrides(fast_overrides, "steps=6", "relora.warm_start_steps=2", "grad_accum=2")
+    )
+    t = Trainer(cfg, tmp_path / "w", progress=False)
+    t.setup()
+    try:
+        t.run()
+        assert t.wrapped and row_keys_of(t.model) is t.row_keys
+        assert t.row_keys.keys is not None and t.row_keys.keys.shape == (cfg.micro_batch_size,)
+    finally:
+        t.cleanup()
+
+
+def test_a_compiled_layer_reads_the_refilled_keys_without_recompiling(monkeypatch):
+    """RowKeys refills its tensor in place: one graph serves every step, and it reads the new keys (not constants)."""
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    layer = ReLoRALinear(
+        torch.nn.Linear(16, 8, bias=False),
+        rank=2,
+        alpha=4.0,
+        dropout=0.5,
+        generator=torch.Generator().manual_seed(0),
+        name="layers.0.attn.q",
+    )
+    with torch.no_grad():
+        layer.lora_b.weight.normal_(generator=torch.Generator().manual_seed(1))
+    compiled = torch.compile(layer, backend="aot_eager")
+    x = torch.randn(4, 3, 16)
+    outputs = []
+    for step in range(3):
+        layer.rows.set(seed=0, step=step, first_row=0, n_rows=4, device="cpu")
+        outputs.append(compiled(x))
+        torch.testing.assert_close(outputs[-1], layer(x), rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(outputs[0], outputs[1])
+    torch._dynamo.reset()
 
 
 @pytest.mark.slow
