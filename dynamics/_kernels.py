@@ -54,6 +54,8 @@ __all__ = [
     "truncated_condition_number",
     "top_k_energy",
     "tail_energy",
+    "frobenius_norm",
+    "nuclear_norm",
 ]
 
 #: auto mode tries the Gram route when max(m, n) >= GRAM_MIN_ASPECT * min(m, n).
@@ -344,3 +346,16 @@ def tail_energy(values: np.ndarray, k: int) -> np.ndarray:
     tail = e[..., k:].sum(-1)
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(nonzero, np.clip(tail / np.where(total > 0, total, 1.0), 0, 1), 0.0)
+
+
+def frobenius_norm(values: np.ndarray) -> np.ndarray:
+    """``||M||_F = sqrt(sum s**2)`` (summed as ``s_1 * sqrt(sum (s/s_1)**2)``: no overflow of the squares); 0 for the zero matrix."""
+    t, _ = _normalised(values)
+    norm: np.ndarray = values[..., 0] * np.sqrt((t * t).sum(-1))
+    return norm
+
+
+def nuclear_norm(values: np.ndarray) -> np.ndarray:
+    """``||M||_* = sum s`` (trace norm); 0 for the zero matrix."""
+    norm: np.ndarray = values.sum(-1)
+    return norm

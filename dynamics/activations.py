@@ -1,5 +1,8 @@
 """Activation metrics: effective rank (centred or not), anisotropy, linear CKA.
 
+SVCCA and PWCCA (canonical-correlation similarity, invariant to every invertible
+linear map, so they need tokens >> features) are in :mod:`dynamics.similarity`.
+
 Activations are ``(tokens, features)`` matrices (rows are tokens / positions),
 or batches ``(..., tokens, features)``.  All computations run in float64 on
 CPU (float32 on CUDA unless float64); half-precision inputs are upcast.

@@ -21,6 +21,10 @@ participation ratio            ``(sum s**2)**2 / sum s**4`` (eigenvalue    ``[1,
                                participation ratio of ``M^T M``)
 top-k energy                   ``sum_{i<=k} s_i**2 / sum s**2``            ``[0, 1]``; zero matrix -> 0
 tail energy                    ``sum_{i>k} s_i**2 / sum s**2``             ``[0, 1]``; zero matrix -> 0
+spectral norm                  ``s_1`` (operator 2-norm; = ``sigma_max``)  ``[0, inf)``
+Frobenius norm                 ``sqrt(sum s**2)``                          ``[0, inf)``; = root sum of
+                                                                           squared entries
+nuclear norm                   ``sum s`` (trace norm)                      ``[0, inf)``
 =============================  ==========================================  ==============================
 
 "Spectral entropy" here is the *normalised Shannon entropy of p = s / sum(s)*;
@@ -44,6 +48,9 @@ for a positive ``tol``: singular values just below ``tol`` are not counted by
 the numerical rank but still add to the effective and stable ranks (e.g.
 ``s = (1, 0.9 x 100)`` with ``tol = 0.95`` has numerical rank 1, stable rank 82).
 The bound that does hold is ``stable_rank <= r + (k - r) * (tol / s_1)**2``.
+
+Metrics of a matrix's *entries* rather than its singular values (Gini
+coefficient, Hoyer sparsity, induced ∞-norm) are in :mod:`dynamics.sparsity`.
 
 Every wrapper accepts either a matrix / batch (numpy or torch; computed with a
 single singular-value computation, see :func:`dynamics.spectrum`) or an
@@ -292,8 +299,9 @@ def spectrum_metrics(
         ``stable_rank``, ``numerical_rank``, ``condition_number``,
         ``log10_condition_number``, ``truncated_condition_number``,
         ``log10_truncated_condition_number``, ``spectral_entropy``,
-        ``participation_ratio``, ``sigma_max``, ``sigma_min``, and
-        ``top_{{k}}_energy`` per ``k``; values are floats (ints for the rank)
+        ``participation_ratio``, ``sigma_max``, ``sigma_min``,
+        ``spectral_norm`` (= ``sigma_max``), ``frobenius_norm``,
+        ``nuclear_norm``, and ``top_{{k}}_energy`` per ``k``; values are floats (ints for the rank)
         for one matrix, arrays of the batch shape for a batch.
 
     Examples

@@ -231,6 +231,18 @@ class Spectrum:
         """Smallest singular value ``s_k`` (0 if only ``r < k`` values are stored)."""
         return kern.as_result(kern.sigma_min(self.values, self.k))
 
+    def spectral_norm(self) -> Result:
+        """Spectral (operator 2-) norm ``||M||_2 = s_1``; the same number as :meth:`sigma_max`."""
+        return kern.as_result(self.values[..., 0])
+
+    def frobenius_norm(self) -> Result:
+        """Frobenius norm ``||M||_F = sqrt(sum s_i**2)`` (equal to the root sum of squared entries)."""
+        return kern.as_result(kern.frobenius_norm(self.values))
+
+    def nuclear_norm(self) -> Result:
+        """Nuclear (trace) norm ``||M||_* = sum s_i``."""
+        return kern.as_result(kern.nuclear_norm(self.values))
+
     def default_tol(self) -> Result:
         """Default rank tolerance ``s_1 * max(m, n) * eps(dtype)``."""
         return kern.as_result(kern.default_tol(self.values, self.shape, self.eps))
@@ -301,6 +313,9 @@ class Spectrum:
             "participation_ratio": kern.as_result(kern.participation_ratio(v)),
             "sigma_max": kern.as_result(v[..., 0]),
             "sigma_min": kern.as_result(kern.sigma_min(v, k)),
+            "spectral_norm": kern.as_result(v[..., 0]),
+            "frobenius_norm": kern.as_result(kern.frobenius_norm(v)),
+            "nuclear_norm": kern.as_result(kern.nuclear_norm(v)),
         }
         for kk in top_k:
             kk = kern.check_k(kk, "spectrum_metrics")

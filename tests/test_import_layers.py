@@ -36,6 +36,8 @@ MATHS_CORE = frozenset(
         "dynamics.heavy_tails",
         "dynamics.noise",
         "dynamics.subspaces",
+        "dynamics.similarity",
+        "dynamics.sparsity",
     }
 )
 CORE_THIRD_PARTY = frozenset({"torch", "numpy"})

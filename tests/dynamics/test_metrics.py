@@ -243,9 +243,38 @@ def test_spectrum_metrics_keys_and_consistency():
         "participation_ratio",
         "sigma_max",
         "sigma_min",
+        "spectral_norm",
+        "frobenius_norm",
+        "nuclear_norm",
         "top_1_energy",
         "top_10_energy",
     }
+
+
+@pytest.mark.parametrize("method", ["direct", "gram", "auto"])
+def test_norms_from_the_spectrum_match_torch(method):
+    M = torch.randn(3, 40, 7, dtype=torch.float64)  # tall: the Gram route applies
+    m = dynamics.spectrum_metrics(M, method=method)
+    for key, ord_ in (("frobenius_norm", "fro"), ("nuclear_norm", "nuc"), ("spectral_norm", 2)):
+        np.testing.assert_allclose(m[key], torch.linalg.matrix_norm(M, ord=ord_).numpy(), rtol=1e-12, err_msg=key)
+    np.testing.assert_array_equal(m["spectral_norm"], m["sigma_max"])
+    s = dynamics.spectrum(M[0])
+    assert s.frobenius_norm() == pytest.approx(float(torch.linalg.matrix_norm(M[0])), rel=1e-12)
+    assert s.nuclear_norm() == pytest.approx(float(torch.linalg.matrix_norm(M[0], ord="nuc")), rel=1e-12)
+    assert s.spectral_norm() == s.sigma_max()
+
+
+def test_norms_of_factored_zero_and_huge_spectra():
+    rng = np.random.default_rng(11)
+    L, R = rng.standard_normal((30, 3)), rng.standard_normal((3, 20))
+    f = dynamics.product_spectrum(L, R)  # 3 stored values, 17 implied zeros
+    for key, ord_ in (("frobenius_norm", "fro"), ("nuclear_norm", "nuc"), ("spectral_norm", 2)):
+        assert f.metrics()[key] == pytest.approx(np.linalg.norm(L @ R, ord_), rel=1e-12), key
+    zero = metrics_of(np.zeros((4, 3)))
+    assert zero["frobenius_norm"] == zero["nuclear_norm"] == zero["spectral_norm"] == 0.0
+    huge = Spectrum(np.array([4e200, 3e200]), (2, 2))  # the squares overflow float64; the norm does not
+    assert huge.frobenius_norm() == pytest.approx(5e200, rel=1e-15)
+    assert huge.nuclear_norm() == pytest.approx(7e200, rel=1e-15)
 
 
 def test_factored_spectrum_implied_zeros():

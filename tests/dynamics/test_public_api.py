@@ -12,7 +12,8 @@ def test_every_name_in_all_resolves():
     assert len(set(dynamics.__all__)) == len(dynamics.__all__)
 
 
-#: the public names; a change here is an API change (issue 16 added merge_updates, the new name of restart_updates).
+#: the public names; a change here is an API change (issue 16 added merge_updates, the new name of restart_updates;
+#: issue 18 added gini, hoyer_sparsity, induced_inf_norm, svcca, pwcca).
 PUBLIC = {
     "AnalysisError",
     "DynamicsError",
@@ -39,6 +40,9 @@ PUBLIC = {
     "effective_rank",
     "esd_power_law",
     "fit_power_law",
+    "gini",
+    "hoyer_sparsity",
+    "induced_inf_norm",
     "intruder_dimensions",
     "kv_head_index",
     "layer_views",
@@ -58,6 +62,7 @@ PUBLIC = {
     "principal_angles",
     "product_spectrum",
     "proportional_effective_rank",
+    "pwcca",
     "qk_circuit",
     "qk_circuit_spectra",
     "read_results",
@@ -71,6 +76,7 @@ PUBLIC = {
     "split_heads",
     "stable_rank",
     "subspace_overlap",
+    "svcca",
     "tail_energy",
     "top_k_energy",
     "top_singular_vectors",
