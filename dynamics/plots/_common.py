@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from dynamics.plots._style import ACT_ORDER, CIRCUITS, X_LABELS
+from dynamics.stats import mean_interval
 from dynamics.summary import COMPONENT_ORDER
 from dynamics.validation import DynamicsError
 from trainer.run_format import RESULTS_COLUMNS
@@ -197,6 +198,35 @@ def drawable(rows: pd.DataFrame, caller: str, what: str) -> pd.DataFrame:
     if out.empty:
         raise NoDataError(f"{caller}: every {what} value is non-finite")
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# seeds
+
+
+def has_seeds(rows: pd.DataFrame) -> bool:
+    """Whether every method in ``rows`` has two or more runs (seed replicates): bands are then across seeds."""
+    runs = rows.groupby("method")["run"].nunique()
+    return bool(len(runs)) and bool((runs >= 2).all())
+
+
+def across_seeds(rows: pd.DataFrame, by: Sequence[str]) -> pd.DataFrame:
+    """Mean over runs and its 95 % Student-t interval across runs, per ``by`` (e.g. ``["method", "tokens"]``).
+
+    Each run contributes one value per ``by`` group: the mean of its rows there
+    (over layers, components ...). Returns columns ``by`` + ``mean``, ``low``,
+    ``high``, ``n`` (runs); ``low``/``high`` are NaN where ``n < 2``. The interval
+    is :func:`dynamics.stats.mean_interval`'s, ``x̄ ± t_{0.975, n−1} s/√n``.
+    """
+    keys = list(by)
+    per_run = rows.groupby([*keys, "run"], as_index=False, sort=True)["value"].mean()
+    out = []
+    for key, g in per_run.groupby(keys, sort=True):
+        mean, lo, hi = mean_interval(g["value"].to_numpy(dtype=float))
+        rec = dict(zip(keys, key if isinstance(key, tuple) else (key,)))
+        rec.update(mean=mean, low=np.nan if lo is None else lo, high=np.nan if hi is None else hi, n=len(g))
+        out.append(rec)
+    return pd.DataFrame(out, columns=[*keys, "mean", "low", "high", "n"])
 
 
 # ----------------------------------------------------------------------------------------------

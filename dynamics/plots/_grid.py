@@ -2,7 +2,7 @@
 
 Each panel draws one line per method: the mean over layers of a metric over
 training. The band is the **95 % t-interval across seeds** of that layer mean
-(:func:`dynamics.seeds.mean_interval`) when every method has two or more runs,
+(:func:`dynamics.plots._common.across_seeds`) when every method has two or more runs,
 else the range over layers; the figure's title says which. The columns are the
 per-layer matrices the table holds for those metrics (so a ReLoRA run that
 wrapped only q and v gets q and v columns for its wrapped-only metrics), in
@@ -20,8 +20,10 @@ import pandas as pd
 import dynamics.plots._style as S
 from dynamics.plots._common import (
     NoDataError,
+    across_seeds,
     check_table,
     finite,
+    has_seeds,
     is_head,
     merge_positions,
     numeric,
@@ -30,7 +32,6 @@ from dynamics.plots._common import (
     without_factors,
     x_column,
 )
-from dynamics.seeds import mean_interval
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -44,15 +45,6 @@ def matrix_rows(table: pd.DataFrame, kind: str, metric: str) -> pd.DataFrame:
     rows = without_factors(table[(table["kind"] == kind) & (table["metric"] == metric)])
     rows = rows[~is_head(rows)]
     return rows[rows["component"].isin(per_layer(rows))]
-
-
-def _band(values: pd.Series, seeds: bool) -> tuple[float, float]:
-    """95 % t-interval of ``values`` (one per seed) or their range; the mean for a single seed."""
-    v = values.to_numpy(dtype=float)
-    if not seeds:
-        return float(v.min()), float(v.max())
-    mean, lo, hi = mean_interval(v.tolist())
-    return (mean if lo is None else lo), (mean if hi is None else hi)
 
 
 def grid(
@@ -87,11 +79,8 @@ def grid(
         )
     x = x_column(rows, x, caller)
     comps = ordered(set(rows["component"]))
-    per_run = rows.groupby(["_spec", "method", "run", "component", "step"], as_index=False).agg(
-        value=("value", "mean"), tokens=("tokens", "first")
-    )
     methods = S.methods_of(rows)
-    seeds = all(rows.loc[rows["method"] == m, "run"].nunique() >= 2 for m in methods)
+    seeds = has_seeds(rows)
     merges = merge_positions(table, x)
     pal = S.method_palette(methods)
     present = [i for i in range(len(specs)) if (rows["_spec"] == i).any()]
@@ -101,19 +90,17 @@ def grid(
             _, _, ylabel = specs[i]
             for c, comp in enumerate(comps):
                 ax = axes[row, c]
-                data = per_run if seeds else rows
-                data = data[(data["_spec"] == i) & (data["component"] == comp)]
-                for m in methods:
+                data = rows[(rows["_spec"] == i) & (rows["component"] == comp)]
+                if seeds and not data.empty:
+                    S.band_lines(ax, across_seeds(data, ["method", x]), x, methods)
+                for m in methods if not seeds else ():
                     d = data[data["method"] == m]
                     if d.empty:
                         continue
                     g = d.groupby(x)["value"]
-                    bands = [_band(v, seeds) for _, v in g]
                     xs = np.asarray(g.mean().index, dtype=float)
                     ax.plot(xs, g.mean().to_numpy(), color=pal[m], marker="o", markersize=3, linewidth=1.5)
-                    ax.fill_between(
-                        xs, [b[0] for b in bands], [b[1] for b in bands], color=pal[m], alpha=0.2, linewidth=0
-                    )
+                    ax.fill_between(xs, g.min().to_numpy(), g.max().to_numpy(), color=pal[m], alpha=0.2, linewidth=0)
                 if chance and i in chance:
                     ch = matrix_rows(table, *chance[i])
                     ch = ch[ch["component"] == comp]

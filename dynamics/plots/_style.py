@@ -283,3 +283,23 @@ def method_lines(ax: Axes, data: pd.DataFrame, x: str, methods: Sequence[str]) -
         legend=False,
         ax=ax,
     )
+
+
+def band_lines(
+    ax: Axes, stats: pd.DataFrame, x: str, methods: Sequence[str], *, marker: str | None = "o", key: str = "method"
+) -> None:
+    """One line per method at ``stats["mean"]`` with a shaded band from ``low`` to ``high`` (NaN: no band there).
+
+    ``stats``: rows per ``key`` and ``x`` (as :func:`dynamics.plots._common.across_seeds` returns).
+    """
+    pal = method_palette(methods)
+    for m in methods:
+        s = stats[stats[key] == m].sort_values(x)
+        if s.empty:
+            continue
+        xs = s[x].to_numpy(dtype=float)
+        ax.plot(xs, s["mean"].to_numpy(dtype=float), color=pal[m], marker=marker, markersize=4, linewidth=1.6)
+        lo, hi = s["low"].to_numpy(dtype=float), s["high"].to_numpy(dtype=float)
+        ok = np.isfinite(lo) & np.isfinite(hi)
+        if ok.any():
+            ax.fill_between(xs, lo, hi, where=ok, color=pal[m], alpha=0.2, linewidth=0)

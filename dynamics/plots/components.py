@@ -10,9 +10,11 @@ import pandas as pd
 import dynamics.plots._style as S
 from dynamics.plots._common import (
     NoDataError,
+    across_seeds,
     canonical_kind,
     check_table,
     drawable,
+    has_seeds,
     merge_heads,
     ordered,
     select,
@@ -21,6 +23,7 @@ from dynamics.plots._common import (
 from dynamics.seeds import seed_summary
 
 if TYPE_CHECKING:
+    from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
 __all__ = ["plot_component_summary", "plot_seed_summary"]
@@ -31,7 +34,9 @@ def plot_component_summary(
 ) -> Figure:
     """Layer-mean ``metric`` per component at each run's final step (or ``step``), methods side by side.
 
-    Bars are the mean over layers (and runs), whiskers the range over layers.
+    Bars are the mean over layers (and runs), whiskers the range over layers;
+    with two or more runs (seeds) of every method, bars are the mean over seeds
+    of each run's layer mean and whiskers its 95 % t-interval across seeds.
     Components: every component all methods have (projections, the per-head
     OV/QK circuits averaged over heads, ``embed``, ``lm_head`` ...), in
     :data:`dynamics.summary.COMPONENT_ORDER`; ReLoRA's adapter factors are left out.
@@ -56,39 +61,71 @@ def plot_component_summary(
         rows = at
     methods = S.methods_of(rows)
     final = {m: sorted({int(s) for s in rows.loc[rows["method"] == m, "step"]}) for m in methods}
-    sns, _ = S.libs()
     pal = S.method_palette(methods)
+    seeds = has_seeds(rows)
     with S.theme():
         fig, axes = S.figure(1, 1, panel=(max(4.0, 0.55 * len(comps) * max(len(methods), 1) + 1.0), 3.2))
         ax = axes[0, 0]
-        sns.barplot(
-            data=rows,
-            x="component",
-            y="value",
-            hue="method",
-            order=comps,
-            hue_order=methods,
-            palette=pal,
-            estimator="mean",
-            errorbar=("pi", 100),
-            capsize=0.15,
-            err_kws={"linewidth": 1.0},
-            legend=False,
-            ax=ax,
-        )
+        if seeds:
+            _interval_bars(ax, across_seeds(rows, ["component", "method"]), comps, methods)
+        else:
+            _range_bars(ax, rows, comps, methods)
         ax.set_xlabel("component")
         ax.set_ylabel(S.short(metric))
         ax.tick_params(axis="x", labelrotation=30)
         where = "final step" if step is None else f"step {step}"
-        ax.set_title(
-            f"{S.KIND_LABELS.get(kind, kind)}: {S.METRIC_LABELS.get(metric, metric)} at the {where}\n"
-            "bars: layer mean, whiskers: range over layers"
+        what = (
+            "bars: mean over seeds of the layer mean, whiskers: 95% t-interval across seeds"
+            if seeds
+            else "bars: layer mean, whiskers: range over layers"
         )
+        ax.set_title(f"{S.KIND_LABELS.get(kind, kind)}: {S.METRIC_LABELS.get(metric, metric)} at the {where}\n{what}")
+        runs = rows.groupby("method")["run"].nunique()
         handles = [
-            S.handle(f"{S.label(m)} (step {', '.join(map(str, final[m]))})", color=pal[m], linewidth=6) for m in methods
+            S.handle(
+                f"{S.label(m)} (step {', '.join(map(str, final[m]))}"
+                + (f", n={int(runs[m])} seeds)" if seeds else ")"),
+                color=pal[m],
+                linewidth=6,
+            )
+            for m in methods
         ]
         S.legend(fig, handles, title="method")
     return fig
+
+
+def _interval_bars(ax: Axes, stats: pd.DataFrame, comps: list[str], methods: list[str]) -> None:
+    """Grouped bars at ``stats["mean"]`` per component and method, whiskers from ``low`` to ``high``."""
+    pal = S.method_palette(methods)
+    width = 0.8 / len(methods)
+    for j, m in enumerate(methods):
+        s = stats[stats["method"] == m].set_index("component").reindex(comps)
+        xs = np.arange(len(comps)) - 0.4 + width * (j + 0.5)
+        mean = s["mean"].to_numpy(dtype=float)
+        lo, hi = s["low"].to_numpy(dtype=float), s["high"].to_numpy(dtype=float)
+        ax.bar(xs, mean, width=width, color=pal[m])
+        ax.errorbar(xs, mean, yerr=[mean - lo, hi - mean], fmt="none", ecolor="0.2", capsize=3, linewidth=1.0)
+    ax.set_xticks(range(len(comps)), comps)
+
+
+def _range_bars(ax: Axes, rows: pd.DataFrame, comps: list[str], methods: list[str]) -> None:
+    """Seaborn bars: mean over layers (and runs) per component and method, whiskers the range."""
+    sns, _ = S.libs()
+    sns.barplot(
+        data=rows,
+        x="component",
+        y="value",
+        hue="method",
+        order=comps,
+        hue_order=methods,
+        palette=S.method_palette(methods),
+        estimator="mean",
+        errorbar=("pi", 100),
+        capsize=0.15,
+        err_kws={"linewidth": 1.0},
+        legend=False,
+        ax=ax,
+    )
 
 
 def plot_seed_summary(
@@ -97,7 +134,9 @@ def plot_seed_summary(
     """Final-step layer-mean ``metric`` per component: each method's mean and 95 % interval across seeds, p-values.
 
     Needs two or more runs of each method (seed replicates); the numbers and the
-    test named in the title are :func:`dynamics.seeds.seed_summary`'s.
+    test named in the title are :func:`dynamics.seeds.seed_summary`'s. Above each
+    component: the test's p and the Benjamini–Hochberg-adjusted p across the
+    components, with ✓ where the difference survives (adjusted p < 0.05).
     """
     caller = "plot_seed_summary"
     table, kind = check_table(table, caller), canonical_kind(kind)
@@ -120,14 +159,20 @@ def plot_seed_summary(
             hi = summary[f"{m} ci95 high"].astype(float).to_numpy()
             ax.bar(xs, mean, width=width, color=pal[m])
             ax.errorbar(xs, mean, yerr=[mean - lo, hi - mean], fmt="none", ecolor="0.2", capsize=3, linewidth=1.0)
-        top = np.nanmax(summary[[f"{m} ci95 high" for m in methods]].astype(float).to_numpy())
-        for i, p in enumerate(summary["p_value"]):
-            ax.text(i, top * 1.02, "–" if p is None else f"p={p:.2g}", ha="center", va="bottom", fontsize=7)
+        highs = summary[[f"{m} ci95 high" for m in methods]].astype(float).to_numpy()
+        top = float(np.nanmax(highs)) if np.isfinite(highs).any() else 1.0
+        lows = summary[[f"{m} ci95 low" for m in methods]].astype(float).to_numpy()
+        span = top - min(0.0, float(np.nanmin(lows)) if np.isfinite(lows).any() else 0.0)
+        for i, (p, q, sig) in enumerate(zip(summary["p_value"], summary["p_adjusted"], summary["significant"])):
+            text = "not tested" if p is None else f"p={p:.2g}\nBH {q:.2g}{' ✓' if sig else ''}"
+            ax.text(i, top + 0.03 * span, text, ha="center", va="bottom", fontsize=7)
+        ax.set_ylim(top=top + 0.2 * span)
         ax.set_xticks(range(len(comps)), comps, rotation=30)
         ax.set_ylabel(S.short(metric))
         ax.set_title(
             f"{S.KIND_LABELS.get(kind, kind)}: {S.METRIC_LABELS.get(metric, metric)} at the final step\n"
-            f"bars: mean over seeds, whiskers: 95% t-interval; p: {'; '.join(tests)}"
+            f"bars: mean over seeds, whiskers: 95% t-interval; p: {'; '.join(tests)}\n"
+            "BH: p adjusted across components (Benjamini–Hochberg), ✓ where < 0.05"
         )
         S.legend(
             fig,

@@ -12,10 +12,12 @@ import pandas as pd
 import dynamics.plots._style as S
 from dynamics.plots._common import (
     NoDataError,
+    across_seeds,
     canonical_kind,
     check_table,
     drawable,
     finite,
+    has_seeds,
     merge_positions,
     numeric,
     ordered,
@@ -64,7 +66,9 @@ def plot_rank_over_training(
     -------
     matplotlib.figure.Figure
         One line per layer (y = the value; several runs of a method averaged).
-        ReLoRA merges are marked with dotted vertical lines in ReLoRA's column.
+        With two or more runs (seeds) of every method, each layer's line has a
+        band: the 95 % t-interval across seeds. ReLoRA merges are marked with
+        dotted vertical lines in ReLoRA's column.
     """
     caller = "plot_rank_over_training"
     table, kind = check_table(table, caller), canonical_kind(kind)
@@ -77,6 +81,7 @@ def plot_rank_over_training(
     pal = S.layer_palette(layers)
     merges = merge_positions(table, x)
     marker = "o" if rows["step"].nunique() <= 30 else None
+    seeds = has_seeds(rows)
     sns, _ = S.libs()
     with S.theme():
         fig, axes = S.figure(len(comps), len(methods), panel=(3.6, 2.1), sharex=True, sharey=True)
@@ -84,7 +89,14 @@ def plot_rank_over_training(
             for j, method in enumerate(methods):
                 ax = axes[i, j]
                 data = rows[(rows["component"] == comp) & (rows["method"] == method)]
-                if not data.empty:
+                if not data.empty and seeds:
+                    st = across_seeds(data, ["layer", x])
+                    for lay in layers:
+                        s_ = st[st["layer"] == lay]
+                        xs = s_[x].to_numpy(dtype=float)
+                        ax.plot(xs, s_["mean"], color=pal[lay], marker=marker, markersize=4, linewidth=1.4)
+                        ax.fill_between(xs, s_["low"], s_["high"], color=pal[lay], alpha=0.15, linewidth=0)
+                elif not data.empty:
                     sns.lineplot(
                         data=data,
                         x=x,
@@ -106,7 +118,11 @@ def plot_rank_over_training(
                 ax.set_title(f"{S.label(method)} · {comp}")
                 S.style_x(ax, x)
         S.outer_labels(axes, S.X_LABELS[x], S.short(metric))
-        S.suptitle(fig, f"{S.KIND_LABELS.get(kind, kind)}: {S.METRIC_LABELS.get(metric, metric)} per layer")
+        S.suptitle(
+            fig,
+            f"{S.KIND_LABELS.get(kind, kind)}: {S.METRIC_LABELS.get(metric, metric)} per layer"
+            + ("\nline: mean over seeds, band: 95% t-interval across seeds" if seeds else ""),
+        )
         handles = [
             S.handle(str(lay) if lay >= 0 else "model", color=pal[lay], linewidth=2, marker=marker, markersize=4)
             for lay in layers
@@ -128,7 +144,9 @@ def plot_condition_numbers(
 ) -> Figure:
     """Condition numbers of ``kind`` (default gradients) over training, one panel per component.
 
-    Lines are the layer mean per method, bands the range over layers.
+    Lines are the layer mean per method. Bands: with two or more runs (seeds)
+    of every method, the 95 % t-interval across seeds of each run's layer mean
+    (line = mean over seeds); with one run per method, the range over layers.
     ``metric`` is ``log10_condition_number`` (default, log10 σ₁/σ_k),
     ``log10_truncated_condition_number`` (σ_k = the smallest singular value
     above the rank tolerance), or a raw ``condition_number`` /
@@ -143,13 +161,17 @@ def plot_condition_numbers(
     x = x_column(rows, x, caller)
     methods = S.methods_of(rows)
     merges = merge_positions(table, x)
+    seeds = has_seeds(rows)
     ncols = min(col_wrap, len(comps))
     nrows = -(-len(comps) // ncols)
     with S.theme():
         fig, axes = S.figure(nrows, ncols, panel=(3.2, 2.4), sharex=True, sharey=True)
         for ax, comp in zip(axes.flat, comps):
             data, dropped = finite(rows[rows["component"] == comp], caller)
-            if not data.empty:
+            if not data.empty and seeds:
+                marker = "o" if data["step"].nunique() <= 30 else None
+                S.band_lines(ax, across_seeds(data, ["method", x]), x, methods, marker=marker)
+            elif not data.empty:
                 S.method_lines(ax, data, x, methods)
             if dropped:
                 ax.text(
@@ -177,7 +199,11 @@ def plot_condition_numbers(
         S.suptitle(
             fig,
             f"{S.KIND_LABELS.get(kind, kind)}: {S.METRIC_LABELS.get(metric, metric)} "
-            "(line: layer mean, band: range over layers)",
+            + (
+                "(line: layer mean, mean over seeds; band: 95% t-interval across seeds)"
+                if seeds
+                else "(line: layer mean, band: range over layers)"
+            ),
         )
         handles = S.method_handles(methods) + ([S.merge_handle()] if merges else [])
         S.legend(fig, handles, title="method")

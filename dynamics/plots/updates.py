@@ -12,9 +12,11 @@ import dynamics.plots._style as S
 from dynamics.plots._common import (
     MERGE_KIND,
     NoDataError,
+    across_seeds,
     canonical_kind,
     check_table,
     drawable,
+    has_seeds,
     merge_positions,
     pick_components,
     x_column,
@@ -54,7 +56,9 @@ def plot_update_rank(
     ``update_cumulative`` (W_t − W_0), ``update_merge`` (one ReLoRA cycle, the
     update between merges k−1 and k, rank ≤ r) and ``lora`` (the live adapter
     s·B·A). Lines are the mean over layers and ``components`` (default every
-    per-layer matrix the table holds for that kind), bands the range. ReLoRA
+    per-layer matrix the table holds for that kind); bands the 95 % t-interval
+    across seeds of each run's mean when every method has two or more runs, else
+    the range over layers and components. ReLoRA
     merges (:func:`merge_steps`) are dotted vertical lines; without a ReLoRA run
     there are none (logged).
     """
@@ -79,6 +83,7 @@ def plot_update_rank(
     x = x_column(rows, x, caller)
     methods = S.methods_of(rows)
     merges = merge_positions(table, x)
+    seeds = has_seeds(rows)
     if not merges:
         log.info(
             "%s: no ReLoRA merges found in the table (no relora run, or no update_merge rows / lr restarts); "
@@ -89,7 +94,10 @@ def plot_update_rank(
         fig, axes = S.figure(1, len(present), panel=(3.4, 2.8), sharex=True, sharey=True)
         for ax, k in zip(axes[0], present):
             data = rows[rows["kind"] == k]
-            if not data.empty:
+            if not data.empty and seeds and has_seeds(data):
+                marker = "o" if data["step"].nunique() <= 30 else None
+                S.band_lines(ax, across_seeds(data, ["method", x]), x, methods, marker=marker)
+            elif not data.empty:
                 S.method_lines(ax, data, x, methods)
             S.mark_merges([ax], merges)
             ax.set_title(UPDATE_TITLES[k])
@@ -98,7 +106,7 @@ def plot_update_rank(
         S.suptitle(
             fig,
             f"Update-matrix rank: {S.METRIC_LABELS.get(metric, metric)} (line: mean over layers and "
-            "projections, band: range)",
+            + ("projections and seeds, band: 95% t-interval across seeds)" if seeds else "projections, band: range)"),
         )
         handles = S.method_handles(methods) + ([S.merge_handle()] if merges else [])
         S.legend(fig, handles, title="method")

@@ -12,6 +12,7 @@ from dynamics.cli import main
 from dynamics.cross_run import comparison_key
 from dynamics.pipeline import CONFIG_DIR, shortened_settings, study_config_path, study_configs
 from trainer.config import ConfigError, build_config
+from trainer.errors import TrainerError
 
 SMALL_DEMO = [
     "steps=24",
@@ -30,31 +31,75 @@ RUN_LENGTH = ("steps", "batch_size", "grad_accum", "context", "checkpoint_interv
 
 @pytest.mark.slow
 def test_demo_end_to_end_writes_report_and_figures(tmp_path):
+    """Two seeds of each method trained in two processes; the report compares them across seeds."""
     out = tmp_path / "demo"
-    args = ["demo", "--out", str(out), "--no-progress"] + [a for o in SMALL_DEMO for a in ("--set", o)]
+    args = ["demo", "--out", str(out), "--no-progress", "--seeds", "2", "--workers", "2"]
+    args += [a for o in SMALL_DEMO for a in ("--set", o)]
     assert main(args) == 0
+    assert sorted(p.name for p in out.iterdir() if (p / "manifest.json").exists()) == [
+        "full",
+        "full-seed1",
+        "relora",
+        "relora-seed1",
+    ]
     report = (out / "report.md").read_text()
     for section in (
         "## Setup",
-        "## Findings",
-        "## Loss and minimal pairs",
-        "## Weight PER per component",
+        "## Claims of the study",
+        "## Comparisons",
+        "### Loss and minimal pairs",
+        "### Weight PER per component",
         "## Figures",
     ):
         assert section in report
-    assert "Final validation loss: ReLoRA" in report and "Minimal-pair accuracy" in report
+    assert "seeds 0, 1" in report and "paired t-test" in report and "Benjamini–Hochberg" in report
+    assert "train + evaluate (4 runs, 2 processes;" in report and "total (wall)" in report
+    assert not re.search(r"\b(better|worse)\b", report)
+    claims = report.split("## Claims of the study")[1].split("## Comparisons")[0]
+    assert len(re.findall(r"^\| C\d", claims, flags=re.M)) == 6
     images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
     assert len(images) >= 4
     for rel in images:
         png = out / rel
         assert png.is_file() and png.stat().st_size > 5000 and png.read_bytes()[:4] == b"\x89PNG"
-    assert any(p.suffix == ".pdf" for p in (out / "figures").iterdir())
+    assert {p.suffix for p in (out / "figures").iterdir()} == {".png"}  # the demo writes what its report shows
     table = pd.read_parquet(out / "results.parquet")
-    assert {"full", "relora"} == set(table["method"])
+    assert {"full", "relora"} == set(table["method"]) and table["run"].nunique() == 4
+    seeds = table[(table.kind == "run") & (table.metric == "seed")].set_index("run")["value"].to_dict()
+    assert seeds == {"full": 0, "relora": 0, "full-seed1": 1, "relora-seed1": 1}
     ev = pd.read_csv(out / "evaluation.csv")
-    assert set(ev["method"]) == {"full", "relora"}
+    assert set(ev["method"]) == {"full", "relora"} and set(ev["seed"]) == {0, 1}
     # a second call resumes the finished runs and reuses the analysis cache
     assert main(args) == 0
+
+
+def test_demo_trains_seeds_0_to_n_minus_1_of_each_method():
+    configs = pipeline.demo_configs(["steps=40"], seeds=3)
+    assert list(configs) == ["full", "relora", "full-seed1", "relora-seed1", "full-seed2", "relora-seed2"]
+    assert [c.seed for c in configs.values()] == [0, 0, 1, 1, 2, 2]
+    assert [c.method for c in configs.values()] == ["full", "relora"] * 3
+    assert all(c.steps == 40 for c in configs.values())
+    full, relora = configs["full-seed2"], configs["relora-seed2"]
+    assert comparison_key(full.to_dict()) == comparison_key(relora.to_dict())  # the analysis pairs them
+    with pytest.raises(ConfigError, match="seeds must be >= 1"):
+        pipeline.demo_configs(seeds=0)
+    with pytest.raises(ConfigError, match="seed= override"):
+        pipeline.demo("unused", overrides=["seed=4"])
+
+
+def test_demo_and_reproduce_flags_are_checked(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path), "--seeds", "0"]) == 2
+    assert "--seeds and --workers must be >= 1" in capsys.readouterr().err
+    assert main(["reproduce", "--preset", "tiny", "--out", str(tmp_path), "--workers", "0"]) == 2
+
+
+@pytest.mark.slow
+def test_a_failed_run_in_a_worker_is_named_and_the_others_finish(tmp_path):
+    configs = pipeline.demo_configs(SMALL_DEMO, seeds=1)
+    (tmp_path / "relora").write_text("not a directory")  # this run cannot be written
+    with pytest.raises(TrainerError, match=r"1 of 2 runs failed; relora: .*resumed on re-run"):
+        pipeline.train_runs(configs, tmp_path, workers=2, echo=lambda s: None)
+    assert (tmp_path / "full" / "manifest.json").is_file()
 
 
 @pytest.mark.parametrize("preset", ["tiny", "small"])

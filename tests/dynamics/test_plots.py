@@ -684,6 +684,113 @@ def test_seed_summary_bars_are_the_seed_means(analyses):
         plots.plot_seed_summary(analyses[~analyses.run.str.endswith("s1")])
 
 
+# ------------------------------------------------------------------------------------------ seeds: bands across seeds
+
+
+def make_seed_table(n_seeds: int = 3) -> pd.DataFrame:
+    """:func:`make_table` for ``n_seeds`` seeds of each method: every finite value shifted by seed-level noise."""
+    rng = np.random.default_rng(4)
+    base = make_table()
+    frames = []
+    for seed in range(n_seeds):
+        t = base.copy()
+        t["run"] = t["run"] + f"-s{seed}"
+        finite = np.isfinite(t["value"].to_numpy(dtype=float))
+        t.loc[finite, "value"] = t.loc[finite, "value"] + rng.normal(0, 0.03, size=int(finite.sum()))
+        seeds = t.drop_duplicates("run").assign(step=0, layer=-1, component="model", kind="run", metric="seed")
+        frames += [t, seeds.assign(value=float(seed))]
+    return pd.concat(frames, ignore_index=True)
+
+
+def _seed_band(rows: pd.DataFrame, x: str = "tokens") -> dict[float, tuple[float, float]]:
+    """x → the 95 % t-interval across runs of each run's mean at x (what a seed band should show)."""
+    out = {}
+    for xv, g in rows.groupby(x):
+        _, lo, hi = mean_interval(g.groupby("run")["value"].mean().to_numpy())
+        out[round(float(xv), 9)] = (lo, hi)
+    return out
+
+
+@pytest.fixture(scope="module")
+def seed_table() -> pd.DataFrame:
+    return make_seed_table()
+
+
+def test_condition_numbers_band_is_the_interval_across_seeds(seed_table):
+    fig = plots.plot_condition_numbers(seed_table)
+    pal = plots.method_palette(METHODS)
+    for ax, comp in zip(_panels(fig).flat, COMPS):
+        for method in METHODS:
+            rows = _rows(seed_table, kind="grad", metric="log10_condition_number", component=comp, method=method)
+            assert _xy(_line_of(ax, pal[method])) == _curve(rows)  # mean over seeds of the layer mean
+            band, want = _band(ax, pal[method]), _seed_band(rows)
+            assert band.keys() == want.keys()
+            for xv, (lo, hi) in want.items():
+                assert band[xv] == pytest.approx((lo, hi))
+                assert hi - lo > 0
+    assert "across seeds" in fig._suptitle.get_text()
+
+
+def test_update_rank_and_loss_bands_across_seeds(seed_table):
+    pal = plots.method_palette(METHODS)
+    fig = plots.plot_update_rank(seed_table, kinds=["update_cumulative"])
+    (ax,) = _panels(fig).flat
+    rows = _rows(seed_table, kind="update_cumulative", metric="proportional_effective_rank", method="relora")
+    want = _seed_band(rows)
+    for xv, (lo, hi) in _band(ax, pal["relora"]).items():
+        assert (lo, hi) == pytest.approx(want[xv])
+    loss = plots.plot_loss(seed_table, x="step")
+    acc_ax = _panels(loss)[0, 1]
+    acc = _rows(seed_table, metric="pair_acc", method="full")
+    assert _xy(_line_of(acc_ax, pal["full"])) == _curve(acc, x="step")  # one line per method, not per run
+    for xv, (lo, hi) in _band(acc_ax, pal["full"]).items():
+        assert (lo, hi) == pytest.approx(_seed_band(acc, x="step")[xv])
+
+
+def test_rank_over_training_has_a_band_per_layer_with_seeds(seed_table):
+    fig = plots.plot_rank_over_training(seed_table, components="attn.q")
+    ax = _panels(fig, ncols=2)[0, 0]  # full-rank · attn.q
+    assert len(_data_lines(ax)) == len(LAYERS) and len(ax.collections) == len(LAYERS)
+    rows = _rows(seed_table, kind="weight", metric="proportional_effective_rank", component="attn.q", method="full")
+    pal = sorted(_data_lines(ax), key=lambda ln: np.asarray(ln.get_ydata())[0])
+    layer0 = _rows(rows, layer=0)
+    assert any(_xy(ln) == _curve(layer0) for ln in pal)
+
+
+def test_component_summary_whiskers_are_the_interval_across_seeds(seed_table):
+    fig = plots.plot_component_summary(seed_table, kind="grad")
+    (ax,) = _panels(fig).flat
+    comps = [t.get_text() for t in ax.get_xticklabels()]
+    bars = [c for c in ax.containers if isinstance(c, BarContainer)]
+    final = seed_table[(seed_table.kind == "grad") & (seed_table.metric == "proportional_effective_rank")]
+    final = final[final.step == 20]
+    for container, method in zip(bars, METHODS):
+        per_run = _rows(final, method=method).groupby(["component", "run"]).value.mean()
+        want = [per_run[c].mean() for c in comps]
+        assert [p.get_height() for p in container] == pytest.approx(want)
+    from matplotlib.container import ErrorbarContainer
+
+    whiskers = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+    for container, method in zip(whiskers, METHODS):
+        per_run = _rows(final, method=method).groupby(["component", "run"]).value.mean()
+        (segments,) = [lc.get_segments() for lc in container.lines[2]]
+        for seg, comp in zip(segments, comps):
+            _, lo, hi = mean_interval(per_run[comp].to_numpy())
+            assert (seg[0][1], seg[1][1]) == pytest.approx((lo, hi))
+    assert "95% t-interval across seeds" in ax.get_title(loc="left")
+
+
+def test_seed_summary_marks_what_survives_the_adjustment(seed_table):
+    fig = plots.plot_seed_summary(seed_table)
+    (ax,) = _panels(fig).flat
+    texts = [t.get_text() for t in ax.texts]
+    assert all(t.startswith("p=") and "BH " in t for t in texts)
+    from dynamics.seeds import seed_summary
+
+    summary = seed_summary(seed_table)
+    assert [("✓" in t) for t in texts] == [bool(v) for v in summary["significant"]]
+
+
 # ------------------------------------------------------------------------------------------ conventions
 
 
