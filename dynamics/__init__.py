@@ -44,6 +44,8 @@ from .metrics import (
     truncated_condition_number,
 )
 from .noise import SignalRank, mp_edge, signal_rank
+from .similarity import pwcca, svcca
+from .sparsity import gini, hoyer_sparsity, induced_inf_norm
 from .spectra import Spectrum, product_spectrum, singular_values, spectrum
 from .subspaces import (
     UpdateOverlap,
@@ -120,6 +122,10 @@ __all__ = [
     "top_k_energy",
     "tail_energy",
     "spectrum_metrics",
+    # entries of a matrix: sparsity and the induced ∞-norm (Frobenius/nuclear/spectral norms are Spectrum metrics)
+    "gini",
+    "hoyer_sparsity",
+    "induced_inf_norm",
     # update matrices: W_t - W_{t-lag}, per merge (restart_updates: its former name), cumulative, LoRA s*B*A
     "weight_update",
     "weight_updates",
@@ -145,6 +151,8 @@ __all__ = [
     "anisotropy",
     "linear_cka",
     "debiased_linear_cka",
+    "svcca",
+    "pwcca",
     # heavy tails, spikes above noise, update subspaces (issue 9)
     "PowerLawFit",
     "fit_power_law",

@@ -13,7 +13,9 @@ circuit, ``embed``, ``lm_head``, ``model`` for run-level numbers). ``kind``:
 ``weight``           the (effective) weight matrix at the checkpoint
 ``grad``             ``dL/dW`` on the run's fixed gradient batch (from the capture files)
 ``act``              activations on the fixed probe batch (``tokens × features``, centred);
-                     also ``anisotropy``, ``cka_prev`` and ``cka_final`` rows
+                     also ``anisotropy``, ``cka_prev`` and ``cka_final`` rows, and ``svcca_prev``,
+                     ``pwcca_prev``, ``svcca_final``, ``pwcca_final`` where the probe has at least
+                     ``cca_min_tokens_per_feature`` (5) tokens per feature (:mod:`dynamics.similarity`)
 ``update``           ``W_t − W_prev`` between consecutive checkpoints
 ``update_cumulative`` ``W_t − W_first``
 ``update_merge``     ReLoRA: ``W`` at merge ``k`` minus ``W`` at merge ``k−1`` (rank ≤ r for a wrapped
@@ -22,7 +24,7 @@ circuit, ``embed``, ``lm_head``, ``model`` for run-level numbers). ``kind``:
 ``lora``             ReLoRA: the live adapter's update ``s·B·A`` (the wrapped matrices only)
 ``train``            ``loss``, ``val_loss``, ``lr``, ``pair_acc`` from ``metrics.jsonl``, every step
 ``cross_run``        ReLoRA vs full-rank at the same step, under the ReLoRA run: cumulative-update
-                     subspace overlap, debiased CKA (:mod:`dynamics.cross_run`)
+                     subspace overlap, debiased CKA, SVCCA/PWCCA (:mod:`dynamics.cross_run`)
 ``run``              one ``seed`` row per run (always on, like ``train``)
 ==================== =====================================================================
 
@@ -35,7 +37,11 @@ which rank, is read from its stored config (:attr:`dynamics.io.Run.wrapped`);
 a ReLoRA run whose config does not say is an error, never a default.
 
 Spectral metrics (one SVD per matrix, see :meth:`dynamics.Spectrum.metrics`)
-are named as in :func:`dynamics.spectrum_metrics`. Update matrices use the rank
+are named as in :func:`dynamics.spectrum_metrics` (among them the norms
+``spectral_norm``, ``frobenius_norm``, ``nuclear_norm``). Weights, gradients and
+the three update kinds also get ``gini``, ``hoyer_sparsity`` and
+``induced_inf_norm`` of their entries (:mod:`dynamics.sparsity`; one sort and one
+pass over the entries; not for the factored circuits or ``lora``). Update matrices use the rank
 tolerance of :func:`update_tolerance` (float32 rounding noise of the weights is
 not rank). Work is split into units
 (one run × one checkpoint); each unit's rows are cached under
@@ -49,6 +55,7 @@ exception is a bug and stops the analysis.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -64,6 +71,7 @@ import numpy as np
 import pandas as pd
 
 from dynamics.io import DynamicsIOError, Run
+from dynamics.similarity import MIN_TOKENS_PER_FEATURE
 from dynamics.spectra import Spectrum
 from dynamics.validation import DynamicsError
 from trainer.errors import TrainerError
@@ -80,8 +88,9 @@ from trainer.run_format import (
 )
 from trainer.run_format import SPECTRA_COLUMNS as _SPECTRA_COLUMNS
 
-#: Version of the rows a unit computes; part of every cache key (2: wrapped matrices from the run's config, update_merge).
-ANALYSIS_VERSION = 2
+#: Version of the rows a unit computes; part of every cache key (2: wrapped matrices from the run's config, update_merge;
+#: 3: norms among the spectral metrics, entry sparsity, SVCCA/PWCCA).
+ANALYSIS_VERSION = 3
 #: Columns of the results table (:data:`trainer.run_format.RESULTS_COLUMNS`).
 COLUMNS: list[str] = list(RESULTS_COLUMNS)
 #: Columns of the spectra table (:data:`trainer.run_format.SPECTRA_COLUMNS`).
@@ -110,6 +119,11 @@ class AnalysisError(DynamicsError):
     """An analysis unit could not be computed (its message names the run and the file)."""
 
 
+class NonFiniteCheckpointError(AnalysisError):
+    """A checkpoint whose weights hold NaN or Inf (a diverged run). Its unit is skipped and named, with or without
+    ``keep_going``; other units never compare against it."""
+
+
 @dataclass(frozen=True)
 class AnalysisOptions:
     """What :func:`analyze_runs` computes. ``kinds`` is any subset of :data:`ANALYSIS_KINDS` (``train`` is always on).
@@ -128,14 +142,20 @@ class AnalysisOptions:
     cross_run: bool = True  # ReLoRA vs full-rank at the same step: update overlap, debiased CKA
     intruder_k: int = 10
     intruder_threshold: float = 0.5
+    sparsity: bool = True  # Gini, Hoyer sparsity, induced ∞-norm of weight/grad/update entries (dynamics.sparsity)
+    cca: bool = True  # SVCCA and PWCCA beside CKA, within a run and across runs (dynamics.similarity)
+    cca_min_tokens_per_feature: float = MIN_TOKENS_PER_FEATURE  # their rows only where tokens >= this × features
+    include_interrupts: bool = False  # also checkpoints saved on SIGINT/SIGTERM (off the grid; Run.interrupt_steps)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "kinds", normalize_kinds(self.kinds))
 
     @classmethod
     def basic(cls, **kw: Any) -> AnalysisOptions:
-        """Spectral metrics only: every analysis of issue 9 (heavy tails, spikes, subspaces, cross-run) off."""
-        return cls(heavy_tails=False, spikes=False, subspaces=False, cross_run=False, **kw)
+        """Spectral metrics and CKA only: issue 9's analyses (heavy tails, spikes, subspaces, cross-run), entry
+        sparsity and SVCCA/PWCCA off; ``kw`` sets any field, one of those included."""
+        off = dict(heavy_tails=False, spikes=False, subspaces=False, cross_run=False, sparsity=False, cca=False)
+        return cls(**{**off, **kw})
 
     def key(self) -> str:
         """Hash of these options and :data:`ANALYSIS_VERSION`: part of every cache key."""
@@ -243,6 +263,7 @@ def _weight_rows(
     """
     from dynamics import lora_update_spectrum, ov_circuit_spectra, qk_circuit_spectra, spectrum
     from dynamics.analyze_rows import spectrum_extra, subspace_rows
+    from dynamics.sparsity import entry_metrics
 
     merge_prev = merges[0] if merges else None
     merge_prev2 = merges[1] if len(merges) > 1 else None
@@ -254,6 +275,8 @@ def _weight_rows(
             spec = spectrum(w)
             out.add_spectrum(name, "weight", spec)
             out.add(name, "weight", spectrum_extra(spec, opts))
+            if opts.sparsity:
+                out.add(name, "weight", entry_metrics(w))
         if w.ndim != 2:
             continue
         subspace_rows(out, run, step, name, w, first, merge_prev, merge_prev2, opts)
@@ -264,12 +287,10 @@ def _weight_rows(
         ):
             if kind in opts.kinds and other is not None:
                 w_old = run.weights(other, name)[name]
-                out.add_spectrum(
-                    name,
-                    kind,
-                    spectrum(w.astype(np.float64) - w_old.astype(np.float64)),
-                    tol=update_tolerance(w, w_old),
-                )
+                delta = w.astype(np.float64) - w_old.astype(np.float64)
+                out.add_spectrum(name, kind, spectrum(delta), tol=update_tolerance(w, w_old))
+                if opts.sparsity:
+                    out.add(name, kind, entry_metrics(delta))
         if opts.circuits and name.split(".")[-1] in ATTN_PROJS:
             layer_cache[name] = w
     if opts.circuits and "weight" in opts.kinds and "n_heads" in model:  # imports without config.json: no head split
@@ -306,13 +327,16 @@ def _capture_rows(
 ) -> None:
     from dynamics import anisotropy, linear_cka, spectrum
     from dynamics.activations import activation_spectrum
-    from dynamics.analyze_rows import spectrum_extra
+    from dynamics.analyze_rows import similarity_rows, spectrum_extra
+    from dynamics.sparsity import entry_metrics
 
     if "grad" in opts.kinds:
         for name, g in run.get("grad", step).items():
             spec = spectrum(g)
             out.add_spectrum(name, "grad", spec)
             out.add(name, "grad", spectrum_extra(spec, opts))
+            if opts.sparsity:
+                out.add(name, "grad", entry_metrics(g))
     if "act" not in opts.kinds:
         return
     for site in opts.act_sites:
@@ -330,7 +354,14 @@ def _capture_rows(
                 if other is not None:  # a damaged other file loses this one number (with a warning), not the step
                     y = run.get(kind, other, name, errors="skip").get(name)
                     if y is not None:
-                        extra[metric] = linear_cka(x, y.reshape(-1, y.shape[-1]).astype(np.float64))
+                        y = y.reshape(-1, y.shape[-1]).astype(np.float64)
+                        extra[metric] = linear_cka(x, y)
+                        if opts.cca:  # SVCCA/PWCCA (view 1: this step) where tokens >> features
+                            extra.update(
+                                similarity_rows(
+                                    x, y, min_tokens_per_feature=opts.cca_min_tokens_per_feature, suffix=metric[3:]
+                                )
+                            )
             out.add(label, "act", extra)
 
 
@@ -338,12 +369,13 @@ def analyze_unit(run_path: str, step: int, opts: AnalysisOptions) -> tuple[list[
     """Rows and spectra of one run at one checkpoint (see the module docstring)."""
     from dynamics.io import open_run
 
-    run = _RunView(open_run(run_path))
+    run = _RunView(open_run(run_path, include_interrupts=opts.include_interrupts))
     steps = run.steps
     i = steps.index(step)
     entry = run.entry(step)
     out = _Rows(run.label, run.method, step, entry.get("tokens_seen"), opts.keep_spectra)
     run.verify(step, capture=step in run.capture_steps)  # the unit's own files: a damaged one fails the unit
+    run.require_finite(step)  # a diverged checkpoint: skipped and named (NonFiniteCheckpointError)
     # files it only compares against: a damaged one loses those rows (with a warning), not the unit
     prev = steps[i - 1] if i > 0 and run.intact(steps[i - 1]) else None
     first = steps[0] if run.intact(steps[0]) else step
@@ -405,10 +437,21 @@ class _RunView:
             path, problem = problems[0]
             raise DynamicsIOError(problem, path)
 
+    def require_finite(self, step: int) -> None:
+        """Raise :class:`NonFiniteCheckpointError` naming the checkpoint when its weights hold NaN or Inf."""
+        path = self.checkpoint_path(step) / MODEL_FILE
+        bad = _nonfinite_tensor(str(path), str(self.entry(step).get("sha256", {}).get(MODEL_FILE)))
+        if bad is not None:
+            raise NonFiniteCheckpointError(
+                f"{path}: {bad} holds NaN or Inf (the run diverged); step {step} is skipped, and no other "
+                "checkpoint is compared with it"
+            )
+
     def intact(self, step: int, *, capture: bool = False) -> bool:
-        """:meth:`verify` as a bool, warning (naming the file) when a file is damaged."""
+        """:meth:`verify` and :meth:`require_finite` as a bool, warning (naming the file) when a file is damaged."""
         try:
             self.verify(step, capture=capture)
+            self.require_finite(step)
         except DynamicsError as e:
             warnings.warn(f"{self.label} step {step} is skipped as a comparison: {e}", stacklevel=2)
             return False
@@ -421,6 +464,23 @@ class _RunView:
     def merge_chain(self, step: int) -> list[int]:
         """See :func:`merge_chain`."""
         return merge_chain(self._run, step)
+
+
+@functools.lru_cache(maxsize=64)
+def _nonfinite_tensor(path: str, sha256: str) -> str | None:
+    """The first tensor of a safetensors file holding NaN or Inf, else ``None`` (cached per file and content hash)."""
+    import torch
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            for key in f.keys():
+                t = f.get_tensor(key)
+                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    return str(key)
+    except Exception as e:  # noqa: BLE001 - SafetensorError and friends: a damaged file (verify() names it first)
+        raise DynamicsIOError(f"{path} is truncated or corrupted: {type(e).__name__}: {e}", path) from None
+    return None
 
 
 def merge_chain(run: Run, step: int) -> list[int]:
@@ -483,8 +543,11 @@ def _run_cross_cached(
 ) -> tuple[int, str]:
     """Worker: one cross-run unit (ReLoRA run vs full-rank run at ``step``), cached under ``<cache>/<label>/``."""
     from dynamics.cross_run import cross_run_rows
+    from dynamics.io import open_run
     from trainer.atomic import atomic_write
 
+    for path in (relora_path, full_path):  # a diverged checkpoint on either side: the unit is skipped and named
+        _RunView(open_run(path)).require_finite(step)
     rows = cross_run_rows(
         relora_path,
         full_path,
@@ -493,6 +556,7 @@ def _run_cross_cached(
         label=relora_label,
         updates="update_cumulative" in opts.kinds,
         cka="act" in opts.kinds,
+        cca_min_tokens_per_feature=opts.cca_min_tokens_per_feature if opts.cca else None,
     )
     d = Path(cache) / label
     d.mkdir(parents=True, exist_ok=True)
@@ -579,9 +643,28 @@ def analyze_runs(
 
     Returns the table and a list of error messages (units that failed; only
     non-empty with ``keep_going``, otherwise the first failure raises
-    :class:`AnalysisError`). Units whose inputs are unchanged since the last
+    :class:`AnalysisError`; a checkpoint with non-finite weights is always
+    skipped and listed, :class:`NonFiniteCheckpointError`). Units whose inputs are unchanged since the last
     call with the same ``out`` are read from ``<out>.cache/`` instead of recomputed.
+    One analysis at a time writes a given ``out``: the cache directory's lock
+    (:mod:`trainer.lock`) refuses a second one (:class:`trainer.lock.DirectoryLockedError`).
     """
+    from trainer.lock import DirectoryLock
+
+    with DirectoryLock(_cache_dir(Path(out)), command="dynamics analyze"):
+        return _analyze_runs(runs, out, options=options, workers=workers, keep_going=keep_going, progress=progress)
+
+
+def _analyze_runs(
+    runs: Iterable[str | Path],
+    out: str | Path,
+    *,
+    options: AnalysisOptions | None,
+    workers: int,
+    keep_going: bool,
+    progress: bool,
+) -> tuple[pd.DataFrame, list[str]]:
+    """:func:`analyze_runs` under the cache directory's lock."""
     from tqdm.auto import tqdm
 
     from dynamics.external import as_run_directory
@@ -625,7 +708,7 @@ def analyze_runs(
             todo.append((label, step))
 
     for path, label in zip(runs, labels):
-        run = opened[label] = open_run(path)
+        run = opened[label] = open_run(path, include_interrupts=opts.include_interrupts)
         train_rows += _train_rows(path, label, run.method) + run_rows(label, run.method, run.config)
         for step in run.steps:
             schedule(label, step, _unit_key(run, step, opts), _run_unit_cached, (str(path), label, step))
@@ -633,7 +716,8 @@ def analyze_runs(
         paths = dict(zip(labels, runs))
         for rl, fl in pair_runs([(lb, r.method, r.config) for lb, r in opened.items()]):
             label = f"{rl}~{fl}"
-            for step in sorted(set(opened[rl].steps) & set(opened[fl].steps)):
+            interrupts = set(opened[rl].interrupt_steps) | set(opened[fl].interrupt_steps)  # off the grid: not paired
+            for step in sorted((set(opened[rl].steps) & set(opened[fl].steps)) - interrupts):
                 schedule(
                     label,
                     step,
@@ -646,7 +730,7 @@ def analyze_runs(
 
     def failed(label: str, step: int, e: BaseException) -> None:
         msg = f"{label} step {step}: {type(e).__name__}: {e}"
-        if not keep_going:
+        if not keep_going and not isinstance(e, NonFiniteCheckpointError):  # a diverged checkpoint: named, skipped
             bar.close()
             raise AnalysisError(msg + " (use --keep-going to analyse the rest)") from e
         warnings.warn(msg, stacklevel=3)

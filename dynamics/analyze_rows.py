@@ -19,6 +19,11 @@ update_merge     ``overlap_prev`` (+ ``_out``,         ReLoRA: subspace overlap 
                                                        cycle's (top-``r`` singular subspaces)
 run              ``seed``                              the run's seed (one row per run, ``step`` 0), so
                                                        seed replicates can be paired
+act              ``svcca_prev``, ``pwcca_prev``,       SVCCA / PWCCA (:mod:`dynamics.similarity`) of the probe
+                 ``svcca_final``, ``pwcca_final``      activations against the previous / final capture of the
+                                                       run (PWCCA weighted by this step's view); only where
+                                                       tokens >= ``cca_min_tokens_per_feature`` × features
+                                                       (:func:`similarity_rows`)
 ================ ===================================== =========================================================
 
 Heavy tails and Marchenko–Pastur apply to whole matrices (not per-head
@@ -41,7 +46,7 @@ from dynamics.validation import DynamicsError
 from trainer.names import ATTN_PROJS, MLP_PROJS
 from trainer.run_format import Wrapped
 
-__all__ = ["spectrum_extra", "is_projection", "analysed_for_subspaces", "subspace_rows", "run_rows"]
+__all__ = ["spectrum_extra", "is_projection", "analysed_for_subspaces", "subspace_rows", "run_rows", "similarity_rows"]
 
 
 class RowOptions(Protocol):
@@ -159,3 +164,32 @@ def run_rows(label: str, method: str, config: Mapping[str, Any]) -> list[dict[st
             "value": float(config.get("seed", 0)),
         }
     ]
+
+
+def similarity_rows(
+    x: np.ndarray, y: np.ndarray, *, min_tokens_per_feature: float, suffix: str = ""
+) -> dict[str, float]:
+    """``{"svcca" + suffix: …, "pwcca" + suffix: …}`` of activations ``x`` (n, p) and ``y`` (n, q), or ``{}``.
+
+    SVCCA and PWCCA (:mod:`dynamics.similarity`; PWCCA weighted by ``x``) find
+    correlations in any data unless the tokens far outnumber the features, so
+    they give rows only where ``n >= min_tokens_per_feature · max(p, q)`` (and
+    ``n > max(p, q)``); no row either when a view is constant over tokens. The
+    library's warning for a low ratio is not repeated per row: a threshold
+    below :data:`dynamics.similarity.MIN_TOKENS_PER_FEATURE` is the caller's choice.
+    """
+    import warnings
+
+    from dynamics.similarity import cca_metrics
+    from dynamics.validation import DynamicsWarning
+
+    n, features = x.shape[0], max(x.shape[1], y.shape[1])
+    if x.shape[0] != y.shape[0] or n <= features or n < min_tokens_per_feature * features:
+        return {}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DynamicsWarning)
+            values = cca_metrics(x, y)
+    except DynamicsError:
+        return {}  # a constant view: undefined, no row
+    return {f"{metric}{suffix}": value for metric, value in values.items()}

@@ -5,7 +5,7 @@
 ``dynamics analyze``  spectra and metrics of every checkpoint → a tidy table
 ``dynamics summary``  one-screen comparison of methods from that table
 ``dynamics plot``     every figure a results table supports → PNG/PDF files
-``dynamics demo``     the main job: a micro full-rank and ReLoRA pair → OUT/report.md
+``dynamics demo``     the main job: micro full-rank and ReLoRA runs, 3 seeds each → OUT/report.md
 ``dynamics reproduce`` the study's recipe (tiny/small) for a GPU machine
 ``dynamics export``   a checkpoint as a Hugging Face ``LlamaForCausalLM`` directory
 ``dynamics batch-size`` the largest micro-batch that fits on this GPU, and batch_size/grad_accum for a target
@@ -22,7 +22,12 @@ No error of the project ends in a traceback; each prints one ``error: ...`` line
 * exit status 1 for a run that failed while training or capturing
   (:class:`trainer.errors.TrainingError`, :class:`trainer.errors.CaptureError`),
   and for an operating-system error (disk full, no permission ...);
-* 130 after Ctrl-C.
+* 130 after Ctrl-C (SIGINT), 143 after SIGTERM: ``dynamics train`` first finishes
+  the step in progress and saves a checkpoint (:mod:`trainer.interrupts`); a
+  second signal stops it at once, with the same status.
+
+A second writer of a run directory (or of ``analyze``'s cache) is refused with
+status 2, naming the process that holds it (:mod:`trainer.lock`).
 """
 
 from __future__ import annotations
@@ -61,6 +66,12 @@ def _add_analyze(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.add_argument("--workers", type=int, default=1, help="parallel processes (default 1)")
     p.add_argument("--keep-going", action="store_true", help="analyse the rest when a checkpoint fails; list failures")
     p.add_argument(
+        "--include-interrupts",
+        action="store_true",
+        help="also analyse checkpoints saved when training was interrupted (left out by default: they are not on "
+        "the run's checkpoint grid and would change the update matrices of the regular ones)",
+    )
+    p.add_argument(
         "--kinds",
         help="comma-separated subset of weight,grad,act,update,update_cumulative,update_merge,lora "
         "(update_restart: the former name of update_merge)",
@@ -69,7 +80,8 @@ def _add_analyze(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.add_argument(
         "--basic",
         action="store_true",
-        help="spectral metrics only: skip heavy tails, Marchenko-Pastur spikes, subspaces and cross-run rows",
+        help="spectral metrics only: skip heavy tails, Marchenko-Pastur spikes, subspaces, entry sparsity, "
+        "SVCCA/PWCCA and cross-run rows",
     )
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_analyze)
@@ -91,6 +103,10 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         from dataclasses import replace
 
         opts = replace(opts, heavy_tails=False, spikes=False, subspaces=False, cross_run=False)
+    if args.include_interrupts:
+        from dataclasses import replace
+
+        opts = replace(opts, include_interrupts=True)
     if args.workers < 1:
         raise ConfigError(f"--workers must be >= 1, got {args.workers}")
     table, errors = analyze_runs(
@@ -114,25 +130,39 @@ def _add_summary(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.add_argument(
         "--metric", default="proportional_effective_rank", help="metric (default proportional_effective_rank)"
     )
+    p.add_argument(
+        "--adjust",
+        choices=["bh", "holm"],
+        default="bh",
+        help="multiple-comparison adjustment across components: bh (Benjamini-Hochberg, default) or holm",
+    )
     p.set_defaults(func=_cmd_summary)
 
 
 def _cmd_summary(args: argparse.Namespace) -> int:
     from dynamics.analyze import read_results
+    from dynamics.seeds import format_seed_summary, seed_summary
+    from dynamics.stats import ADJUSTMENTS
     from dynamics.summary import summarize
 
     table = read_results(args.table)
     print(summarize(table, kind=args.kind, metric=args.metric).to_string())
     per_method = table[table["kind"] != "train"].groupby("method")["run"].nunique()
-    if (per_method >= 2).any():  # seed replicates: mean, 95% interval and the test of the method difference
-        from dynamics.seeds import seed_summary
-
-        print("\nAcross seeds (mean, 95% t-interval; test of relora − full per component):")
+    if not {"full", "relora"} <= set(per_method.index):
+        return 0
+    if (per_method < 2).any():
         print(
-            seed_summary(table, kind=args.kind, metric=args.metric).to_string(
-                float_format=lambda v: f"{v:.4g}", na_rep="–"
-            )
+            f"\nOne run of a method ({per_method.to_dict()}): no interval across seeds and no test; a difference "
+            "between single runs is not a finding. Train seeds: `dynamics demo --seeds 3`, `dynamics reproduce --seeds 3`."
         )
+        return 0
+    summary = seed_summary(table, kind=args.kind, metric=args.metric, adjust=args.adjust)
+    print(
+        f"\nAcross seeds: mean and 95% t-interval per method; Δ = relora − full paired by seed (paired t-test; "
+        f"Wilcoxon signed-rank from 6 pairs; Welch's t-test when unpaired); p adjusted across components "
+        f"({ADJUSTMENTS[args.adjust]}); 'survives': adjusted p < 0.05."
+    )
+    print(format_seed_summary(summary))
     return 0
 
 
@@ -172,11 +202,14 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "demo",
-        help="the main job: train a micro full-rank and ReLoRA pair, analyse, plot, report",
-        description="Train a micro full-rank and a micro ReLoRA model on the built-in corpus (a few minutes "
-        "on 2 CPU cores), capture dynamics, evaluate, analyse, and write OUT/report.md with figures.",
+        help="the main job: train micro full-rank and ReLoRA runs over 3 seeds, analyse, plot, report",
+        description="Train micro full-rank and ReLoRA models on the built-in corpus, seeds 0..N-1 of each "
+        "(under 5 minutes on 2 CPU cores for 3 seeds), capture dynamics, evaluate, analyse, and write "
+        "OUT/report.md with figures: every comparison across seeds, with intervals, tests and the study's claims.",
     )
     p.add_argument("--out", type=Path, default=Path("demo"), help="output directory (default demo/)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds per method (default 3; 1 gives no tests)")
+    p.add_argument("--workers", type=int, default=2, help="runs trained in parallel processes (default 2)")
     p.add_argument(
         "--set",
         dest="overrides",
@@ -194,7 +227,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from trainer.runtime import threads_hint
 
     threads_hint()
-    report = demo(args.out, overrides=args.overrides, progress=not args.no_progress)
+    if args.seeds < 1 or args.workers < 1:
+        raise ConfigError(f"--seeds and --workers must be >= 1, got {args.seeds} and {args.workers}")
+    report = demo(
+        args.out, overrides=args.overrides, progress=not args.no_progress, seeds=args.seeds, workers=args.workers
+    )
     print(f"open {report}")
     return 0
 
@@ -217,6 +254,7 @@ def _add_reproduce(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         default=1,
         help="seed replicates per method (default 1); N > 1 trains seeds 0..N-1 of both methods",
     )
+    p.add_argument("--workers", type=int, default=1, help="runs trained in parallel processes (default 1)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_reproduce)
@@ -228,9 +266,16 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
 
     threads_hint()
     overrides = ([f"steps={args.steps}"] if args.steps else []) + args.overrides
-    if args.seeds < 1:
-        raise ConfigError(f"--seeds must be >= 1, got {args.seeds}")
-    report = reproduce(args.preset, args.out, overrides=overrides, progress=not args.no_progress, seeds=args.seeds)
+    if args.seeds < 1 or args.workers < 1:
+        raise ConfigError(f"--seeds and --workers must be >= 1, got {args.seeds} and {args.workers}")
+    report = reproduce(
+        args.preset,
+        args.out,
+        overrides=overrides,
+        progress=not args.no_progress,
+        seeds=args.seeds,
+        workers=args.workers,
+    )
     print(f"open {report}")
     return 0
 
@@ -275,9 +320,10 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return EXIT_FAILED
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # trainer.interrupts.Interrupted carries the signal's status (143: SIGTERM)
         print("interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        interrupted: int = getattr(e, "exit_status", EXIT_INTERRUPTED)
+        return interrupted
 
 
 if __name__ == "__main__":

@@ -17,6 +17,9 @@ metric                                meaning (component: a wrapped projection, 
 ``update_overlap_chance``             the value two random subspaces would give, ``(r/m + r/n)/2``
 ``cka_debiased``                      debiased linear CKA of the activations on the shared probe set
 ``cka``                               the biased linear CKA of the same activations, for comparison
+``svcca`` / ``pwcca``                 SVCCA / PWCCA (:mod:`dynamics.similarity`; PWCCA weighted by the
+                                      ReLoRA run's view) of the same activations, only where the probe
+                                      has ``cca_min_tokens_per_feature`` (5) tokens per feature
 ===================================== ===================================================================
 
 Pairing: runs are comparable when their model, data, step count, batch and
@@ -95,8 +98,12 @@ def _update_rows(add: _Add, relora: Run, full: Run, step: int) -> None:
             continue  # a zero update (e.g. a frozen matrix) has no subspace: no row, no number
 
 
-def _cka_rows(add: _Add, relora: Run, full: Run, step: int, act_sites: Sequence[str]) -> None:
+def _cka_rows(
+    add: _Add, relora: Run, full: Run, step: int, act_sites: Sequence[str], cca_min_tokens_per_feature: float | None
+) -> None:
+    """CKA rows per activation site, and SVCCA/PWCCA unless ``cca_min_tokens_per_feature`` is None."""
     from dynamics.activations import debiased_linear_cka, linear_cka
+    from dynamics.analyze_rows import similarity_rows
 
     for site in act_sites:
         kind, _, pattern = site.partition(":")
@@ -114,6 +121,8 @@ def _cka_rows(add: _Add, relora: Run, full: Run, step: int, act_sites: Sequence[
                 add(label, {"cka_debiased": float(debiased_linear_cka(x, y)), "cka": float(linear_cka(x, y))})
             except DynamicsError:
                 continue  # constant activations: CKA undefined, no row
+            if cca_min_tokens_per_feature is not None:
+                add(label, similarity_rows(x, y, min_tokens_per_feature=cca_min_tokens_per_feature))
 
 
 def same_probe(relora: Run, full: Run) -> bool:
@@ -131,12 +140,15 @@ def cross_run_rows(
     label: str,
     updates: bool = True,
     cka: bool = True,
+    cca_min_tokens_per_feature: float | None = None,
 ) -> list[dict[str, Any]]:
     """Rows (``kind = "cross_run"``) comparing a ReLoRA run with a full-rank run at ``step``; see the module docstring.
 
     ``label`` is the ReLoRA run's label in the table. Steps at which either run
     has no checkpoint give no rows; CKA rows need both runs' captures at
-    ``step`` on the same probe set (:func:`same_probe`).
+    ``step`` on the same probe set (:func:`same_probe`); SVCCA/PWCCA rows come with
+    them when ``cca_min_tokens_per_feature`` is given (where the probe has that many
+    tokens per feature).
     """
     from dynamics.io import open_run
 
@@ -164,5 +176,5 @@ def cross_run_rows(
     if updates and step in full.steps and step != relora.steps[0]:
         _update_rows(add, relora, full, step)
     if cka and step in relora.capture_steps and step in full.capture_steps and same_probe(relora, full):
-        _cka_rows(add, relora, full, step, act_sites)
+        _cka_rows(add, relora, full, step, act_sites, cca_min_tokens_per_feature)
     return rows

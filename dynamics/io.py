@@ -90,13 +90,16 @@ class SchemaVersionError(DynamicsIOError):
     """A file written by a newer toolkit, with a schema version this reader does not know."""
 
 
-def open_run(path: str | Path) -> Run:
+def open_run(path: str | Path, *, include_interrupts: bool = False) -> Run:
     """Open a run directory lazily (reads ``manifest.json`` only).
 
+    ``include_interrupts``: also list the checkpoints saved when training was
+    stopped by a signal (``"interrupt": true`` in the manifest); by default they
+    are left out of :attr:`Run.steps` (see :attr:`Run.interrupt_steps`).
     Raises :class:`DynamicsIOError` when ``path`` is not a run directory or the
     manifest is unreadable, :class:`SchemaVersionError` when it is newer than this reader.
     """
-    return Run(path)
+    return Run(path, include_interrupts=include_interrupts)
 
 
 class Run:
@@ -112,9 +115,14 @@ class Run:
     probe : dict or None
         The probe set's record (validation windows, gradient windows, token-sample hash, ``sha256``);
         two runs whose ``probe["sha256"]`` agree captured activations and gradients of the same inputs.
+    interrupt_steps : list of int
+        Checkpoints saved because training was interrupted (SIGINT/SIGTERM) at a step that was not due one.
+        They are off the run's checkpoint grid, so they are not in :attr:`steps` (nor their captures in
+        :attr:`capture_steps`) unless the run is opened with ``include_interrupts=True``: then update
+        matrices and ``cka_prev`` would be taken against them.
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, include_interrupts: bool = False) -> None:
         self.path = Path(path)
         mpath = self.path / MANIFEST
         if not mpath.is_file():
@@ -140,7 +148,10 @@ class Run:
         self.manifest: dict[str, Any] = manifest
         self.config: dict[str, Any] = manifest.get("config", {})
         self.probe: dict[str, Any] | None = manifest.get("probe")
-        self._entries = {int(c["step"]): c for c in manifest.get("checkpoints", [])}
+        entries = {int(c["step"]): c for c in manifest.get("checkpoints", [])}
+        self.interrupt_steps: list[int] = sorted(s for s, c in entries.items() if c.get("interrupt"))
+        self.include_interrupts = include_interrupts
+        self._entries = {s: c for s, c in entries.items() if include_interrupts or not c.get("interrupt")}
 
     def __repr__(self) -> str:
         return (
@@ -258,7 +269,12 @@ class Run:
         checked = int(step)
         if checked not in available:
             shown: list[int | str] = [*available] if len(available) <= 12 else [*available[:6], "...", *available[-3:]]
-            raise DynamicsError(f"{self.path}: no {what} at step {checked}; available: {shown}")
+            hint = (
+                f" (step {checked} is an interrupt checkpoint: open_run(path, include_interrupts=True) lists it)"
+                if checked in self.interrupt_steps and not self.include_interrupts
+                else ""
+            )
+            raise DynamicsError(f"{self.path}: no {what} at step {checked}; available: {shown}{hint}")
         return checked
 
     # -- capture files -------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -36,6 +37,73 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+#: How libraries say "disk full" in the text of exceptions that are not ``OSError`` (or carry no errno):
+#: safetensors' ``SafetensorError`` ("No space left on device (os error 28)"), h5py ("errno = 28"),
+#: pyarrow ("[errno 28] No space left on device").
+_NO_SPACE_TEXT = ("no space left on device", "errno = 28", "errno 28", "os error 28", "enospc")
+_NEARLY_FULL = 1 << 20
+#: Disk errors whose message is reduced to the standard one, naming the file being written.
+_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EFBIG)
+#: torch.save's messages on a failed write, which name no cause: then the file system's free space decides.
+_WRITE_FAILED_TEXT = ("write failed", "writing", "inline_container", "iostream error")
+_QUOTA_TEXT = ("disk quota exceeded", "errno = 122", "errno 122", "os error 122", "edquot")
+
+
+def _free_bytes(path: Path) -> int | None:
+    """Bytes an unprivileged writer may still use on ``path``'s file system (``None`` when unknown)."""
+    for p in (path, *path.parents):
+        try:
+            st = os.statvfs(p)
+        except OSError:
+            continue
+        return st.f_bavail * st.f_frsize
+    return None
+
+
+def disk_error(error: BaseException, path: str | Path) -> OSError | None:
+    """``error``, raised while writing ``path``, as an ``OSError`` with an errno when it is a disk error; else ``None``.
+
+    Libraries report a full disk in their own types: safetensors raises
+    ``SafetensorError("... No space left on device (os error 28)")``, torch.save a
+    ``RuntimeError("[enforce fail at inline_container.cc:...] . PytorchStreamWriter
+    failed writing file data/0: file write failed")`` or ``("... unexpected pos N vs M")``
+    on top of ``"basic_ios::clear: iostream error"``, naming no cause, h5py
+    and pyarrow ``OSError`` instances without ``errno``. These become
+    ``OSError(ENOSPC | EDQUOT, strerror, path)`` (torch's message only when the
+    file system has less than 1 MiB left at that moment), so callers report one
+    line (``error: No space left on device: <path>``, exit status 1). An
+    ``OSError`` with a disk errno but a library's message or no file name
+    (pyarrow's ``OSError(28, "Error writing bytes to file. Detail: ...")``) gets
+    the standard message and ``path``. Any other error gives ``None``.
+    """
+    if isinstance(error, OSError) and error.errno is not None:
+        # pyarrow: OSError(28, "Error writing bytes to file. Detail: [errno 28] ..."), no file name; open(): no name
+        standard = error.strerror == os.strerror(error.errno) and error.filename is not None
+        if error.errno in _DISK_ERRNOS and not standard:
+            return OSError(error.errno, os.strerror(error.errno), str(path))
+        return None
+    if not isinstance(error, (OSError, RuntimeError)) and type(error).__name__ != "SafetensorError":
+        return None
+    chain: list[str] = []
+    seen: BaseException | None = error
+    while seen is not None and len(chain) < 4:  # torch chains "basic_ios::clear: iostream error" under its own
+        chain.append(str(seen).lower())
+        seen = seen.__cause__ or seen.__context__
+    text = " | ".join(chain)
+    code: int | None = None
+    if any(t in text for t in _NO_SPACE_TEXT):
+        code = errno.ENOSPC
+    elif any(t in text for t in _QUOTA_TEXT):
+        code = errno.EDQUOT
+    elif any(t in text for t in _WRITE_FAILED_TEXT):
+        free = _free_bytes(Path(path).parent)
+        if free is not None and free < _NEARLY_FULL:
+            code = errno.ENOSPC
+    if code is None:
+        return None
+    return OSError(code, os.strerror(code), str(path))
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], object]) -> None:
     """Call ``write(tmp_path)`` then atomically move the result to ``path``.
 
@@ -52,8 +120,11 @@ def atomic_write(path: str | Path, write: Callable[[Path], object]) -> None:
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
-    except BaseException:
+    except BaseException as e:
+        mapped = disk_error(e, path)  # before the partial file is removed: the disk is still full
         tmp_path.unlink(missing_ok=True)
+        if mapped is not None:
+            raise mapped from e
         raise
     fsync_dir(path.parent)
 
@@ -64,8 +135,8 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
-    """Atomically replace ``path`` with ``obj`` as indented JSON."""
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+    """Atomically replace ``path`` with ``obj`` as indented strict JSON (non-finite floats as ``null``)."""
+    atomic_write_bytes(path, (json.dumps(finite_json(obj), indent=2, sort_keys=False, allow_nan=False) + "\n").encode())
 
 
 def atomic_write_dir(path: str | Path, fill: Callable[[Path], None]) -> None:
@@ -85,8 +156,11 @@ def atomic_write_dir(path: str | Path, fill: Callable[[Path], None]) -> None:
                     os.fsync(fh.fileno())
         fsync_dir(tmp)
         os.rename(tmp, path)
-    except BaseException:
+    except BaseException as e:
+        mapped = disk_error(e, path)  # before the partial files are removed: the disk is still full
         shutil.rmtree(tmp, ignore_errors=True)
+        if mapped is not None:
+            raise mapped from e
         raise
     fsync_dir(path.parent)
 
@@ -98,6 +172,21 @@ def sha256_file(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def finite_json(obj: Any) -> Any:
+    """``obj`` with every non-finite float (NaN, ±Inf) replaced by ``None``, recursively (dicts, lists, tuples).
+
+    Strict JSON has no NaN: ``json.dumps`` would write a bare ``NaN`` that other
+    readers refuse. Writers map values first, then dump with ``allow_nan=False``.
+    """
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(v) for v in obj]
+    return obj
 
 
 def json_checksum(obj: Any) -> str:

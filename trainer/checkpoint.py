@@ -24,7 +24,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from trainer.atomic import atomic_write, atomic_write_dir, fault_point, inside, json_checksum, sha256_file
+from trainer.atomic import (
+    atomic_write,
+    atomic_write_dir,
+    fault_point,
+    finite_json,
+    inside,
+    json_checksum,
+    sha256_file,
+)
 from trainer.errors import CheckpointError
 from trainer.run_format import (
     ADAPTERS_FILE,
@@ -62,6 +70,7 @@ __all__ = [
     "check_manifest",
     "write_manifest",
     "new_manifest",
+    "record_config_change",
     "save_checkpoint",
     "remove_unlisted_checkpoints",
     "checkpoint_entry",
@@ -168,8 +177,8 @@ def check_manifest(manifest: dict[str, Any], run_dir: Path) -> str | None:
 
 def write_manifest(run_dir: str | Path, manifest: dict[str, Any], *, fault: str | None = None) -> None:
     """Atomically replace the manifest, adding its ``checksum``. ``fault`` names a TRAINER_FAULT point (``point@step``)."""
-    body = {k: v for k, v in manifest.items() if k != "checksum"}
-    data = (json.dumps({**body, "checksum": json_checksum(body)}, indent=2) + "\n").encode()
+    body = finite_json({k: v for k, v in manifest.items() if k != "checksum"})
+    data = (json.dumps({**body, "checksum": json_checksum(body)}, indent=2, allow_nan=False) + "\n").encode()
 
     def write(tmp: Path) -> None:
         tmp.write_bytes(data)
@@ -206,8 +215,14 @@ class CheckpointPayload:
     adapters: dict[str, torch.Tensor] | None = None
 
 
-def save_checkpoint(run_dir: str | Path, payload: CheckpointPayload) -> dict[str, Any]:
-    """Write ``checkpoints/step_N/`` atomically and add it to the manifest; returns the manifest entry."""
+def save_checkpoint(run_dir: str | Path, payload: CheckpointPayload, *, interrupt: bool = False) -> dict[str, Any]:
+    """Write ``checkpoints/step_N/`` atomically and add it to the manifest; returns the manifest entry.
+
+    ``interrupt``: a checkpoint saved because training was stopped by a signal
+    at a step that was not due one; its entry gets ``"interrupt": true``, and
+    analysis leaves it out unless asked (its step is no regular checkpoint).
+    Non-finite numbers (a NaN validation loss) are stored as ``null``.
+    """
     run_dir = Path(run_dir)
     step = int(payload.state["step"])
     final = run_dir / checkpoint_relpath(step)
@@ -229,7 +244,7 @@ def save_checkpoint(run_dir: str | Path, payload: CheckpointPayload) -> dict[str
         _fault_point("checkpoint-write", step)
         torch.save(payload.optimizer, tmp / OPTIMIZER_FILE)
         torch.save(payload.rng, tmp / RNG_FILE)
-        (tmp / STATE_FILE).write_text(json.dumps(payload.state, indent=2) + "\n")
+        (tmp / STATE_FILE).write_text(json.dumps(finite_json(payload.state), indent=2, allow_nan=False) + "\n")
 
     atomic_write_dir(final, fill)
     _fault_point("before-manifest", step)
@@ -241,10 +256,37 @@ def save_checkpoint(run_dir: str | Path, payload: CheckpointPayload) -> dict[str
         "path": checkpoint_relpath(step),
         "sha256": {f.name: sha256_file(f) for f in sorted(final.iterdir()) if f.is_file()},
     }
+    if interrupt:
+        entry["interrupt"] = True
     manifest = read_manifest(run_dir)
     manifest["checkpoints"] = [c for c in manifest["checkpoints"] if c["step"] != step] + [entry]
     manifest["checkpoints"].sort(key=lambda c: c["step"])
     write_manifest(run_dir, manifest, fault=f"manifest-write@{step}")
+    return entry
+
+
+def record_config_change(
+    run_dir: str | Path, config: dict[str, Any], changed: dict[str, tuple[Any, Any]], *, at_step: int
+) -> dict[str, Any]:
+    """Store a resumed run's new ``config`` in the manifest and append what changed to its ``history``.
+
+    ``changed`` maps dotted keys to ``(old, new)``. The history entry is
+    ``{"time", "at_step", "changed": {key: {"from": old, "to": new}}}`` (plus
+    ``"extended": {"from": old_steps, "to": new_steps}`` when ``steps`` grew), so
+    the manifest always describes the run as it now is and how it got there.
+    Returns the entry.
+    """
+    manifest = read_manifest(run_dir)
+    entry: dict[str, Any] = {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "at_step": at_step,
+        "changed": {k: {"from": old, "to": new} for k, (old, new) in sorted(changed.items())},
+    }
+    if "steps" in changed:
+        entry["extended"] = {"from": changed["steps"][0], "to": changed["steps"][1]}
+    manifest["config"] = config
+    manifest.setdefault("history", []).append(entry)
+    write_manifest(run_dir, manifest)
     return entry
 
 

@@ -62,26 +62,38 @@ def add_train(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="override a setting, dotted for sections (lr=1e-3, model.d_model=128, relora.rank=8); repeatable",
     )
     p.add_argument("--out", type=Path, required=True, help="run directory to create (or continue with --resume)")
-    p.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint in --out")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its last complete checkpoint, with its stored settings; "
+        "--steps N (more than stored) extends it",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    """Run ``dynamics train``: resolve the config, train into ``--out``; exit status 0."""
-    from trainer.config import build_config
+    """Run ``dynamics train``: resolve the config, train into ``--out``; exit status 0.
+
+    With ``--resume`` only the settings typed on this command line (or in its
+    ``--config``) are compared with the stored run: a bare ``--resume`` continues it exactly.
+    """
+    from trainer.config import build_config, given_settings
+    from trainer.distributed import is_main_process
     from trainer.runtime import threads_hint
     from trainer.train import train
 
-    cfg = build_config(
+    sources = dict(
         preset=args.preset,
         file=args.config,
         cli={"method": args.method, "steps": args.steps, "init_from": args.init_from},
         overrides=args.overrides,
     )
+    cfg = build_config(**sources)
     threads_hint()
-    out = train(cfg, args.out, resume=args.resume, progress=not args.no_progress)
-    print(f"run written to {out}")
+    out = train(cfg, args.out, resume=args.resume, progress=not args.no_progress, given=given_settings(**sources))
+    if is_main_process():  # under torchrun, rank 0 speaks for the run
+        print(f"run written to {out}")
     return 0
 
 

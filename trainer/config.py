@@ -58,6 +58,25 @@ class ModelConfig:
             p.append(f"model.init_std must be > 0, got {self.init_std}")
         return p
 
+    def projection_shapes(self) -> dict[str, tuple[int, int]]:
+        """``(out, in)`` of each projection a layer has (the ReLoRA targets), as :class:`trainer.model.Decoder` builds them.
+
+        With ``hd = d_model / n_heads``: ``q`` (n_heads·hd, d_model), ``k``/``v``
+        (n_kv_heads·hd, d_model), ``o`` (d_model, n_heads·hd), ``gate``/``up``
+        (d_mlp, d_model), ``down`` (d_model, d_mlp).
+        """
+        hd = self.d_model // self.n_heads if self.n_heads > 0 else 0
+        q, kv = self.n_heads * hd, self.n_kv_heads * hd
+        return {
+            "q": (q, self.d_model),
+            "k": (kv, self.d_model),
+            "v": (kv, self.d_model),
+            "o": (self.d_model, q),
+            "gate": (self.d_mlp, self.d_model),
+            "up": (self.d_mlp, self.d_model),
+            "down": (self.d_model, self.d_mlp),
+        }
+
 
 #: Model presets. ``tiny``/``small`` are the study's 11M/65M models; ``micro`` runs on a CPU in seconds.
 MODEL_PRESETS: dict[str, ModelConfig] = {
@@ -100,8 +119,7 @@ class DataConfig:
         if not 0 < self.val_fraction < 1:
             p.append(f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
         p += _positive(self, "data.", ("train_tokens", "val_tokens"))
-        if self.seed < 0:
-            p.append(f"data.seed must be >= 0, got {self.seed}")
+        p += _seed_problems(self.seed, "data.seed")
         return p
 
 
@@ -238,8 +256,7 @@ class CaptureConfig:
                 p.append(
                     f"capture.{attr} must be a list of non-empty globs (e.g. [layers.*.attn.q]), got {list(getattr(self, attr))}"
                 )
-        if self.seed < 0:
-            p.append(f"capture.seed must be >= 0, got {self.seed}")
+        p += _seed_problems(self.seed, "capture.seed")
         return p
 
 
@@ -319,6 +336,18 @@ class TrainConfig:
             p.append(f"method must be 'full' or 'relora', got {self.method!r}")
         if self.method == "relora":
             p += self.relora.problems()
+            if not self.model.problems() and self.relora.rank > 0:
+                shapes = self.model.projection_shapes()
+                small = [
+                    (t, shapes[t]) for t in self.relora.targets if t in shapes and min(shapes[t]) < self.relora.rank
+                ]
+                if small:
+                    t, (rows, cols) = min(small, key=lambda x: min(x[1]))
+                    p.append(
+                        f"relora.rank={self.relora.rank} exceeds min(out, in) = {min(rows, cols)} of the {rows}×{cols} "
+                        f"'{t}' projections ({', '.join(x for x, _ in small)} are too small); "
+                        f"set relora.rank<={min(rows, cols)} or drop them from relora.targets"
+                    )
         p += self.capture.problems()
         every = self.capture.every
         if every is not None and every > 0 and self.checkpoint_interval > 0 and every % self.checkpoint_interval:
@@ -345,8 +374,7 @@ class TrainConfig:
             p.append(f"weight_decay must be >= 0, got {self.weight_decay}")
         if self.grad_clip is not None and not self.grad_clip > 0:
             p.append(f"grad_clip must be > 0 or null, got {self.grad_clip}")
-        if self.seed < 0:
-            p.append(f"seed must be >= 0, got {self.seed}")
+        p += _seed_problems(self.seed, "seed")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             p.append(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.init_from is not None:
@@ -355,6 +383,10 @@ class TrainConfig:
                 p.append(f"init_from must be RUN_DIR or RUN_DIR@STEP, got {self.init_from!r}")
             elif not (Path(run) / "manifest.json").exists():
                 p.append(f"init_from: {run!r} is not a run directory (no manifest.json)")
+            elif step:
+                steps = _listed_steps(Path(run) / "manifest.json")
+                if steps is not None and int(step) not in steps:
+                    p.append(f"init_from: {run!r} has no checkpoint at step {int(step)} (it has {steps})")
         if self.loss_chunk_tokens is not None and self.loss_chunk_tokens < 0:
             p.append(f"loss_chunk_tokens must be >= 0 (0: the plain loss) or null (auto), got {self.loss_chunk_tokens}")
         if self.prefetch < 0:
@@ -373,6 +405,26 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain, JSON-serialisable nested dict (tuples become lists)."""
         return json.loads(json.dumps(dataclasses.asdict(self)))
+
+
+def _listed_steps(manifest: Path) -> list[int] | None:
+    """Checkpoint steps a run's manifest lists; ``None`` when it cannot be read (loading it reports why)."""
+    try:
+        entries = json.loads(manifest.read_text()).get("checkpoints")
+        return sorted(int(c["step"]) for c in entries)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return None
+
+
+#: Largest seed accepted: torch's generators take 64-bit seeds, and the trainer also seeds with ``seed + 1``.
+MAX_SEED = 2**63 - 1
+
+
+def _seed_problems(seed: int, key: str) -> list[str]:
+    """A seed outside ``[0, MAX_SEED]`` (torch's generators would refuse it after the run directory was written)."""
+    if not 0 <= seed <= MAX_SEED:
+        return [f"{key} must be in [0, 2**63-1], got {seed}"]
+    return []
 
 
 def _positive(obj: Any, prefix: str, names: tuple[str, ...]) -> list[str]:
@@ -549,11 +601,7 @@ def build_config(
     Raises :class:`ConfigError` naming every unknown key, wrong type and impossible value.
     """
     problems: list[str] = []
-    layered: dict[str, Any] = {}
-    if file is not None:
-        layered = _merge(layered, _renamed(read_config_file(file), f"config file {str(file)!r}", problems))
-    layered = _merge(layered, _renamed({k: v for k, v in (cli or {}).items() if v is not None}, "the config", problems))
-    layered = _merge(layered, _renamed(parse_overrides(overrides), "--set", problems))
+    layered = _layered(file, cli, overrides, problems)
     preset = preset or layered.get("preset") or "micro"
     if not isinstance(preset, str) or preset not in MODEL_PRESETS:  # a config file may hold any type here
         raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(MODEL_PRESETS)}")
@@ -574,6 +622,48 @@ def build_config(
     if problems:
         raise ConfigError("invalid config: " + "; ".join(problems))
     return top
+
+
+def _layered(
+    file: str | Path | None, cli: Mapping[str, Any] | None, overrides: list[str] | None, problems: list[str]
+) -> dict[str, Any]:
+    """The nested settings a file, ``cli`` flags (``None`` values dropped) and ``key=value`` overrides give, merged."""
+    layered: dict[str, Any] = {}
+    if file is not None:
+        layered = _merge(layered, _renamed(read_config_file(file), f"config file {str(file)!r}", problems))
+    layered = _merge(layered, _renamed({k: v for k, v in (cli or {}).items() if v is not None}, "the config", problems))
+    return _merge(layered, _renamed(parse_overrides(overrides), "--set", problems))
+
+
+def flatten(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """Nested settings (``TrainConfig.to_dict()``, a config file) as ``{dotted key: value}``: ``{"model.d_model": 64, ...}``."""
+    out: dict[str, Any] = {}
+    for key, value in settings.items():
+        if key in _SECTIONS and isinstance(value, Mapping):
+            out.update({f"{key}.{k}": v for k, v in value.items()})
+        else:
+            out[key] = value
+    return out
+
+
+def given_settings(
+    *,
+    preset: str | None = None,
+    file: str | Path | None = None,
+    cli: Mapping[str, Any] | None = None,
+    overrides: list[str] | None = None,
+) -> frozenset[str]:
+    """Dotted keys of the settings given explicitly (as :func:`build_config` takes them): not a preset's defaults.
+
+    ``preset`` counts when given (as an argument or in the file). ``dynamics train
+    --resume`` uses this to tell "continue the stored run" (nothing given) from
+    "change this setting" (given): a stored setting is only ever replaced by one
+    the user typed. Call it after :func:`build_config` succeeded (it does not re-report problems).
+    """
+    keys = set(flatten(_layered(file, cli, overrides, [])))
+    if preset is not None:
+        keys.add("preset")
+    return frozenset(keys)
 
 
 def config_from_dict(data: Mapping[str, Any]) -> TrainConfig:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -109,11 +110,19 @@ def _load_source(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray, int, dict]:
     return stream, val, vocab, extra
 
 
-def prepare(cfg: DataConfig, data_dir: Path) -> TokenStreams:
+#: What :func:`prepare` asks of a corpus before writing it: ``check(vocab_size, n_train_tokens, n_val_tokens)``.
+DataCheck = Callable[[int, int, int], None]
+
+
+def prepare(cfg: DataConfig, data_dir: Path, *, check: DataCheck | None = None) -> TokenStreams:
     """Tokenise ``cfg``'s source into ``data_dir`` (once) and return memory-mapped streams.
 
     If ``data_dir/data.json`` exists and describes the same ``cfg``, the files
     are reused after their sha256 is checked; a mismatch raises :class:`DataError`.
+    ``check`` (e.g. "is there one sequence of tokens", "do the ids fit the
+    vocabulary") is called with ``(vocab_size, n_train, n_val)`` once the tokens
+    are known and **before** ``data_dir`` is created, so a corpus it refuses
+    (by raising) leaves nothing behind.
     """
     data_dir = Path(data_dir)
     meta_path = data_dir / "data.json"
@@ -124,9 +133,13 @@ def prepare(cfg: DataConfig, data_dir: Path) -> TokenStreams:
         for split in ("train", "val"):
             if sha256_file(data_dir / f"{split}.bin") != meta["sha256"][split]:
                 raise DataError(f"{data_dir / f'{split}.bin'} is corrupted (sha256 mismatch)")
+        if check is not None:
+            check(int(meta["vocab_size"]), int(meta["n_tokens"]["train"]), int(meta["n_tokens"]["val"]))
         return _open(data_dir, meta)
 
     train, val, vocab_size, extra = _load_source(cfg)
+    if check is not None:
+        check(int(vocab_size), len(train), len(val))
     dtype = np.uint16 if vocab_size <= 65536 else np.uint32
     data_dir.mkdir(parents=True, exist_ok=True)
     hashes = {}

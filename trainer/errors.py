@@ -12,7 +12,8 @@ works and a damaged checkpoint is also an ``OSError``::
     ├── EvaluationError(ValueError)   an evaluation input (BLiMP file, step) that cannot be used
     ├── CheckpointError(OSError)      a run directory or checkpoint missing, incomplete, corrupted or too new
     ├── CaptureError(RuntimeError)    a capture that could not be written (background writer), naming the step
-    └── TrainingError(RuntimeError)   a run that failed while training (divergence, out of memory ...)
+    ├── TrainingError(RuntimeError)   a run that failed while training (divergence, out of memory ...)
+    └── DirectoryLockedError(BlockingIOError)  another process writes this run directory (trainer.lock)
 
 This module imports nothing: every other module of the trainer may import it.
 """

@@ -58,7 +58,19 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, *, step: int | None = No
     and ``export.json`` (source run, step, sha256 of the source weights). ReLoRA
     runs export their effective weights ``W + s·B·A`` (the checkpoint's dense
     ``model.safetensors``). The directory appears atomically; an existing one is refused.
+    One export at a time writes ``out_dir``: it is locked by ``.<name>.lock`` beside it
+    (:mod:`trainer.lock`), so a second export into it is refused naming the first.
     """
+
+    from trainer.lock import DirectoryLock
+
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    with DirectoryLock(out_dir.parent, command="dynamics export", name=f".{out_dir.name}.lock"):
+        return _export_hf(run_dir, out_dir, step)
+
+
+def _export_hf(run_dir: Path, out_dir: Path, step: int | None) -> Path:
+    """:func:`export_hf` under the export directory's lock."""
     from safetensors.torch import load_file, save_file
 
     from trainer.atomic import atomic_write_dir
@@ -66,7 +78,6 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, *, step: int | None = No
     from trainer.config import config_from_dict
     from trainer.errors import CheckpointError
 
-    run_dir, out_dir = Path(run_dir), Path(out_dir)
     if out_dir.exists():
         raise CheckpointError(f"{out_dir} already exists; choose a new export directory")
     manifest = read_manifest(run_dir)

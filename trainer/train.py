@@ -21,11 +21,13 @@ from here.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import shutil
+import signal
 import time
-import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -34,13 +36,16 @@ from torch import nn
 
 from trainer import checkpoint as ckpt
 from trainer import relora
-from trainer.atomic import atomic_write_bytes
+from trainer.atomic import atomic_write_bytes, finite_json
 from trainer.capture import Capturer, TrainingState
-from trainer.config import TrainConfig, config_from_dict
+from trainer.config import TrainConfig, config_from_dict, flatten
 from trainer.data import prepare, split_rows, train_micro_rows, validation_batches
 from trainer.distributed import DistContext, init_from_env
 from trainer.errors import CheckpointError, ConfigError, TrainingError
 from trainer.evaluate import builtin_pairs, minimal_pair_accuracy, tokenizer_for
+from trainer.interrupts import Interrupted, SignalGuard
+from trainer.keyed_dropout import RowKeys
+from trainer.lock import LOCK_FILE, DirectoryLock
 from trainer.model import Decoder, count_parameters
 from trainer.prefetch import Prefetcher
 from trainer.run_format import DATA_DIR, MANIFEST, METRICS
@@ -103,15 +108,27 @@ def memory_footprint(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict
     }
 
 
+def finite_record(record: dict[str, Any]) -> dict[str, Any]:
+    """``record`` as strict JSON can hold it: each non-finite number ``null``, their keys listed under ``nonfinite``.
+
+    ``{"step": 3, "grad_norm": nan}`` → ``{"step": 3, "grad_norm": None, "nonfinite": ["grad_norm"]}``.
+    """
+    bad = [k for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)]
+    out = finite_json(record)
+    if bad:
+        out["nonfinite"] = bad
+    return dict(out)
+
+
 class JsonlLog:
-    """Append-only JSON-lines log, flushed after every record."""
+    """Append-only JSON-lines log, flushed after every record; strict JSON (see :func:`finite_record`)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._f = open(path, "a", buffering=1)
 
     def write(self, record: dict[str, Any]) -> None:
-        self._f.write(json.dumps(record) + "\n")
+        self._f.write(json.dumps(finite_record(record), allow_nan=False) + "\n")
         self._f.flush()
 
     def close(self) -> None:
@@ -159,10 +176,17 @@ class Trainer:
         resume: bool = False,
         progress: bool = True,
         echo: Callable[[str], None] = print,
+        given: Collection[str] | None = None,
     ) -> None:
         self.cfg = cfg.validate()
         self.run_dir = Path(run_dir)
         self.resume = resume
+        # dotted keys the user gave (trainer.config.given_settings); None: every setting of cfg counts as given
+        self.given = None if given is None else frozenset(given)
+        self.changed: dict[str, tuple[Any, Any]] = {}  # settings a resume changes: key -> (stored, new)
+        self.lock: DirectoryLock | None = None  # held by rank 0 from setup() to cleanup()
+        self.last_checkpoint: int | None = None  # step of the last checkpoint written or loaded
+        self._init_weights: tuple[dict[str, torch.Tensor], int] | None = None  # --init-from, read before writing
         self.progress = progress
         self.echo = echo
         self.step = 0
@@ -171,6 +195,7 @@ class Trainer:
         self.last_loss: float | None = None
         self.last_val_loss: float | None = None
         self.wrapped: list[str] = []
+        self.row_keys = RowKeys()  # adapter-dropout keys of the micro-batch's rows, shared by the wrapped modules
         self.dist = DistContext()  # joined in setup() when launched by torchrun
         self.capturer: Capturer | None = None  # set in setup() when capture is enabled, on rank 0
         self.log: JsonlLog | None = None
@@ -191,6 +216,11 @@ class Trainer:
                 )
             if not self.dist.is_main:
                 self.echo = lambda msg: None
+        if self.dist.is_main:  # the run's one writer, until cleanup(); a second trainer or a resume is refused
+            command = "dynamics train --resume" if self.resume else "dynamics train"
+            self.lock = DirectoryLock(self.run_dir, command=command, echo=self.echo).acquire()
+        before = {p.name for p in self.run_dir.iterdir()} if self.run_dir.is_dir() else set()
+        before.discard(LOCK_FILE)
         manifest = None
         if (self.run_dir / MANIFEST).exists():
             if not self.resume:
@@ -199,29 +229,61 @@ class Trainer:
                 )
             manifest = ckpt.read_manifest(self.run_dir)
             cfg = self.cfg = self._reconcile(manifest)
-        elif self.run_dir.exists() and any(self.run_dir.iterdir()) and not self.resume:
+        elif self.resume and not before:
+            raise ConfigError(
+                f"--resume: {self.run_dir} holds no run to continue (it is missing or empty); "
+                "drop --resume to start a new run there"
+            )
+        elif before and not self.resume:
             raise ConfigError(f"{self.run_dir} exists and is not empty; choose a new --out")
         if manifest is not None and not manifest["checkpoints"]:
             manifest = None  # crashed before the first checkpoint: start over
+        if manifest is None and cfg.init_from is not None:  # read and checked before anything is written
+            self._init_weights = self._read_init_from(cfg.init_from)
+        try:
+            self._setup(manifest)
+        except BaseException:
+            if manifest is None and self.dist.is_main:
+                self._undo_start(before)
+            raise
+
+    def _undo_start(self, before: set[str]) -> None:
+        """A new run that failed before its manifest was written: remove what it wrote, leave the directory as it was."""
+        if (self.run_dir / MANIFEST).exists() or not self.run_dir.is_dir():
+            return
+        for path in self.run_dir.iterdir():
+            if path.name not in before and path.name != LOCK_FILE:
+                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+
+    def _check_data(self, vocab_size: int, n_train: int, n_val: int) -> None:
+        """The corpus fits the model and holds a sequence per split (``prepare`` asks before it writes ``data/``)."""
+        cfg = self.cfg
+        if vocab_size > cfg.model.vocab_size:
+            raise ConfigError(
+                f"the data uses {vocab_size} token ids but model.vocab_size={cfg.model.vocab_size}; "
+                f"set model.vocab_size>={vocab_size}"
+            )
+        for split, n in (("train", n_train), ("val", n_val)):
+            if n < cfg.context + 1:
+                raise ConfigError(
+                    f"the {split} split has {n} tokens, fewer than one sequence of seq_len+1={cfg.context + 1}"
+                )
+
+    def _setup(self, manifest: dict[str, Any] | None) -> None:
+        """Everything after the directory checks: data, model, optimizer, capture; then load or start the run."""
+        cfg = self.cfg
         self.dist.barrier()  # every rank has checked the directory before rank 0 writes into it
 
         self.autocast = autocast_for(cfg, self.device)
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            self.data = prepare(cfg.data, self.run_dir / DATA_DIR)
+            if manifest is None and self.resume:  # a run killed before its first checkpoint: drop its temp files
+                for path in ckpt.remove_unlisted_checkpoints(self.run_dir, {"checkpoints": []}):
+                    self.echo(f"removed incomplete {path}")
+            self.data = prepare(cfg.data, self.run_dir / DATA_DIR, check=self._check_data)
         self.dist.barrier()
-        if not self.dist.is_main:
-            self.data = prepare(cfg.data, self.run_dir / DATA_DIR)  # rank 0 wrote it: verified and memory-mapped
-        if self.data.vocab_size > cfg.model.vocab_size:
-            raise ConfigError(
-                f"the data uses {self.data.vocab_size} token ids but model.vocab_size={cfg.model.vocab_size}; "
-                f"set model.vocab_size>={self.data.vocab_size}"
-            )
-        for split, stream in (("train", self.data.train), ("val", self.data.val)):
-            if len(stream) < cfg.context + 1:
-                raise ConfigError(
-                    f"the {split} split has {len(stream)} tokens, fewer than one sequence of seq_len+1={cfg.context + 1}"
-                )
+        if not self.dist.is_main:  # rank 0 wrote it: verified and memory-mapped
+            self.data = prepare(cfg.data, self.run_dir / DATA_DIR, check=self._check_data)
 
         set_tf32(cfg, self.device)
         torch.manual_seed(cfg.seed)
@@ -251,6 +313,8 @@ class Trainer:
             if self.capturer is not None:
                 self.capturer.on_resume(self.model, self.training_state(), self.device, manifest)
             if self.dist.is_main:
+                if self.changed:  # the manifest describes the run as it now continues, and keeps the history
+                    ckpt.record_config_change(self.run_dir, cfg.to_dict(), self.changed, at_step=self.step)
                 self.log = JsonlLog(self.run_dir / METRICS)
         elif not self.dist.is_main:
             self.save_checkpoint()  # rank 0 writes the manifest and the step-0 checkpoint; the others check and wait
@@ -265,37 +329,88 @@ class Trainer:
             self.save_checkpoint()
 
     def _reconcile(self, manifest: dict[str, Any]) -> TrainConfig:
-        """Config to resume with: the stored one, except the settings in :data:`RESUME_MUTABLE`; warn on differences."""
-        stored = config_from_dict(manifest["config"])
-        asked, kept = self.cfg.to_dict(), stored.to_dict()
-        diffs = [k for k in asked if asked[k] != kept[k]]
-        mutable = {k: asked[k] for k in diffs if k in RESUME_MUTABLE}
-        ignored = [k for k in diffs if k not in RESUME_MUTABLE and k != "preset"]
-        if ignored:
-            warnings.warn(
-                f"resuming {self.run_dir}: keeping the run's stored {', '.join(ignored)} (the new values are ignored)",
-                stacklevel=3,
+        """The config to resume with: the stored one, with the settings the user gave that may change.
+
+        Only settings given explicitly (``self.given``; all of ``self.cfg`` when
+        ``None``, as for the Python API) are compared with the stored ones. A
+        differing setting of :data:`RESUME_MUTABLE` is applied (``steps`` may only
+        grow: an extension; the warmup, when it was 10% of ``steps``, keeps the
+        run's); any other differing setting is a :class:`ConfigError` naming it.
+        The changes land in ``self.changed`` (written to the manifest's history once
+        the checkpoint has loaded).
+        """
+        stored_dict = manifest["config"]
+        # the run it was initialised from may be gone by now: that setting only mattered at the start
+        stored = dataclasses.replace(
+            config_from_dict({**stored_dict, "init_from": None}), init_from=stored_dict.get("init_from")
+        )
+        asked, kept = flatten(self.cfg.to_dict()), flatten(stored.to_dict())
+        keys = sorted(self.given if self.given is not None else asked)
+        diffs = {k: (kept.get(k), asked[k]) for k in keys if k in asked and asked[k] != kept.get(k)}
+        fixed = [k for k in diffs if k not in RESUME_MUTABLE]
+        if fixed:
+            shown = ", ".join(f"{k}={diffs[k][1]!r} (the run has {diffs[k][0]!r})" for k in fixed)
+            raise ConfigError(
+                f"resuming {self.run_dir}: {shown} cannot change on resume, it would change what the run computes; "
+                "drop it to continue the run as stored, or train a new run into another --out"
             )
-        if mutable:
-            warnings.warn(
-                f"resuming {self.run_dir} with changed {', '.join(f'{k}={v}' for k, v in mutable.items())}",
-                stacklevel=3,
+        if "steps" in diffs and diffs["steps"][1] < diffs["steps"][0]:
+            old, new = diffs["steps"]
+            raise ConfigError(
+                f"resuming {self.run_dir}: steps={new} is fewer than the run's {old}; a run can be extended "
+                f"(--steps > {old}), not shortened (stop it early with Ctrl-C instead)"
             )
-        return config_from_dict({**kept, **mutable})
+        merged = {**kept, **{k: new for k, (_, new) in diffs.items()}}
+        if "steps" in diffs and stored.warmup_steps is None and "warmup_steps" not in diffs:
+            merged["warmup_steps"] = stored.warmup  # 10% of the old steps: an extension does not warm up again
+            diffs["warmup_steps"] = (None, stored.warmup)
+        nested: dict[str, Any] = {}
+        for key, value in merged.items():
+            section, _, leaf = key.partition(".")
+            if leaf:
+                nested.setdefault(section, {})[leaf] = value
+            else:
+                nested[key] = value
+        cfg = dataclasses.replace(
+            config_from_dict({**nested, "init_from": None}), init_from=stored_dict.get("init_from")
+        )
+        self.changed = diffs
+        if diffs:
+            self.echo(
+                f"resuming {self.run_dir} with "
+                + ", ".join(f"{k}={new} (was {old})" for k, (old, new) in diffs.items())
+            )
+        return cfg
+
+    def _read_init_from(self, spec: str) -> tuple[dict[str, torch.Tensor], int]:
+        """``--init-from RUN_DIR[@STEP]``'s dense weights, hash-verified and checked against this model's shapes.
+
+        Called before anything is written: a missing run or step, a damaged file
+        or a model of another shape is refused while the directory is untouched.
+        """
+        run, _, step = spec.rpartition("@") if "@" in spec else (spec, "", "")
+        payload = ckpt.load_checkpoint(run, int(step) if step else None)
+        with torch.device("meta"):  # shapes only: no memory, no random numbers drawn
+            ours = Decoder(self.cfg.model).state_dict()
+        bad = [k for k in ours if k not in payload.model or payload.model[k].shape != ours[k].shape]
+        if bad:
+            k = bad[0]
+            theirs = tuple(payload.model[k].shape) if k in payload.model else "missing"
+            raise CheckpointError(
+                f"init_from {spec}: weights do not fit this model (first mismatch: {k}, "
+                f"{theirs} there, {tuple(ours[k].shape)} here)"
+            )
+        return {k: payload.model[k] for k in ours}, int(payload.state["step"])
 
     def _init_from(self, spec: str) -> None:
         """Load dense weights from ``RUN_DIR@STEP`` (or ``RUN_DIR``: latest); shapes must match this model."""
-        run, _, step = spec.rpartition("@") if "@" in spec else (spec, "", "")
-        payload = ckpt.load_checkpoint(run, int(step) if step else None)
-        ours = self.model.state_dict()
-        bad = [k for k in ours if k not in payload.model or payload.model[k].shape != ours[k].shape]
-        if bad:
-            raise CheckpointError(f"init_from {spec}: weights do not fit this model (first mismatch: {bad[0]})")
-        self.model.load_state_dict({k: payload.model[k] for k in ours})
-        self.echo(f"initialised from {run} step {payload.state['step']}")
+        weights, step = self._init_weights if self._init_weights is not None else self._read_init_from(spec)
+        self.model.load_state_dict(weights)
+        self._init_weights = None
+        self.echo(f"initialised from {spec.rpartition('@')[0] if '@' in spec else spec} step {step}")
 
     def _wrap(self) -> None:
-        self.wrapped = relora.wrap_model(self.model, self.cfg.relora, self.adapter_rng)
+        self.wrapped = relora.wrap_model(self.model, self.cfg.relora, self.adapter_rng, self.row_keys)
 
     def _load(self, manifest: dict[str, Any]) -> None:
         removed = ckpt.remove_unlisted_checkpoints(self.run_dir, manifest) if self.dist.is_main else []
@@ -320,6 +435,7 @@ class Trainer:
             torch.cuda.set_rng_state(payload.rng["cuda"], self.device)
         self.adapter_rng.set_state(payload.rng["adapter"])
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        self.last_checkpoint = self.step
         self.merges = state.get("merges", 0)
         self.last_loss, self.last_val_loss = state.get("loss"), state.get("val_loss")
         if self.dist.is_main:
@@ -340,8 +456,11 @@ class Trainer:
         if not self.model.training:
             self.model.train()
         total: torch.Tensor | None = None  # Σ micro-batch losses / grad_accum, a 0-d tensor on the device
+        mine = self.dist.shard_range(cfg.micro_batch_size)  # this rank's rows of each global micro-batch
         for micro in range(cfg.grad_accum):
             x, y = split_rows(self.batches.get((t, micro)).to(self.device, non_blocking=True))
+            if self.wrapped and cfg.relora.dropout > 0:  # masks keyed by the rows' places in step t's global batch
+                self.row_keys.set(cfg.seed, t, micro * cfg.micro_batch_size + mine.start, len(mine), self.device)
             with self.autocast():
                 loss = self._train_loss(x, y) / cfg.grad_accum
             loss.backward()
@@ -358,13 +477,10 @@ class Trainer:
             )
         else:
             grad_norm = global_norm(grads)
-        # one host sync per step, for both numbers (the loss must be checked before the update)
+        # one host sync per step, for both numbers (both must be checked before the update)
         loss_value, norm_value = torch.stack([total.float(), grad_norm.float().to(total.device)]).tolist()
-        if not math.isfinite(loss_value):
-            raise TrainingError(
-                f"loss became {loss_value} at step {t}; the last good checkpoint is kept in {self.run_dir}. "
-                "Try a lower lr or grad_clip=1.0"
-            )
+        if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
+            self._diverged(t, lr, loss_value, norm_value)  # the update is not applied; raises TrainingError
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step = t + 1
@@ -380,6 +496,32 @@ class Trainer:
         if cfg.method == "relora" and self.wrapped:
             record.update(self._relora_events(t))
         return record
+
+    def _diverged(self, t: int, lr: float, loss: float, grad_norm: float) -> None:
+        """Update ``t`` has a non-finite loss or gradient norm: log it (``null`` + ``nonfinite``), apply nothing, stop.
+
+        The optimizer never steps on it and no checkpoint is written after it, so
+        the run directory keeps its last finite checkpoint. Raises :class:`TrainingError`.
+        """
+        self.optimizer.zero_grad(set_to_none=True)
+        record = {
+            "step": t + 1,
+            "loss": loss,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens_seen": self.tokens_seen + self.cfg.tokens_per_step,
+            "diverged": True,
+        }
+        if self.log is not None:
+            self.log.write(record)
+        what = [f"{name} became {value}" for name, value in (("loss", loss), ("gradient norm", grad_norm))]
+        what = [w for w, v in zip(what, (loss, grad_norm)) if not math.isfinite(v)]
+        kept = f"step {self.last_checkpoint}" if self.last_checkpoint is not None else "none yet"
+        raise TrainingError(
+            f"training diverged at step {t + 1}: the {' and the '.join(what)} (lr {lr:.3g}); the update was not "
+            f"applied and nothing was saved; the last good checkpoint ({kept}) is kept in {self.run_dir}. "
+            "Try a lower lr or grad_clip=1.0"
+        )
 
     def _micro_rows(self, key: tuple[int, int]) -> torch.Tensor:
         """This rank's windows ``(b, seq_len + 1)`` int64 of micro-batch ``key = (step, micro)``; pinned on CUDA."""
@@ -475,11 +617,18 @@ class Trainer:
 
         ``stop_at`` ends the session early at that step, with a checkpoint there;
         the schedule still follows ``cfg.steps``, so ``--resume`` continues exactly.
+
+        SIGINT (Ctrl-C) and SIGTERM (:mod:`trainer.interrupts`): the step in
+        progress finishes (its evaluation and ``metrics.jsonl`` record included),
+        a checkpoint marked ``interrupt`` is saved unless the step just had one,
+        and :class:`~trainer.interrupts.Interrupted` is raised; a second signal
+        stops the process at once.
         """
         cfg = self.cfg
         end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
         bar = _progress_bar(total=cfg.steps, initial=self.step, enabled=self.progress and self.dist.is_main)
         last_saved = self.step
+        signals = SignalGuard(deferred=True, echo=self.echo).__enter__()
         try:
             t0, tokens0 = time.perf_counter(), self.tokens_seen
             while self.step < end:
@@ -502,19 +651,47 @@ class Trainer:
                     tok_s=f"{record['tokens_per_s']:.0f}",
                     refresh=False,
                 )
-        except KeyboardInterrupt:
+                signum = self._signal_received(signals)
+                if signum is not None:
+                    raise Interrupted(signum)
+        except KeyboardInterrupt as e:
             if self.step != last_saved:
                 self.echo(f"\ninterrupted: saving a checkpoint at step {self.step}")
-                self.save_checkpoint()
+                self.save_checkpoint(interrupt=True)
+            name = signal.Signals(e.signum).name if isinstance(e, Interrupted) else "KeyboardInterrupt"
+            self.echo(
+                f"stopped ({name}) at step {self.step}, saved; `dynamics train --out {self.run_dir} --resume` continues"
+            )
             raise
         finally:
+            signals.__exit__(None, None, None)
             bar.close()
         return self.run_dir
 
+    def _signal_received(self, signals: SignalGuard) -> int | None:
+        """The signal to stop on, if any process of the job received one (all ranks stop at the same step)."""
+        if not self.dist.enabled:
+            return signals.pending
+        flag = torch.tensor(float(signals.pending or 0), device=self.device)
+        agreed = int(round(float(self.dist.mean(flag)) * self.dist.world_size))  # the sum of the ranks' signals
+        if agreed == 0:
+            return None
+        return signals.pending or signal.SIGTERM
+
     # -- save / cleanup ----------------------------------------------------------------------
 
-    def save_checkpoint(self) -> None:
-        """Rank 0 writes the checkpoint (and its capture file); every rank then meets at a barrier."""
+    def save_checkpoint(self, *, interrupt: bool = False) -> None:
+        """Rank 0 writes the checkpoint (and its capture file); every rank then meets at a barrier.
+
+        Non-finite weights are never saved (:class:`TrainingError`; the last good
+        checkpoint stays the latest). ``interrupt`` marks a checkpoint saved on a signal.
+        """
+        bad = self._nonfinite_weights()
+        if bad is not None:
+            raise TrainingError(
+                f"training diverged at step {self.step}: {bad} holds NaN or Inf; not saved (the last good checkpoint, "
+                f"step {self.last_checkpoint}, is kept in {self.run_dir}). Try a lower lr or grad_clip=1.0"
+            )
         if self.dist.enabled:
             state = [
                 t
@@ -528,8 +705,17 @@ class Trainer:
                     f"refusing to checkpoint (the last good checkpoint is kept in {self.run_dir})"
                 )
         if self.dist.is_main:
-            self._write_checkpoint()
+            self._write_checkpoint(interrupt=interrupt)
+        self.last_checkpoint = self.step
         self.dist.barrier()
+
+    def _nonfinite_weights(self) -> str | None:
+        """The name of the first parameter holding NaN or Inf, else ``None`` (one host sync)."""
+        named = [(n, p) for n, p in self.model.named_parameters()]
+        if not named:
+            return None
+        finite = torch.stack([torch.isfinite(p.detach()).all() for _, p in named]).tolist()
+        return next((n for (n, _), ok in zip(named, finite) if not ok), None)
 
     def training_state(self) -> TrainingState:
         """Where training stands now: what a checkpoint's ``trainer_state.json`` and a capture file record."""
@@ -545,7 +731,7 @@ class Trainer:
             lora_scale=self.cfg.relora.scale if wrapped else float("nan"),
         )
 
-    def _write_checkpoint(self) -> None:
+    def _write_checkpoint(self, *, interrupt: bool = False) -> None:
         if self.capturer is not None:
             self.capturer.flush()  # the previous capture is written and listed before the manifest changes again
         model = self.model
@@ -575,23 +761,28 @@ class Trainer:
                 rng=rng,
                 state=state,
             ),
+            **({"interrupt": True} if interrupt else {}),  # marked only when saved on a signal
         )
         if self.capturer is not None:
             # dynamics/step_XXXXXX.h5 when due: written in the background, listed in the manifest entry later
             self.capturer.on_checkpoint(model, now, self.device)
 
     def cleanup(self) -> None:
-        """Finish the pending capture write, stop the prefetch thread, close the log and leave the process group."""
+        """Finish the pending capture write, stop the prefetch thread, close the log, leave the process group, unlock."""
         try:
             if self.capturer is not None:
                 self.capturer.close()  # finishes (or, after a crash, abandons cleanly) any capture still being written
         finally:
-            batches: Prefetcher[tuple[int, int], torch.Tensor] | None = getattr(self, "batches", None)  # set in setup()
-            if batches is not None:
-                batches.close()
-            if self.log is not None:
-                self.log.close()
-            self.dist.close()
+            try:
+                batches: Prefetcher[tuple[int, int], torch.Tensor] | None = getattr(self, "batches", None)  # setup()
+                if batches is not None:
+                    batches.close()
+                if self.log is not None:
+                    self.log.close()
+                self.dist.close()
+            finally:
+                if self.lock is not None:
+                    self.lock.release()  # last: nothing of this run is written after it
 
 
 def _progress_bar(*, total: int, initial: int, enabled: bool) -> Any:
@@ -602,11 +793,29 @@ def _progress_bar(*, total: int, initial: int, enabled: bool) -> Any:
     )
 
 
-def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, progress: bool = True) -> Path:
-    """Train ``cfg`` into ``run_dir`` (resuming from its last complete checkpoint if ``resume``); returns ``run_dir``."""
-    trainer = Trainer(cfg, run_dir, resume=resume, progress=progress)
-    try:
-        trainer.setup()
-        return trainer.run()
-    finally:
-        trainer.cleanup()
+def train(
+    cfg: TrainConfig,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    given: Collection[str] | None = None,
+) -> Path:
+    """Train ``cfg`` into ``run_dir`` (resuming from its last complete checkpoint if ``resume``); returns ``run_dir``.
+
+    ``given``: the dotted keys the user set explicitly (:func:`trainer.config.given_settings`); on resume only
+    those are compared with the stored run (``None``: all of ``cfg``). See :meth:`Trainer._reconcile`.
+    A signal while setting up or finishing raises :class:`~trainer.interrupts.Interrupted` at once (a new
+    run's files are removed again); while training see :meth:`Trainer.run`. After training stopped on a
+    signal, another one exits the process at once (the files on disk are complete either way).
+    """
+    trainer = Trainer(cfg, run_dir, resume=resume, progress=progress, given=given)
+    with SignalGuard(deferred=False, echo=trainer.echo) as signals:
+        try:
+            trainer.setup()
+            return trainer.run()  # holds its own deferred guard while it trains
+        except Interrupted as e:
+            signals.pending = e.signum  # a second signal during the cleanup below exits at once
+            raise
+        finally:
+            trainer.cleanup()

@@ -220,8 +220,69 @@ def test_issue9_rows_heavy_tails_spikes_subspaces_cross_run_and_seeds(results, p
     assert sorted(seeds["run"]) == sorted(p.name for p in pair) and (seeds["value"] == 0).all()
     # --basic: none of it
     basic, _ = analyze_runs(pair, tmp_path / "basic.parquet", options=AnalysisOptions.basic(), progress=False)
-    assert not set(basic["metric"]) & {"alpha", "alpha_status", "signal_rank", "intruders", "overlap_prev"}
+    assert not set(basic["metric"]) & {"alpha", "alpha_status", "signal_rank", "intruders", "overlap_prev", "gini"}
     assert "cross_run" not in set(basic["kind"])
     assert len(pick(basic, kind="weight", metric="proportional_effective_rank")) == len(
         pick(table, kind="weight", metric="proportional_effective_rank")
     )
+
+
+def test_issue18_sparsity_norm_and_cca_rows(results, pair):
+    """Gini/Hoyer/∞-norm of weights, gradients and updates; norms from the spectra; SVCCA/PWCCA beside CKA."""
+    from dynamics.analyze import analyze_unit
+    from dynamics.cross_run import cross_run_rows
+    from dynamics.similarity import MIN_TOKENS_PER_FEATURE
+
+    table, out = results
+    for kind in ("weight", "grad", "update", "update_cumulative", "update_merge"):
+        gini = pick(table, kind=kind, metric="gini")
+        assert len(gini) and gini["value"].between(0, 1).all(), kind
+        assert pick(table, kind=kind, metric="hoyer_sparsity")["value"].between(0, 1).all(), kind
+        assert len(pick(table, kind=kind, metric="induced_inf_norm")) == len(gini), kind
+    assert not len(pick(table, kind="lora", metric="gini"))  # factored s·B·A: spectral norms only
+    # one weight's entry metrics against a direct computation from its checkpoint
+    w = load_file(str(pair[0] / "checkpoints" / "step_000004" / "model.safetensors"))["layers.1.mlp.down.weight"]
+    a = np.sort(np.abs(w.astype(np.float64)).ravel())
+    n = a.size
+
+    def value(metric):
+        return pick(table, run="full", step=4, layer=1, component="mlp.down", kind="weight", metric=metric)[
+            "value"
+        ].item()
+
+    assert value("gini") == pytest.approx(((2 * np.arange(1, n + 1) - n - 1) * a).sum() / (n * a.sum()), rel=1e-12)
+    assert value("hoyer_sparsity") == pytest.approx((np.sqrt(n) - a.sum() / np.linalg.norm(a)) / (np.sqrt(n) - 1))
+    assert value("induced_inf_norm") == pytest.approx(np.abs(w.astype(np.float64)).sum(axis=1).max(), rel=1e-12)
+    # norms come from the stored spectrum: frobenius² = Σσ², nuclear = Σσ, spectral = σ₁, for every spectrum row
+    keys = ["run", "step", "layer", "component", "kind"]
+    spectra = pd.read_parquet(out.with_name("results.spectra.parquet"))
+    norms = table[table["metric"].isin(["frobenius_norm", "nuclear_norm", "spectral_norm"])]
+    norms = norms.pivot_table(index=keys, columns="metric", values="value").reset_index()
+    joined = spectra.merge(norms, on=keys, how="left")
+    assert len(joined) == len(spectra) and joined["frobenius_norm"].notna().all()
+    sigma = joined["values"].map(np.asarray)
+    np.testing.assert_allclose(joined["frobenius_norm"] ** 2, sigma.map(lambda s: (s**2).sum()), rtol=1e-10)
+    np.testing.assert_allclose(joined["nuclear_norm"], sigma.map(np.sum), rtol=1e-10)
+    np.testing.assert_allclose(joined["spectral_norm"], sigma.map(np.max), rtol=1e-12)
+    # SVCCA/PWCCA rows exactly where the probe has MIN_TOKENS_PER_FEATURE tokens per feature (256 x 64 here: none)
+    acts = dynamics.open_run(pair[0]).get("act", 4, "layers.0.resid_post")["layers.0.resid_post"]
+    tokens, features = int(np.prod(acts.shape[:-1])), acts.shape[-1]
+    enough = tokens >= MIN_TOKENS_PER_FEATURE * features
+    assert bool(len(pick(table, kind="act", component="resid_post", metric="svcca_prev"))) == enough
+    assert bool(len(pick(table, kind="cross_run", component="resid_post", metric="pwcca"))) == enough
+    # with a lower threshold: ReLoRA vs full-rank at step 0 (same init, same probe) is 1; within a run in [0, 1]
+    site = ("act:layers.*.resid_post",)
+    cross = pd.DataFrame(
+        cross_run_rows(
+            str(pair[1]), str(pair[0]), 0, act_sites=site, label="r", updates=False, cca_min_tokens_per_feature=2
+        )
+    )
+    for metric in ("svcca", "pwcca"):
+        same = cross[cross["metric"] == metric]
+        assert len(same) == 4 and np.allclose(same["value"], 1.0, atol=1e-6), metric  # the pair has 4 layers
+    opts = AnalysisOptions.basic(kinds=("act",), act_sites=site, cca=True, cca_min_tokens_per_feature=2)
+    rows = pd.DataFrame(analyze_unit(str(pair[0]), 4, opts)[0])
+    within = rows[rows["metric"].isin(["svcca_prev", "pwcca_prev", "svcca_final", "pwcca_final"])]
+    assert set(within["metric"]) == {"svcca_prev", "pwcca_prev", "svcca_final", "pwcca_final"}
+    assert len(within) == 16 and within["value"].between(0, 1).all()
+    assert (within["value"] > 0.5).all()  # 4 steps of training leave the residual stream closely related

@@ -97,6 +97,13 @@ class Launcher:
         """Start the forkserver (imports torch once) so that later timings measure only the runs."""
         self.run(["train", "--help"], log)
 
+    def start(self, argv: list[str], log: Path, *, fault: str | None = None):
+        """Start a CLI run in a child and return its ``multiprocessing.Process`` at once (the caller joins it)."""
+        env = {"OMP_NUM_THREADS": "1", "TRAINER_FAULT": fault or ""}
+        p = self.ctx.Process(target=_child, args=(argv, env, str(log)))
+        p.start()
+        return p
+
     def run(
         self,
         argv: list[str],
@@ -106,10 +113,8 @@ class Launcher:
         kill_after: float | None = None,
         timeout: float = 300,
     ) -> tuple[int, float]:
-        env = {"OMP_NUM_THREADS": "1", "TRAINER_FAULT": fault or ""}
-        p = self.ctx.Process(target=_child, args=(argv, env, str(log)))
         t0 = time.perf_counter()
-        p.start()
+        p = self.start(argv, log, fault=fault)
         p.join(kill_after if kill_after is not None else timeout)
         if p.exitcode is None and kill_after is not None:
             p.kill()  # SIGKILL: no cleanup, no flush, whatever the process was doing
@@ -130,8 +135,12 @@ def losses(run: Path) -> list[tuple[int, float | None, float | None]]:
     return [(r["step"], r.get("loss"), r.get("val_loss")) for r in recs]
 
 
-def assert_same_run(ref: Path, run: Path) -> None:
-    """``run`` equals ``ref`` bit for bit: step log, every checkpoint's tensors and state, every capture file's data."""
+def assert_same_run(ref: Path, run: Path, *, skip_interrupts: bool = False) -> None:
+    """``run`` equals ``ref`` bit for bit: step log, every checkpoint's tensors and state, every capture file's data.
+
+    ``skip_interrupts``: ``run`` may also hold checkpoints saved on a signal (``"interrupt": true``), which are
+    left out of the comparison of checkpoint lists (their step log records are compared like any other).
+    """
     import h5py
     import torch
 
@@ -139,6 +148,8 @@ def assert_same_run(ref: Path, run: Path) -> None:
 
     assert losses(run) == losses(ref), "step losses differ"
     mr, mx = read_manifest(ref), read_manifest(run)
+    if skip_interrupts:
+        mx["checkpoints"] = [c for c in mx["checkpoints"] if not c.get("interrupt")]
     assert [c["step"] for c in mx["checkpoints"]] == [c["step"] for c in mr["checkpoints"]]
     for c in mr["checkpoints"]:
         a, b = load_checkpoint(ref, c["step"]), load_checkpoint(run, c["step"])
@@ -162,6 +173,62 @@ def assert_same_run(ref: Path, run: Path) -> None:
                     assert np.array_equal(fa[kind][name][()], fb[kind][name][()]), (c["step"], kind, name)
             for key in ("step", "tokens_seen", "lr", "loss", "probe_loss", "grad_loss"):
                 assert fa.attrs[key] == fb.attrs[key] or (np.isnan(fa.attrs[key]) and np.isnan(fb.attrs[key])), key
+
+
+def strict_records(run: Path) -> list[dict]:
+    """``metrics.jsonl`` as strict JSON: a bare ``NaN``/``Infinity`` (invalid JSON) raises ``ValueError``."""
+
+    def refuse(token: str):
+        raise ValueError(f"{run / 'metrics.jsonl'} holds a bare {token}: not JSON")
+
+    return [json.loads(x, parse_constant=refuse) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def wait_for(predicate, proc, timeout: float = 240.0, what: str = "") -> None:
+    """Poll ``predicate()`` every 10 ms until true; fail when ``proc`` (a Process) ends first or time runs out."""
+    t0 = time.perf_counter()
+    while not predicate():
+        if not proc.is_alive():
+            raise AssertionError(f"the process ended (exit {proc.exitcode}) before {what}")
+        if time.perf_counter() - t0 > timeout:
+            raise TimeoutError(f"no {what} after {timeout} s")
+        time.sleep(0.01)
+
+
+def n_records(run: Path) -> int:
+    log = run / "metrics.jsonl"
+    try:
+        return len(log.read_text().splitlines())
+    except OSError:
+        return 0
+
+
+def mount_tmpfs(path: Path, size_bytes: int) -> str | None:
+    """Mount a real tmpfs of ``size_bytes`` at ``path`` (created); ``None`` on success, else why it failed.
+
+    Needs the right to mount (root, or CAP_SYS_ADMIN); tests skip with the reason otherwise.
+    """
+    import subprocess
+
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        out = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size_bytes}", "tmpfs", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"cannot run mount: {e}"
+    if out.returncode != 0:
+        return f"mount -t tmpfs failed: {(out.stderr or out.stdout).strip()[:200]}"
+    return None
+
+
+def umount(path: Path) -> None:
+    import subprocess
+
+    subprocess.run(["umount", "-l", str(path)], capture_output=True, timeout=30)
 
 
 def check_readers(run: Path) -> int:

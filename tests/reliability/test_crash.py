@@ -49,7 +49,10 @@ def test_sigkill_anywhere_then_resume_is_bit_identical(
                 label = f"{point}@{where}"
             killed = code == -9
             complete = R.check_readers(run)  # what any reader sees right after the crash
-            code2, _ = launcher.run(R.train_argv(run, text_corpus, resume=True), log)
+            # --resume once anything of the run exists; a kill before that (only a stale .lock, or nothing) leaves
+            # an empty directory, which the same command starts again (and --resume refuses: nothing to continue)
+            started = run.is_dir() and any(p.name != ".lock" for p in run.iterdir())
+            code2, _ = launcher.run(R.train_argv(run, text_corpus, resume=started), log)
             assert code2 == 0, f"resume failed ({code2}): {log.read_text()[-1500:]}"
             R.assert_same_run(reference_run, run)
             leftovers = [p for p in run.rglob("*") if p.name.startswith(".") and p.name.endswith(".tmp")]

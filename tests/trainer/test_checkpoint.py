@@ -89,3 +89,65 @@ def test_optimizer_state_is_loaded_without_arbitrary_unpickling(small_run, tmp_p
     path.write_bytes(pickle.dumps(Evil()))
     with pytest.raises(CheckpointError):
         load_checkpoint(small_run, verify=False)
+
+
+def _library_disk_errors():
+    """What safetensors, torch.save and h5py raise on a full disk (their real types and messages)."""
+    from safetensors import SafetensorError
+
+    return {
+        "safetensors": SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"),
+        "torch.save": RuntimeError(
+            "[enforce fail at inline_container.cc:626] . unexpected pos 64 vs 0. "
+            "PytorchStreamWriter failed writing file data/0: file write failed"
+        ),
+        "h5py": OSError(
+            "[Errno 28] Unable to synchronously create dataset (file write failed: time = Mon, "
+            "errno = 28, error message = 'No space left on device')"
+        ),
+        "pyarrow": OSError(28, "Error writing bytes to file. Detail: [errno 28] No space left on device"),
+        "open() without a file name": OSError(28, "No space left on device"),
+    }
+
+
+@pytest.mark.parametrize("library", ["safetensors", "torch.save", "h5py", "pyarrow", "open() without a file name"])
+@pytest.mark.parametrize("writer", ["atomic_write", "atomic_write_dir"])
+def test_disk_full_from_any_library_becomes_one_enospc_oserror(tmp_path, monkeypatch, library, writer):
+    import errno
+
+    from trainer import atomic
+
+    monkeypatch.setattr(atomic, "_free_bytes", lambda path: 0)  # torch says only "file write failed": the disk is full
+    error = _library_disk_errors()[library]
+
+    def fail(path):
+        raise error
+
+    target = tmp_path / "thing"
+    with pytest.raises(OSError) as e:
+        getattr(atomic, writer)(target, fail)
+    assert type(e.value) is OSError and e.value.errno == errno.ENOSPC and e.value.filename == str(target)
+    assert e.value.__cause__ is error  # the library's own error stays chained, for debugging
+    assert list(tmp_path.iterdir()) == []  # no temporary file left
+
+
+def test_other_errors_are_not_mistaken_for_a_full_disk(tmp_path, monkeypatch):
+    from trainer import atomic
+
+    monkeypatch.setattr(atomic, "_free_bytes", lambda path: 10**12)
+    for error in (
+        RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed"),  # disk not full
+        OSError("Unable to synchronously create dataset (name already exists)"),
+        ValueError("No space left on device"),  # not an I/O error type
+    ):
+        assert atomic.disk_error(error, tmp_path / "x") is None
+
+
+def test_manifest_is_strict_json(small_run):
+    from trainer.checkpoint import write_manifest
+
+    m = read_manifest(small_run)
+    m["checkpoints"][-1]["val_loss"] = float("nan")
+    write_manifest(small_run, m)
+    text = (small_run / "manifest.json").read_text()
+    assert "NaN" not in text and read_manifest(small_run)["checkpoints"][-1]["val_loss"] is None

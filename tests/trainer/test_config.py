@@ -112,3 +112,45 @@ def test_cli_unreadable_config_file(tmp_path, capsys):
 def test_shipped_configs_validate(path):
     cfg = build_config(file=path)
     assert cfg.steps > 0
+
+
+@pytest.mark.parametrize("preset", ["micro", "tiny"])
+def test_projection_shapes_are_the_models(preset):
+    import torch
+
+    from trainer.config import MODEL_PRESETS
+    from trainer.model import Decoder
+
+    cfg = MODEL_PRESETS[preset]
+    with torch.device("meta"):
+        state = Decoder(cfg).state_dict()
+    attn = {"q", "k", "v", "o"}
+    for target, shape in cfg.projection_shapes().items():
+        key = f"layers.0.{'attn' if target in attn else 'mlp'}.{target}.weight"
+        assert tuple(state[key].shape) == shape, target
+
+
+def test_relora_rank_is_checked_against_every_wrapped_matrix():
+    with pytest.raises(ConfigError, match=r"relora.rank=48 exceeds min\(out, in\) = 32 of the 32×64 'k'"):
+        build_config(overrides=["method=relora", "relora.rank=48"])
+    ok = build_config(overrides=["method=relora", "relora.rank=48", "relora.targets=[q,o,gate,up,down]"])
+    assert ok.relora.rank == 48
+    assert build_config(overrides=["method=full", "relora.rank=48"]).method == "full"  # not wrapped: not checked
+
+
+@pytest.mark.parametrize("key", ["seed", "data.seed", "capture.seed"])
+def test_seeds_must_fit_64_bit_generators(key):
+    assert build_config(overrides=[f"{key}={2**63 - 1}"])
+    for bad in (2**63, 2**64, -1):
+        with pytest.raises(ConfigError, match=rf"{key} must be in \[0, 2\*\*63-1\], got {bad}"):
+            build_config(overrides=[f"{key}={bad}"])
+
+
+def test_given_settings_are_what_the_user_typed(tmp_path):
+    from trainer.config import given_settings
+
+    f = tmp_path / "c.yaml"
+    f.write_text("lr: 0.01\nmodel:\n  d_model: 32\nrelora:\n  reset_every: 40\n")
+    given = given_settings(file=f, cli={"steps": 9, "method": None}, overrides=["capture.every=3"])
+    assert given == {"lr", "model.d_model", "relora.merge_every", "steps", "capture.every"}
+    assert given_settings() == frozenset() and given_settings(preset="tiny") == {"preset"}

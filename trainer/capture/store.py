@@ -13,6 +13,8 @@ compression. The schema version and the kinds come from
 
 from __future__ import annotations
 
+import io
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -88,7 +90,11 @@ def write_capture(
     c = cfg.capture
 
     def write(tmp: Path) -> None:
-        with h5py.File(tmp, "w", track_order=True) as f:
+        # The HDF5 file is built in memory and written with one plain write: HDF5 running out of disk space
+        # inside an open file makes h5py print finalizer tracebacks and can crash the process in close()
+        # (seen with h5py 3.16 / HDF5 2.0); a plain write fails with one ENOSPC OSError instead.
+        buf = io.BytesIO()
+        with h5py.File(buf, "w", track_order=True) as f:
             f.attrs["schema_version"] = CAPTURE_SCHEMA_VERSION
             for key, value in attrs.items():
                 f.attrs[key] = value
@@ -105,7 +111,9 @@ def write_capture(
             for i, kind in enumerate(CAPTURE_KINDS):
                 if i == len(CAPTURE_KINDS) // 2:
                     f.flush()
-                    fault_point("capture-write", int(attrs.get("step", -1)))  # test hook: a crash mid-file
+                    if os.environ.get("TRAINER_FAULT"):  # test hook: a half-written temporary file, then a crash
+                        tmp.write_bytes(buf.getbuffer())
+                    fault_point("capture-write", int(attrs.get("step", -1)))
                 group = f.create_group(kind, track_order=True)
                 dtype = c.act_dtype if kind in ("act", "act_in") else c.grad_dtype if kind == "grad" else "float32"
                 for name, arr in captured.data.get(kind, {}).items():
@@ -115,6 +123,7 @@ def write_capture(
                     ds = group.create_dataset(name, data=stored, **_dataset_kwargs(cfg, stored.shape, stored.dtype))
                     if fell_back:
                         ds.attrs["float16_overflow"] = True
+        tmp.write_bytes(buf.getbuffer())
 
     atomic_write(path, write)
 
