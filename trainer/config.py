@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from trainer.errors import ConfigError  # defined there; importable from here as before
+from trainer.names import ATTN_PROJS, MLP_PROJS
 
 SCHEMA_VERSION = 1
 
@@ -123,7 +124,8 @@ class DataConfig:
         return p
 
 
-RELORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+#: Projections ReLoRA can wrap: every attention and MLP projection leaf (from :mod:`trainer.names`).
+RELORA_TARGETS: tuple[str, ...] = (*ATTN_PROJS, *MLP_PROJS)
 OPTIMIZER_RESETS = ("none", "full", "random", "magnitude")
 
 
