@@ -46,7 +46,9 @@ tolerance of :func:`update_tolerance` (float32 rounding noise of the weights is
 not rank). Work is split into units
 (one run × one checkpoint); each unit's rows are cached under
 ``<out>.cache/`` keyed by the sha256 of every input file, so re-running skips
-what is done and a crash loses at most the unit in progress. With
+what is done and a crash loses at most the unit in progress (``shard=(K, N)``:
+one deterministic 1/N of the units, see :func:`shard_units`; shards may run at
+once and a final call without a shard assembles the table). With
 ``keep_going`` a unit whose input is bad or holds no data (the project's
 errors: :class:`~dynamics.validation.DynamicsError`,
 :class:`~trainer.errors.TrainerError`) is listed and skipped; any other
@@ -59,9 +61,11 @@ import functools
 import hashlib
 import json
 import os
+import time
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -99,6 +103,8 @@ SPECTRA_COLUMNS: list[str] = list(_SPECTRA_COLUMNS)
 ANALYSIS_KINDS: tuple[str, ...] = ("weight", "grad", "act", "update", "update_cumulative", "update_merge", "lora")
 #: Old kind names still accepted in ``AnalysisOptions.kinds`` / ``--kinds`` and renamed in saved tables.
 KIND_ALIASES: dict[str, str] = {"update_restart": "update_merge"}
+#: ``AnalysisOptions.device`` / ``--device`` values (``None``, the default, is the numpy reference path on CPU).
+DEVICES: tuple[str, ...] = ("cpu", "cuda", "auto")
 #: What ``--keep-going`` skips: a bad or empty input. Anything else is a bug and surfaces.
 INPUT_ERRORS: tuple[type[Exception], ...] = (DynamicsError, TrainerError)
 TRAIN_METRICS = ("loss", "val_loss", "lr", "grad_norm", "pair_acc")
@@ -146,9 +152,13 @@ class AnalysisOptions:
     cca: bool = True  # SVCCA and PWCCA beside CKA, within a run and across runs (dynamics.similarity)
     cca_min_tokens_per_feature: float = MIN_TOKENS_PER_FEATURE  # their rows only where tokens >= this × features
     include_interrupts: bool = False  # also checkpoints saved on SIGINT/SIGTERM (off the grid; Run.interrupt_steps)
+    # None: the numpy reference path (CPU); "cpu" / "cuda" / "auto": the torch device path (resolve_device); not in key()
+    device: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "kinds", normalize_kinds(self.kinds))
+        if self.device is not None and self.device not in DEVICES:
+            raise AnalysisError(f"analysis device must be one of {', '.join(DEVICES)}, got {self.device!r}")
 
     @classmethod
     def basic(cls, **kw: Any) -> AnalysisOptions:
@@ -158,8 +168,13 @@ class AnalysisOptions:
         return cls(**{**off, **kw})
 
     def key(self) -> str:
-        """Hash of these options and :data:`ANALYSIS_VERSION`: part of every cache key."""
-        payload = json.dumps({"v": ANALYSIS_VERSION, **asdict(self)}, sort_keys=True)
+        """Hash of these options and :data:`ANALYSIS_VERSION`: part of every cache key.
+
+        ``device`` is left out: every device computes the same rows (values within the tolerance stated in
+        :func:`resolve_device`), so a table cached on one device is reused on another.
+        """
+        fields = {k: v for k, v in asdict(self).items() if k != "device"}
+        payload = json.dumps({"v": ANALYSIS_VERSION, **fields}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -182,6 +197,70 @@ def normalize_kinds(kinds: Iterable[str]) -> tuple[str, ...]:
             f"(old names accepted: {', '.join(KIND_ALIASES)})"
         )
     return tuple(out)
+
+
+def resolve_device(device: str | None) -> str | None:
+    """The device a unit's spectra and metrics run on: ``None`` (the numpy reference path), ``'cpu'`` or ``'cuda'``.
+
+    ``'auto'`` is ``'cuda'`` when torch sees a CUDA device, else ``'cpu'``; ``'cuda'`` without one is an
+    :class:`AnalysisError` (one line, exit 2 from the CLI). On the device path (``'cpu'`` or ``'cuda'``) each
+    matrix is moved to the device as a **float64** torch tensor before its singular values, entry sparsity,
+    anisotropy and CKA are computed, so ranks, condition numbers and update spectra are computed in the same
+    precision as the CPU float64 reference (float32 is never used); each :class:`~dynamics.Spectrum` keeps the
+    stored dtype's name, so default rank tolerances (``eps`` of the stored dtype) are unchanged. Results come back
+    as Python floats in rows of the same structure.
+
+    Agreement with the reference: ``'cpu'`` runs the same float64 LAPACK routes on the same numbers (tested equal
+    to ``rtol=1e-9``; in practice bit-identical). On CUDA the ``'auto'`` route is always the direct SVD
+    (cuSOLVER), whereas on CPU strongly rectangular matrices use the float64 Gram route (:mod:`dynamics.spectra`),
+    whose relative error on ``s_i`` is about ``eps64 · (s_1/s_i)²`` (at most ~1e-8, since that route is kept only
+    for condition numbers ≤ 1e4): values agree to ~1e-12 relative for ``s_1``, norms and rank/entropy summaries,
+    and to ~1e-8 for ``sigma_min`` and condition numbers (tested to ``rtol=1e-6``). Still on CPU under
+    ``'cuda'``: reading and hashing files, heavy-tail and Marchenko–Pastur fits (on the singular values),
+    intruder / cycle-overlap subspaces, SVCCA/PWCCA, the cross-run units and building the pandas rows.
+    """
+    if device is None:
+        return None
+    if device not in DEVICES:
+        raise AnalysisError(f"analysis device must be one of {', '.join(DEVICES)}, got {device!r}")
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise AnalysisError(
+            f"analyze: --device cuda, but torch {torch.__version__} sees no CUDA device "
+            f"(built with CUDA {torch.version.cuda}); use --device cpu or --device auto"
+        )
+    return device
+
+
+def _on_device(a: Any, device: str, *, float64: bool = True) -> Any:
+    """``a`` (numpy or torch) as a torch tensor on ``device``, float64 unless ``float64=False`` (dtype kept)."""
+    import torch
+
+    from dynamics.validation import as_tensor
+
+    t = as_tensor(a, name="matrix", caller="analyze")
+    return t.to(device, torch.float64) if float64 else t.to(device)
+
+
+def _device_spectrum(fn: Callable[..., Spectrum], *arrays: Any, device: str | None, **kw: Any) -> Spectrum:
+    """``fn(*arrays, **kw)``; with a ``device``, on float64 tensors there, labelled with the arrays' stored dtype.
+
+    The label keeps ``Spectrum.dtype`` (and so the default rank tolerance ``eps(dtype)``) that of the stored
+    matrices, as on the reference path, although the computation ran in float64.
+    """
+    if device is None:
+        return fn(*arrays, **kw)
+    import torch
+
+    from dynamics.validation import as_tensor, dtype_name
+
+    tensors = [as_tensor(a, name="matrix", caller="analyze") for a in arrays]
+    stored = functools.reduce(torch.promote_types, [t.dtype for t in tensors])
+    spec = fn(*(t.to(device, torch.float64) for t in tensors), **kw)
+    return Spectrum(spec.values, spec.shape, dtype_name(stored), spec.method)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -268,15 +347,16 @@ def _weight_rows(
     merge_prev = merges[0] if merges else None
     merge_prev2 = merges[1] if len(merges) > 1 else None
     model = run.config["model"]
+    dev = opts.device  # resolved (analyze_unit): None, "cpu" or "cuda"
     layer_cache: dict[str, np.ndarray] = {}
     for name in run.weights_names(step):
         w = run.weights(step, name)[name]
         if "weight" in opts.kinds and w.ndim == 2:
-            spec = spectrum(w)
+            spec = _device_spectrum(spectrum, w, device=dev)
             out.add_spectrum(name, "weight", spec)
             out.add(name, "weight", spectrum_extra(spec, opts))
             if opts.sparsity:
-                out.add(name, "weight", entry_metrics(w))
+                out.add(name, "weight", entry_metrics(w if dev is None else _on_device(w, dev, float64=False)))
         if w.ndim != 2:
             continue
         subspace_rows(out, run, step, name, w, first, merge_prev, merge_prev2, opts)
@@ -287,7 +367,10 @@ def _weight_rows(
         ):
             if kind in opts.kinds and other is not None:
                 w_old = run.weights(other, name)[name]
-                delta = w.astype(np.float64) - w_old.astype(np.float64)
+                if dev is None:
+                    delta = w.astype(np.float64) - w_old.astype(np.float64)
+                else:  # the same float64 difference, formed on the device
+                    delta = _on_device(w, dev) - _on_device(w_old, dev)
                 out.add_spectrum(name, kind, spectrum(delta), tol=update_tolerance(w, w_old))
                 if opts.sparsity:
                     out.add(name, kind, entry_metrics(delta))
@@ -299,11 +382,11 @@ def _weight_rows(
             proj = {p: layer_cache.get(f"layers.{i}.attn.{p}") for p in ATTN_PROJS}
             q, k, v, o = proj["q"], proj["k"], proj["v"], proj["o"]
             if o is not None and v is not None:
-                ov = ov_circuit_spectra(o, v, **heads)
+                ov = _device_spectrum(ov_circuit_spectra, o, v, device=dev, **heads)
                 for h in range(model["n_heads"]):
                     out.add_spectrum(f"layers.{i}.attn.ov.h{h}", "weight", ov[h])
             if q is not None and k is not None:
-                qk = qk_circuit_spectra(q, k, **heads)
+                qk = _device_spectrum(qk_circuit_spectra, q, k, device=dev, **heads)
                 for h in range(model["n_heads"]):
                     out.add_spectrum(f"layers.{i}.attn.qk.h{h}", "weight", qk[h])
     factors = run.lora_factors(step) if "lora" in opts.kinds and run.method == "relora" else {}
@@ -319,7 +402,10 @@ def _weight_rows(
                     f"{mpath} does not list in relora.targets {list(run.wrapped.targets)}",
                     mpath,
                 )
-            out.add_spectrum(name, "lora", lora_update_spectrum(factors[f"{name}.lora_b"], factors[key], scale=scale))
+            lora = _device_spectrum(
+                lora_update_spectrum, factors[f"{name}.lora_b"], factors[key], device=dev, scale=scale
+            )
+            out.add_spectrum(name, "lora", lora)
 
 
 def _capture_rows(
@@ -330,13 +416,14 @@ def _capture_rows(
     from dynamics.analyze_rows import similarity_rows, spectrum_extra
     from dynamics.sparsity import entry_metrics
 
+    dev = opts.device  # resolved (analyze_unit): None, "cpu" or "cuda"
     if "grad" in opts.kinds:
         for name, g in run.get("grad", step).items():
-            spec = spectrum(g)
+            spec = _device_spectrum(spectrum, g, device=dev)
             out.add_spectrum(name, "grad", spec)
             out.add(name, "grad", spectrum_extra(spec, opts))
             if opts.sparsity:
-                out.add(name, "grad", entry_metrics(g))
+                out.add(name, "grad", entry_metrics(g if dev is None else _on_device(g, dev, float64=False)))
     if "act" not in opts.kinds:
         return
     for site in opts.act_sites:
@@ -348,14 +435,15 @@ def _capture_rows(
         for name, x in acts.items():
             x = x.reshape(-1, x.shape[-1]).astype(np.float64)
             label = name if kind == "act" else f"{name}.in"
-            out.add_spectrum(label, "act", activation_spectrum(x, center=True))
-            extra = {"anisotropy": anisotropy(x)}
+            xd = x if dev is None else _on_device(x, dev)  # float64 already; SVCCA/PWCCA below stay on numpy
+            out.add_spectrum(label, "act", activation_spectrum(xd, center=True))
+            extra = {"anisotropy": anisotropy(xd)}
             for metric, other in (("cka_prev", prev), ("cka_final", final)):
                 if other is not None:  # a damaged other file loses this one number (with a warning), not the step
                     y = run.get(kind, other, name, errors="skip").get(name)
                     if y is not None:
                         y = y.reshape(-1, y.shape[-1]).astype(np.float64)
-                        extra[metric] = linear_cka(x, y)
+                        extra[metric] = linear_cka(xd, y if dev is None else _on_device(y, dev))
                         if opts.cca:  # SVCCA/PWCCA (view 1: this step) where tokens >> features
                             extra.update(
                                 similarity_rows(
@@ -366,9 +454,12 @@ def _capture_rows(
 
 
 def analyze_unit(run_path: str, step: int, opts: AnalysisOptions) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Rows and spectra of one run at one checkpoint (see the module docstring)."""
+    """Rows and spectra of one run at one checkpoint (see the module docstring); on ``opts.device`` (:func:`resolve_device`)."""
+    from dataclasses import replace
+
     from dynamics.io import open_run
 
+    opts = replace(opts, device=resolve_device(opts.device))  # "auto" → "cpu"/"cuda"; "cuda" without one → error
     run = _RunView(open_run(run_path, include_interrupts=opts.include_interrupts))
     steps = run.steps
     i = steps.index(step)
@@ -540,8 +631,13 @@ def _run_cross_cached(
     key: str,
     opts: AnalysisOptions,
     cache: str,
+    *,
+    write_lock: str | None = None,
 ) -> tuple[int, str]:
-    """Worker: one cross-run unit (ReLoRA run vs full-rank run at ``step``), cached under ``<cache>/<label>/``."""
+    """Worker: one cross-run unit (ReLoRA run vs full-rank run at ``step``), cached under ``<cache>/<label>/``.
+
+    ``write_lock``: a shard's lock command (:func:`_shard_write_lock`); ``None`` when the caller holds the cache's lock.
+    """
     from dynamics.cross_run import cross_run_rows
     from dynamics.io import open_run
     from trainer.atomic import atomic_write
@@ -559,10 +655,11 @@ def _run_cross_cached(
         cca_min_tokens_per_feature=opts.cca_min_tokens_per_feature if opts.cca else None,
     )
     d = Path(cache) / label
-    d.mkdir(parents=True, exist_ok=True)
     frame = pd.DataFrame(rows, columns=COLUMNS)
-    atomic_write(d / f"{step_dirname(step)}.parquet", partial(_write_parquet, frame))
-    atomic_write(d / f"{step_dirname(step)}.key", partial(_write_text, key))
+    with _shard_write_lock(Path(cache), write_lock):
+        d.mkdir(parents=True, exist_ok=True)
+        atomic_write(d / f"{step_dirname(step)}.parquet", partial(_write_parquet, frame))
+        atomic_write(d / f"{step_dirname(step)}.key", partial(_write_text, key))
     return step, label
 
 
@@ -608,10 +705,79 @@ def _cache_dir(out: Path) -> Path:
     return out.with_name(out.name + ".cache")
 
 
+#: The lock command of a ``--shard`` process (``dynamics analyze --shard K/N``): shards wait for each other's writes.
+SHARD_COMMAND = "dynamics analyze --shard"
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"K/N"`` → ``(K, N)`` (``--shard``); :class:`AnalysisError` unless both are integers with 1 ≤ K ≤ N."""
+    k, sep, n = str(text).partition("/")
+    try:
+        shard = (int(k), int(n)) if sep else None
+    except ValueError:
+        shard = None
+    if shard is None or not 1 <= shard[0] <= shard[1]:
+        raise AnalysisError(f"--shard must be K/N with integers 1 <= K <= N (e.g. 2/8), got {text!r}")
+    return shard
+
+
+def check_shard(shard: tuple[int, int]) -> tuple[int, int]:
+    """``shard`` as ``(K, N)`` when 1 ≤ K ≤ N (integers), else :class:`AnalysisError`."""
+    try:
+        k, n = shard
+    except (TypeError, ValueError):
+        raise AnalysisError(f"shard must be (K, N) with 1 <= K <= N, got {shard!r}") from None
+    if not all(isinstance(x, int) and not isinstance(x, bool) for x in (k, n)) or not 1 <= k <= n:
+        raise AnalysisError(f"shard must be K/N with integers 1 <= K <= N (e.g. 2/8), got {k}/{n}")
+    return k, n
+
+
+def shard_units(units: Iterable[tuple[str, int]], shard: tuple[int, int]) -> list[tuple[str, int]]:
+    """The units ``(label, step)`` that shard ``K`` of ``N`` analyses: sorted by ``(label, step)``, the ``i``-th
+    (from 0) goes to shard ``i % N + 1``. Deterministic for a given set of runs and options (round robin over
+    sorted units, so each run's checkpoints spread over all shards); every unit belongs to exactly one shard."""
+    k, n = check_shard(shard)
+    return [u for i, u in enumerate(sorted(units)) if i % n == k - 1]
+
+
+@contextmanager
+def _shard_write_lock(cache: Path, command: str | None, poll_s: float = 0.05) -> Iterator[None]:
+    """A shard's writes into ``cache``: the cache's lock (:mod:`trainer.lock`) held only around them.
+
+    ``command`` ``None``: nothing (the caller already holds the lock for the whole analysis). Otherwise the
+    lock is taken, waiting (polling every ``poll_s`` s) while another shard holds it for its own short write:
+    concurrent shards compute in parallel and write one at a time, so a reader holding the lock never sees
+    a unit's files half replaced. A plain ``dynamics analyze`` holds the lock for its whole run; a shard
+    meeting it stops with :class:`trainer.lock.DirectoryLockedError` naming it (exit status 2).
+    """
+    if command is None:
+        yield
+        return
+    from trainer.lock import DirectoryLock, DirectoryLockedError, lock_holder
+
+    lock = DirectoryLock(cache, command=command)
+    while True:
+        try:
+            lock.acquire()
+            break
+        except DirectoryLockedError:
+            holder = lock_holder(cache)  # None: the holder has not written its name yet, or just left
+            if holder is not None and not str(holder.get("command", "")).startswith(SHARD_COMMAND):
+                raise
+            time.sleep(poll_s)
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def _run_unit_cached(
-    run_path: str, label: str, step: int, key: str, opts: AnalysisOptions, cache: str
+    run_path: str, label: str, step: int, key: str, opts: AnalysisOptions, cache: str, *, write_lock: str | None = None
 ) -> tuple[int, str]:
-    """Worker: compute one unit and store it atomically in the cache; returns (step, label)."""
+    """Worker: compute one unit and store it atomically in the cache; returns (step, label).
+
+    ``write_lock``: a shard's lock command (:func:`_shard_write_lock`); ``None`` when the caller holds the cache's lock.
+    """
     import torch
 
     from trainer.atomic import atomic_write
@@ -619,14 +785,15 @@ def _run_unit_cached(
     torch.set_num_threads(max(1, int(os.environ.get("DYNAMICS_WORKER_THREADS", "1"))))
     rows, spectra = analyze_unit(run_path, step, opts)
     d = Path(cache) / label
-    d.mkdir(parents=True, exist_ok=True)
     frame = pd.DataFrame(rows, columns=COLUMNS)
-    atomic_write(
-        d / f"{step_dirname(step)}.spectra.parquet",
-        partial(_write_parquet, pd.DataFrame(spectra, columns=SPECTRA_COLUMNS)),
-    )
-    atomic_write(d / f"{step_dirname(step)}.parquet", partial(_write_parquet, frame))
-    atomic_write(d / f"{step_dirname(step)}.key", partial(_write_text, key))
+    with _shard_write_lock(Path(cache), write_lock):
+        d.mkdir(parents=True, exist_ok=True)
+        atomic_write(
+            d / f"{step_dirname(step)}.spectra.parquet",
+            partial(_write_parquet, pd.DataFrame(spectra, columns=SPECTRA_COLUMNS)),
+        )
+        atomic_write(d / f"{step_dirname(step)}.parquet", partial(_write_parquet, frame))
+        atomic_write(d / f"{step_dirname(step)}.key", partial(_write_text, key))
     return step, label
 
 
@@ -638,6 +805,7 @@ def analyze_runs(
     workers: int = 1,
     keep_going: bool = False,
     progress: bool = True,
+    shard: tuple[int, int] | None = None,
 ) -> tuple[pd.DataFrame, list[str]]:
     """Analyse every checkpoint of every run; write ``out`` (parquet, or csv by suffix) and ``<out>.spectra.parquet``.
 
@@ -648,9 +816,21 @@ def analyze_runs(
     call with the same ``out`` are read from ``<out>.cache/`` instead of recomputed.
     One analysis at a time writes a given ``out``: the cache directory's lock
     (:mod:`trainer.lock`) refuses a second one (:class:`trainer.lock.DirectoryLockedError`).
+
+    ``shard=(K, N)`` (``--shard K/N``, for schedulers without a cluster engine): only the units of shard ``K``
+    (:func:`shard_units`) are computed into ``<out>.cache/``; ``out`` is not written. The returned table holds
+    those units' rows (no ``train``/``run`` rows), and ``table.attrs["shard"]`` counts them (``shard``, ``units``
+    of all shards, ``assigned``, ``computed``, ``cached``, ``failed``). Shards of one ``out`` may run at the same
+    time (on one host or several sharing the directory): each takes the cache's lock only around its own writes
+    (:func:`_shard_write_lock`). A final call without ``shard`` assembles the table from the cache,
+    recomputing only units no shard finished.
     """
     from trainer.lock import DirectoryLock
 
+    if shard is not None:
+        return _analyze_runs(
+            runs, out, options=options, workers=workers, keep_going=keep_going, progress=progress, shard=shard
+        )
     with DirectoryLock(_cache_dir(Path(out)), command="dynamics analyze"):
         return _analyze_runs(runs, out, options=options, workers=workers, keep_going=keep_going, progress=progress)
 
@@ -663,8 +843,9 @@ def _analyze_runs(
     workers: int,
     keep_going: bool,
     progress: bool,
+    shard: tuple[int, int] | None = None,
 ) -> tuple[pd.DataFrame, list[str]]:
-    """:func:`analyze_runs` under the cache directory's lock."""
+    """:func:`analyze_runs` under the cache directory's lock (a shard: the lock only around its writes)."""
     from tqdm.auto import tqdm
 
     from dynamics.external import as_run_directory
@@ -672,20 +853,27 @@ def _analyze_runs(
     from trainer.atomic import atomic_write
 
     opts = options or AnalysisOptions()
+    if opts.device is not None:  # resolved once, before any unit: "cuda" without a CUDA device is one clear error
+        from dataclasses import replace
+
+        opts = replace(opts, device=resolve_device(opts.device))
     out = Path(out)
     if out.suffix not in (".parquet", ".csv"):
         raise AnalysisError(f"analyze: --out must end in .parquet or .csv, got {str(out)!r}")
     cache = _cache_dir(out)
+    shard = None if shard is None else check_shard(shard)
+    write_lock = None if shard is None else f"{SHARD_COMMAND} {shard[0]}/{shard[1]}"  # None: we hold the lock
     # checkpoints from elsewhere (safetensors / HF directories / weights_only torch files) become run directories
     import_errors, resolved = [], []
-    for r in runs:
-        try:
-            resolved.append(as_run_directory(r, cache / "imported", progress=progress))
-        except DynamicsError as e:
-            if not keep_going:
-                raise
-            warnings.warn(str(e), stacklevel=2)
-            import_errors.append(str(e))
+    with _shard_write_lock(cache, write_lock):  # a shard: refused here at once while a plain analyze runs
+        for r in runs:
+            try:
+                resolved.append(as_run_directory(r, cache / "imported", progress=progress))
+            except DynamicsError as e:
+                if not keep_going:
+                    raise
+                warnings.warn(str(e), stacklevel=2)
+                import_errors.append(str(e))
     runs = resolved
     labels = [r.resolve().name for r in runs]
     if len(set(labels)) != len(labels):
@@ -726,6 +914,15 @@ def _analyze_runs(
                     (str(paths[rl]), str(paths[fl]), rl, label, step),
                 )
 
+    n_units = len(units)
+    if shard is not None:  # this shard's units only; its workers take the cache's lock around their writes
+        mine = set(shard_units(units, shard))
+        todo, done = [u for u in todo if u in mine], [u for u in done if u in mine]
+        for u in mine:  # also a cached unit: recomputed (under the lock) when its cache file is unreadable
+            fn, args = units[u]
+            units[u] = (partial(fn, write_lock=write_lock), args)
+    n_cached = len(done)
+
     bar = tqdm(total=len(todo) + len(done), initial=len(done), disable=not progress, unit="ckpt", desc="analyze")
 
     def failed(label: str, step: int, e: BaseException) -> None:
@@ -760,7 +957,8 @@ def _analyze_runs(
                 bar.update(1)
     bar.close()
 
-    frames = [pd.DataFrame(train_rows, columns=COLUMNS)]
+    n_computed = len(done) - n_cached
+    frames = [pd.DataFrame(train_rows if shard is None else [], columns=COLUMNS)]
     spectra = []
     for label, step in sorted(done):
         try:
@@ -782,6 +980,16 @@ def _analyze_runs(
             spectra.append(spec)
     table = pd.concat([f for f in frames if len(f)], ignore_index=True) if any(len(f) for f in frames) else frames[0]
     table = table.astype({"step": "int64", "layer": "int64", "value": "float64"})
+    if shard is not None:  # no table written: a final analyze without a shard assembles it from the cache
+        table.attrs["shard"] = {
+            "shard": f"{shard[0]}/{shard[1]}",
+            "units": n_units,
+            "assigned": n_cached + len(todo),
+            "computed": n_computed,
+            "cached": n_cached,
+            "failed": len(todo) - n_computed,
+        }
+        return table, errors
     if out.suffix == ".csv":
         atomic_write(out, lambda p: table.to_csv(p, index=False))
     else:

@@ -1,4 +1,4 @@
-"""Smoke tests of benchmarks/train_bench.py and benchmarks/gpu_bench.py: their --quick modes run end to end and
+"""Smoke tests of benchmarks/train_bench.py, gpu_bench.py and analyze_bench.py: their quick modes run end to end and
 report sane numbers; gpu_bench's out-of-memory handling and goal checks work on synthetic results."""
 
 from __future__ import annotations
@@ -241,3 +241,21 @@ def test_loss_bench_quick(tmp_path, capsys):
     assert 0 < res["memory_ratio_fused_over_plain"] < 0.8
     assert "fused/plain" in printed
     assert json.loads(out_json.read_text())["settings"]["chunk_tokens"] == 1000
+
+
+@pytest.mark.slow
+def test_analyze_bench_on_the_shared_pair(trained_pair, tmp_path, capsys):
+    bench = load_bench(BENCH.with_name("analyze_bench.py"))
+    out_json = tmp_path / "analyze.json"
+    runs = [a for r in trained_pair for a in ("--run", str(r))]
+    res = bench.main(
+        runs + ["--repeats", "1", "--threads", "1", "--workdir", str(tmp_path), "--json", str(out_json), "--profile"]
+    )
+    printed = capsys.readouterr().out
+    assert res["matrices"] > 0 and res["rows"] > 0
+    assert 0 < res["floor_s"] < res["end_to_end_s"] and res["ratio"] == pytest.approx(
+        res["end_to_end_s"] / res["floor_s"]
+    )
+    assert res["peak_rss_mib"] > 0
+    assert "float64 svdvals floor" in printed and "ratio" in printed and "cumulative" in printed
+    assert json.loads(out_json.read_text())["matrices"] == res["matrices"]
