@@ -122,8 +122,13 @@ class DistContext:
             dist.all_gather(gathered, local)
         return all(torch.equal(gathered[0], g) for g in gathered[1:])
 
-    def close(self) -> None:
+    def close(self, *, synchronize: bool = False) -> None:
+        """Leave the process group. ``synchronize`` (a run that finished normally on every rank): first wait
+        for every rank to reach this point, so no rank tears its connections down while a peer still uses them
+        (gloo could then abort a process with "terminate called without an active exception")."""
         if self.enabled and dist.is_initialized():
+            if synchronize:
+                dist.barrier()
             dist.destroy_process_group()
 
 

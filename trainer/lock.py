@@ -81,6 +81,25 @@ def lock_holder(directory: str | Path) -> dict[str, Any] | None:
         return None
 
 
+def _live_holder(fd: int, *, wait: float = 1.0) -> dict[str, Any] | None:
+    """The holder named by the locked file ``fd``, waiting up to ``wait`` seconds for the new holder's record.
+
+    A process that has just taken the lock writes its record a moment later; until then the file is empty or
+    still names the previous (gone) holder, so re-read until it names a live process on this host (or one on
+    another host, which cannot be checked from here), and return what is there after ``wait``.
+    """
+    deadline = time.monotonic() + wait
+    while True:
+        holder = _parse_holder(os.pread(fd, 4096, 0).decode(errors="replace"))
+        if holder is not None:
+            pid = holder.get("pid")
+            if holder.get("host") != socket.gethostname() or (isinstance(pid, int) and pid_alive(pid)):
+                return holder
+        if time.monotonic() >= deadline:
+            return holder
+        time.sleep(0.02)
+
+
 def _describe(holder: dict[str, Any] | None) -> str:
     if holder is None:
         return "another process (its lock file names no holder yet)"
@@ -135,7 +154,7 @@ class DirectoryLock:
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except OSError as e:
-                    holder = _parse_holder(os.pread(fd, 4096, 0).decode(errors="replace"))
+                    holder = _live_holder(fd)
                     os.close(fd)
                     if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                         raise DirectoryLockedError(

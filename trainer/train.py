@@ -192,6 +192,7 @@ class Trainer:
         self.step = 0
         self.tokens_seen = 0
         self.merges = 0
+        self.finished = False  # set by run() when training ended normally (cleanup then synchronises the ranks)
         self.last_loss: float | None = None
         self.last_val_loss: float | None = None
         self.wrapped: list[str] = []
@@ -666,6 +667,7 @@ class Trainer:
         finally:
             signals.__exit__(None, None, None)
             bar.close()
+        self.finished = True  # every rank got here: cleanup may wait for the others before leaving the group
         return self.run_dir
 
     def _signal_received(self, signals: SignalGuard) -> int | None:
@@ -779,7 +781,7 @@ class Trainer:
                     batches.close()
                 if self.log is not None:
                     self.log.close()
-                self.dist.close()
+                self.dist.close(synchronize=self.finished)
             finally:
                 if self.lock is not None:
                     self.lock.release()  # last: nothing of this run is written after it
