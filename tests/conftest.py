@@ -38,9 +38,10 @@ def text_corpus(tmp_path_factory) -> Path:
     return d
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def fast_overrides(text_corpus) -> list[str]:
-    """``--set`` items for a micro run on the text fixture that trains in about a second."""
+    """``--set`` items for a micro run on the text fixture that trains in about a second (extend by copying:
+    ``fast_overrides + [...]``; session-scoped, so module-scoped fixtures can use it too)."""
     return [
         "data.source=text",
         f"data.path={text_corpus}",

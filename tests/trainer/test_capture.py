@@ -33,20 +33,9 @@ def _h5(run: Path, step: int) -> h5py.File:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, text_corpus) -> dict[str, Path]:
+def runs(tmp_path_factory, fast_overrides) -> dict[str, Path]:
     """A full-rank and a ReLoRA micro run, 5 steps, checkpoints (and captures) at 0 and 5; token sample capped at 100."""
-    base = [
-        "data.source=text",
-        f"data.path={text_corpus}",
-        "seq_len=32",
-        "batch_size=8",
-        "eval_interval=5",
-        "eval_batches=2",
-        "checkpoint_interval=5",
-        "warmup_steps=2",
-        "steps=5",
-        "capture.token_sample=100",
-    ]
+    base = [*fast_overrides, "steps=5", "capture.token_sample=100"]
     root = tmp_path_factory.mktemp("capture")
     return {
         "full": train(build_config(overrides=base), root / "full", progress=False),

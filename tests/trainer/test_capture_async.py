@@ -70,19 +70,9 @@ def _synchronous(monkeypatch) -> None:
 
 
 @pytest.fixture(scope="module")
-def pair(tmp_path_factory, text_corpus) -> dict[str, Path]:
+def pair(tmp_path_factory, fast_overrides) -> dict[str, Path]:
     """The same ReLoRA micro run (checkpoints and captures at 0 and 5, one merge) written both ways."""
-    overrides = [
-        "data.source=text",
-        f"data.path={text_corpus}",
-        "seq_len=32",
-        "batch_size=8",
-        "eval_interval=5",
-        "eval_batches=2",
-        "checkpoint_interval=5",
-        "warmup_steps=2",
-        "steps=5",
-    ] + SMALL_PROBE
+    overrides = [*fast_overrides, "steps=5", *SMALL_PROBE]
     root = tmp_path_factory.mktemp("capture_async")
     runs = {"background": train(build_config(overrides=overrides + RELORA), root / "background", progress=False)}
     with pytest.MonkeyPatch.context() as m:
