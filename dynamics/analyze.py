@@ -945,7 +945,12 @@ def _analyze_runs(
     else:
         import multiprocessing as mp
 
-        with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
+        from trainer.runtime import child_threads
+
+        with (
+            child_threads(max(1, int(os.environ.get("DYNAMICS_WORKER_THREADS", "1")))),
+            ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool,
+        ):
             futures = {pool.submit(units[u][0], *units[u][1]): u for u in todo}
             for fut in as_completed(futures):
                 label, step = futures[fut]

@@ -11,11 +11,9 @@ settings are the shipped config files ``configs/<preset>_study_full.yaml`` and
 
 from __future__ import annotations
 
-import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -102,21 +100,6 @@ def _train_and_evaluate(label: str, cfg: TrainConfig, run_dir: Path, progress: b
     }
 
 
-@contextmanager
-def _child_env(**values: str) -> Iterator[None]:
-    """Environment variables that processes started inside the block inherit (spawned workers: one thread each)."""
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 def train_runs(
     configs: dict[str, TrainConfig],
     out: Path,
@@ -147,8 +130,10 @@ def train_runs(
     else:
         import multiprocessing as mp
 
+        from trainer.runtime import child_threads
+
         with (
-            _child_env(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1"),
+            child_threads(1),
             ProcessPoolExecutor(
                 max_workers=min(workers, len(jobs)), mp_context=mp.get_context("spawn"), initializer=_one_thread
             ) as pool,
@@ -220,10 +205,7 @@ def run_pair(
     t0 = time.perf_counter()
     echo(f"[{title}] analysing checkpoints")
     results_path = out / "results.parquet"
-    with _child_env(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1") if workers > 1 else nullcontext():
-        table, errors = analyze_runs(
-            list(runs.values()), results_path, progress=progress, keep_going=True, workers=workers
-        )
+    table, errors = analyze_runs(list(runs.values()), results_path, progress=progress, keep_going=True, workers=workers)
     timings["analyse"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()

@@ -20,7 +20,7 @@ import contextlib
 import gc
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -68,6 +68,23 @@ def threads_hint() -> None:
     """Use every core for intra-op parallelism unless the user said otherwise (OMP_NUM_THREADS)."""
     if "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(os.cpu_count() or 1)
+
+
+@contextlib.contextmanager
+def child_threads(n: int = 1) -> Iterator[None]:
+    """Processes started inside the block use ``n`` threads for OpenMP and MKL (torch and BLAS in spawned
+    workers), so parallel workers do not oversubscribe the cores; the environment is restored afterwards."""
+    values = {"OMP_NUM_THREADS": str(n), "MKL_NUM_THREADS": str(n)}
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 # -- precision ---------------------------------------------------------------------------------------
