@@ -52,6 +52,7 @@ from trainer.run_format import (
     capture_relpath,
     file_problem,
     parse_step_dirname,
+    stored_setting,
     wrapped_matrices,
 )
 
@@ -221,9 +222,7 @@ class Run:
         """
         if self.method != "relora":
             return None
-        relora = self.config.get("relora")
-        relora = relora if isinstance(relora, dict) else {}
-        period = relora.get("merge_every", relora.get("reset_every"))
+        period = stored_setting(self.config, "relora.merge_every")
         if period is None and self.config.get("imported"):
             return None
         if isinstance(period, bool) or not isinstance(period, int) or period < 1:

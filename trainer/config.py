@@ -22,6 +22,7 @@ from typing import Any
 
 from trainer.errors import ConfigError  # defined there; importable from here as before
 from trainer.names import ATTN_PROJS, MLP_PROJS
+from trainer.run_format import RENAMED_KEYS  # old key → new key, for config files, --set and manifests
 
 SCHEMA_VERSION = 1
 
@@ -438,13 +439,6 @@ def _positive(obj: Any, prefix: str, names: tuple[str, ...]) -> list[str]:
 
 
 _SECTIONS = {"model": ModelConfig, "data": DataConfig, "relora": ReLoRAConfig, "capture": CaptureConfig}
-
-#: Keys renamed since runs were first written: old dotted key → current one. Config files, ``--set``
-#: overrides and stored manifests that use an old key load as if they used the new one.
-RENAMED_KEYS: dict[str, str] = {
-    "relora.reset_every": "relora.merge_every",
-    "relora.restart_warmup": "relora.lr_restart_warmup",
-}
 
 
 def _renamed(data: Mapping[str, Any], where: str, problems: list[str]) -> dict[str, Any]:

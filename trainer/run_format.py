@@ -42,6 +42,8 @@ __all__ = [
     "RNG_FILE",
     "STATE_FILE",
     "DYNAMICS_DIR",
+    "RENAMED_KEYS",
+    "stored_setting",
     "RUN_SCHEMA_VERSION",
     "CAPTURE_SCHEMA_VERSION",
     "CAPTURE_KINDS",
@@ -154,6 +156,29 @@ def canonical_key(key: str) -> str:
     if m and m.group(2) in _FROM_HF_LAYER:
         return f"layers.{m.group(1)}.{_FROM_HF_LAYER[m.group(2)]}.weight"
     return key
+
+
+# -- settings renamed since runs were first written ---------------------------------------------------
+
+#: Old dotted config key → current one. Config files, ``--set`` overrides and stored manifests that use an
+#: old key load as if they used the new one (``trainer.config``); readers of stored configs use
+#: :func:`stored_setting`.
+RENAMED_KEYS: dict[str, str] = {
+    "relora.reset_every": "relora.merge_every",
+    "relora.restart_warmup": "relora.lr_restart_warmup",
+}
+
+
+def stored_setting(config: Mapping[str, Any], key: str) -> Any:
+    """The value of dotted ``key`` (``relora.merge_every``) in a stored config dict, under its current name or
+    any older one (:data:`RENAMED_KEYS`); ``None`` when it is under neither."""
+    for name in [key, *(old for old, new in RENAMED_KEYS.items() if new == key)]:
+        node: Any = config
+        for part in name.split("."):
+            node = node.get(part) if isinstance(node, Mapping) else None
+        if node is not None:
+            return node
+    return None
 
 
 # -- what a run wraps ---------------------------------------------------------------------------------
