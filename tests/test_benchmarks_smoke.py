@@ -259,3 +259,33 @@ def test_analyze_bench_on_the_shared_pair(trained_pair, tmp_path, capsys):
     assert res["peak_rss_mib"] > 0
     assert "float64 svdvals floor" in printed and "ratio" in printed and "cumulative" in printed
     assert json.loads(out_json.read_text())["matrices"] == res["matrices"]
+
+
+@pytest.mark.slow
+def test_tokenize_bench_quick(tmp_path, capsys):
+    bench = load_bench(BENCH.with_name("tokenize_bench.py"))
+    argv = [
+        "--mb",
+        "0.3",
+        "--bpe",
+        "300",
+        "--workers",
+        "1,2",
+        "--workdir",
+        str(tmp_path),
+        "--json",
+        str(tmp_path / "t.json"),
+    ]
+    res = bench.main(argv)
+    printed = capsys.readouterr().out
+    runs = {(r["tokenizer"], r["workers"]): r for r in res["runs"]}
+    assert set(runs) == {("bytes", 1), ("bytes", 2), ("bpe:300", 1), ("bpe:300", 2)}
+    for key, r in runs.items():
+        assert r["tokens_per_s"] > 0 and r["peak_mb"] >= r["rss_before_mb"] > 0, key
+        assert r["same_tokens_as_workers_1"], key  # the token files do not depend on the worker count
+    assert runs[("bytes", 1)]["tokens"] == round(res["corpus_mb"] * 1e6) + 1  # one file: its bytes + one end id
+    assert 0 < runs[("bpe:300", 1)]["tokens"] < runs[("bytes", 1)]["tokens"]
+    assert runs[("bpe:300", 1)]["speedup"] == 1.0 and runs[("bpe:300", 2)]["speedup"] > 0
+    assert "speed-up" in printed and "bpe:300" in printed
+    assert json.loads((tmp_path / "t.json").read_text())["runs"][0]["tokenizer"] == "bytes"
+    assert list(tmp_path.glob("tokenize_bench.*")) == []  # the generated corpus and token files removed

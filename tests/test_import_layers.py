@@ -43,7 +43,7 @@ MATHS_CORE = frozenset(
 CORE_THIRD_PARTY = frozenset({"torch", "numpy"})
 
 #: trainer modules that readers of a run directory use without torch.
-TORCH_FREE = ("trainer.run_format", "trainer.names", "trainer.errors", "trainer.atomic")
+TORCH_FREE = ("trainer.run_format", "trainer.names", "trainer.errors", "trainer.atomic", "trainer.tokenizer")
 
 
 # --------------------------------------------------------------------------- the graph

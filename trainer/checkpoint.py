@@ -189,6 +189,10 @@ def write_manifest(run_dir: str | Path, manifest: dict[str, Any], *, fault: str 
     atomic_write(Path(run_dir) / MANIFEST, write)
 
 
+#: what the manifest's ``data`` records of ``data/data.json``: the token files, and the tokenizer with its sha256
+MANIFEST_DATA_KEYS = ("vocab_size", "n_tokens", "sha256", "tokenizer", "tokenizer_sha256", "eos")
+
+
 def new_manifest(config: dict[str, Any], data_meta: dict[str, Any]) -> dict[str, Any]:
     return {
         "schema_version": RUN_SCHEMA_VERSION,
@@ -196,7 +200,7 @@ def new_manifest(config: dict[str, Any], data_meta: dict[str, Any]) -> dict[str,
         "config": config,
         "seed": config["seed"],
         "code_version": code_version(),
-        "data": {k: data_meta[k] for k in ("vocab_size", "n_tokens", "sha256", "tokenizer") if k in data_meta},
+        "data": {k: data_meta[k] for k in MANIFEST_DATA_KEYS if k in data_meta},
         "checkpoints": [],
     }
 

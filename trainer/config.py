@@ -21,8 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from trainer.errors import ConfigError  # defined there; importable from here as before
+from trainer.hf_data import hub_name
 from trainer.names import ATTN_PROJS, MLP_PROJS
 from trainer.run_format import RENAMED_KEYS  # old key → new key, for config files, --set and manifests
+from trainer.tokenizer import parse_tokenizer_spec
 
 SCHEMA_VERSION = 1
 
@@ -88,6 +90,10 @@ MODEL_PRESETS: dict[str, ModelConfig] = {
 }
 
 
+#: data sources of raw text, tokenised with ``data.tokenizer`` (the others bring their own token ids)
+TEXT_SOURCES = ("text", "hf")
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Where tokens come from.
@@ -98,31 +104,86 @@ class DataConfig:
     sequences; ``path`` a file or directory of ``*.parquet``). ``val_path`` gives
     a separate validation set; otherwise the last ``val_fraction`` of the tokens
     is held out. ``train_tokens``/``val_tokens`` size the generated corpus.
+    ``hf`` reads Hugging Face ``datasets`` (:mod:`trainer.hf_data`): ``path`` is a
+    ``save_to_disk`` directory, local data files (``format`` ``auto`` infers
+    json/jsonl/parquet/text/csv from the extension) or a hub dataset name;
+    ``split`` picks the split, ``val_split`` an optional validation split of the
+    same dataset, ``text_column`` the column of text (an ``input_ids`` column is
+    used as pre-tokenised ids). ``workers`` processes tokenise text in parallel
+    (same tokens for any count).
+    ``tokenizer`` (text sources): ``bytes`` (ids 0..255, 256 ends a document),
+    ``bpe:N`` (a byte-level BPE of at most N ids trained on the training text) or
+    the path of a ``tokenizer.json`` (:mod:`trainer.tokenizer`).
     """
 
     source: str = "grammar"
     path: str | None = None
     val_path: str | None = None
     val_fraction: float = 0.05
+    text_column: str = "text"
+    split: str = "train"
+    val_split: str | None = None
+    format: str = "auto"
+    workers: int = 1
     train_tokens: int = 2_000_000
     val_tokens: int = 100_000
     seed: int = 0
+    tokenizer: str = "bytes"
 
     def problems(self) -> list[str]:
         p = []
-        if self.source not in ("grammar", "text", "parquet"):
-            p.append(f"data.source must be one of grammar, text, parquet; got {self.source!r}")
+        if self.source not in ("grammar", "text", "parquet", "hf"):
+            p.append(f"data.source must be one of grammar, text, parquet, hf; got {self.source!r}")
         elif self.source != "grammar" and not self.path:
             p.append(f"data.path is required for data.source={self.source!r}")
         for attr in ("path", "val_path"):
             value = getattr(self, attr)
-            if value and not Path(value).exists():
+            if value and not Path(value).exists() and not (self.source == "hf" and hub_name(value)):
                 p.append(f"data.{attr}: {value!r} does not exist")
+        p += self._hf_problems()
         if not 0 < self.val_fraction < 1:
             p.append(f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
         p += _positive(self, "data.", ("train_tokens", "val_tokens"))
         p += _seed_problems(self.seed, "data.seed")
+        p += self._tokenizer_problems()
         return p
+
+    def _hf_problems(self) -> list[str]:
+        """The settings of ``data.source=hf`` (and ``data.workers``, which every text source uses)."""
+        p = []
+        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1:
+            p.append(f"data.workers must be an integer >= 1, got {self.workers!r}")
+        if self.format not in DATA_FORMATS:
+            p.append(f"data.format must be one of {', '.join(DATA_FORMATS)}; got {self.format!r}")
+        for attr in ("text_column", "split"):
+            if not isinstance(getattr(self, attr), str) or not getattr(self, attr):
+                p.append(f"data.{attr} must be a non-empty string, got {getattr(self, attr)!r}")
+        if self.source != "hf":
+            changed = [
+                k for k in ("text_column", "split", "val_split", "format") if getattr(self, k) != _HF_DEFAULTS[k]
+            ]
+            if changed:
+                p.append(f"data.{changed[0]} applies to data.source=hf only (data.source={self.source!r})")
+        elif self.val_split is not None and self.val_path:
+            p.append("data.val_split and data.val_path both give a validation set; set one")
+        elif self.val_split is not None and self.val_split == self.split:
+            p.append(f"data.val_split={self.val_split!r} is the training split too; name another split")
+        return p
+
+    def _tokenizer_problems(self) -> list[str]:
+        """``data.tokenizer`` must parse (:func:`trainer.tokenizer.parse_tokenizer_spec`) and suit the source."""
+        try:
+            parse_tokenizer_spec(self.tokenizer)
+        except ConfigError as e:
+            return [str(e)]
+        if self.tokenizer != "bytes" and self.source not in TEXT_SOURCES:
+            return [f"data.tokenizer applies to text sources only; data.source={self.source!r} brings its own tokens"]
+        return []
+
+
+#: ``data.format`` values: ``auto`` infers a local data file's builder from its extension (:mod:`trainer.hf_data`).
+DATA_FORMATS = ("auto", "json", "parquet", "text", "csv")
+_HF_DEFAULTS = {"text_column": "text", "split": "train", "val_split": None, "format": "auto"}
 
 
 #: Projections ReLoRA can wrap: every attention and MLP projection leaf (from :mod:`trainer.names`).
@@ -263,6 +324,50 @@ class CaptureConfig:
         return p
 
 
+#: Experiment trackers ``logger=`` accepts (:mod:`trainer.tracking`); each is an extra of the package.
+TRACKERS = ("tensorboard", "wandb", "mlflow")
+WANDB_MODES = ("offline", "online", "disabled")
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """Where the experiment trackers of ``logger=`` write (:mod:`trainer.tracking`); ``None``: under the run directory.
+
+    ``tensorboard_dir`` (default ``<run>/tb``); ``wandb_dir`` the directory W&B
+    puts its ``wandb/`` folder in (default the run directory: ``<run>/wandb/``),
+    ``wandb_project``, ``wandb_mode`` (``None``: ``$WANDB_MODE``, else
+    ``offline``: nothing leaves the machine until ``wandb sync``); ``mlflow_uri``
+    (default the local file store ``<run>/mlruns``; any tracking URI MLflow
+    takes, e.g. ``http://host:5000``) and ``mlflow_experiment``; ``run_name``
+    names the W&B and MLflow runs (default the run directory's name).
+    """
+
+    tensorboard_dir: str | None = None
+    wandb_dir: str | None = None
+    wandb_project: str = "relora-dynamics"
+    wandb_mode: str | None = None
+    mlflow_uri: str | None = None
+    mlflow_experiment: str = "relora-dynamics"
+    run_name: str | None = None
+
+    def problems(self) -> list[str]:
+        p = []
+        if self.wandb_mode is not None and self.wandb_mode not in WANDB_MODES:
+            p.append(f"tracking.wandb_mode must be one of {', '.join(WANDB_MODES)} or null, got {self.wandb_mode!r}")
+        for attr in ("wandb_project", "mlflow_experiment"):
+            if not getattr(self, attr):
+                p.append(f"tracking.{attr} must be a non-empty name")
+        for attr in ("tensorboard_dir", "wandb_dir", "mlflow_uri", "run_name"):
+            if getattr(self, attr) == "":
+                p.append(f"tracking.{attr} must be non-empty or null (the default)")
+        return p
+
+
+#: Settings that say where a run is watched, not what it computes: left out of :meth:`TrainConfig.to_dict`, hence
+#: of the manifest, capture files, resume comparison and run pairing / seed groups. Give them again on --resume.
+NOT_STORED = ("logger", "tracking")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything that defines a run. ``batch_size`` counts sequences per optimizer step.
@@ -283,7 +388,10 @@ class TrainConfig:
     cross-entropy holds at once (``None``: about 512 MiB of float32 logits;
     ``0``: the plain loss over the full logits). ``prefetch`` is how many
     micro-batches a background thread prepares ahead (pinned memory on CUDA;
-    ``0``: prepare each in the training loop).
+    ``0``: prepare each in the training loop). ``logger``: experiment trackers,
+    any of ``tensorboard``, ``wandb``, ``mlflow`` (``logger=tensorboard,wandb``;
+    ``None``: none), writing where ``tracking`` says; both only watch the run
+    (:data:`NOT_STORED`).
     """
 
     preset: str = "micro"
@@ -315,6 +423,8 @@ class TrainConfig:
     loss_chunk_tokens: int | None = None
     prefetch: int = 2
     init_from: str | None = None
+    logger: tuple[str, ...] | None = None
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     @property
     def tokens_per_step(self) -> int:
@@ -396,6 +506,13 @@ class TrainConfig:
             p.append(f"prefetch must be >= 0, got {self.prefetch}")
         if self.precision not in ("auto", "fp32", "bf16"):
             p.append(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
+        if self.logger is not None:
+            bad = [name for name in self.logger if name not in TRACKERS]
+            if bad or len(set(self.logger)) != len(self.logger):
+                p.append(
+                    f"logger must be some of {', '.join(TRACKERS)} (each once, comma-separated), got {','.join(self.logger)!r}"
+                )
+        p += self.tracking.problems()
         return p
 
     def validate(self) -> TrainConfig:
@@ -406,8 +523,11 @@ class TrainConfig:
         return self
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain, JSON-serialisable nested dict (tuples become lists)."""
-        return json.loads(json.dumps(dataclasses.asdict(self)))
+        """Plain, JSON-serialisable nested dict (tuples become lists), without the :data:`NOT_STORED` settings."""
+        out = dataclasses.asdict(self)
+        for key in NOT_STORED:
+            del out[key]
+        return dict(json.loads(json.dumps(out)))
 
 
 def _listed_steps(manifest: Path) -> list[int] | None:
@@ -438,7 +558,13 @@ def _positive(obj: Any, prefix: str, names: tuple[str, ...]) -> list[str]:
 # Building a config from presets, files and overrides
 
 
-_SECTIONS = {"model": ModelConfig, "data": DataConfig, "relora": ReLoRAConfig, "capture": CaptureConfig}
+_SECTIONS = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "relora": ReLoRAConfig,
+    "capture": CaptureConfig,
+    "tracking": TrackingConfig,
+}
 
 
 def _renamed(data: Mapping[str, Any], where: str, problems: list[str]) -> dict[str, Any]:

@@ -8,13 +8,18 @@ than the ungrammatical one's. Accuracy is reported per phenomenon.
 Minimal pairs come from the built-in grammar (:meth:`GrammarCorpus.minimal_pairs`)
 or from BLiMP-format JSONL files: one object per line with ``sentence_good`` and
 ``sentence_bad``, and the phenomenon in ``UID`` (else ``linguistics_term``, else
-the file name).
+the file name). Sentences are tokenised with the run's own tokenizer
+(:func:`tokenizer_for`: grammar words, bytes, or the run's ``data/tokenizer.json``).
+A pair is *not scored* when one of its sentences has no tokens (``n_empty``) or
+holds a symbol the tokenizer cannot represent, i.e. its unknown token
+(``n_unknown``); those pairs are counted and reported, never scored as failures.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -23,8 +28,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from trainer.data import BYTE_EOS
-from trainer.errors import EvaluationError  # defined there; importable from here as before
+from trainer.errors import EvaluationError, TrainerError  # defined there; importable from here as before
+from trainer.run_format import DATA_DIR, DATA_META
+from trainer.tokenizer import BYTE_EOS, run_tokenizer
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -32,22 +38,41 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Tokenizer:
-    """Text → token ids for a run's data (``grammar-words`` or ``bytes``), with the id that starts a context."""
+    """Text → token ids for a run's data, with the id that starts a context and the unknown token's id.
+
+    ``kind``: ``grammar-words``, ``bytes``, ``bpe`` or ``file``; ``unk_id``:
+    the id unrepresentable symbols encode to (``None``: every string is representable).
+    """
 
     kind: str
     bos_id: int
     encode: Callable[[str], list[int]]
+    unk_id: int | None = None
 
 
-def tokenizer_for(data_meta: dict) -> Tokenizer:
-    """The tokenizer a run was trained with, from its ``data/data.json``."""
+def tokenizer_for(data_meta: dict, data_dir: str | Path | None = None) -> Tokenizer:
+    """The tokenizer a run was trained with, from its ``data/data.json`` (``data_meta``).
+
+    ``bpe`` and ``file`` runs read ``data_dir/tokenizer.json`` (``data_dir``: the
+    run's ``data/`` directory), checked against ``tokenizer_sha256`` when the
+    metadata records it. The context-start id is the metadata's ``eos`` when given.
+    """
     kind = data_meta.get("tokenizer")
     if kind == "grammar-words":
         vocab = {w: i for i, w in enumerate(data_meta["vocab"])}
         unk = vocab.get("<unk>", 1)
-        return Tokenizer(kind, vocab.get("<eos>", 0), lambda s: [vocab.get(w, unk) for w in s.split()])
+        return Tokenizer(kind, vocab.get("<eos>", 0), lambda s: [vocab.get(w, unk) for w in s.split()], unk)
     if kind == "bytes":
-        return Tokenizer(kind, BYTE_EOS, lambda s: list(s.encode("utf-8")))
+        return Tokenizer(kind, int(data_meta.get("eos", BYTE_EOS)), lambda s: list(s.encode("utf-8")))
+    if kind in ("bpe", "file"):
+        if data_dir is None:
+            raise EvaluationError(f"a {kind!r} run's tokenizer is read from its data directory; none was given")
+        try:
+            tok = run_tokenizer(data_meta, data_dir)
+        except TrainerError as e:
+            raise EvaluationError(str(e)) from None
+        assert tok is not None  # a text kind
+        return Tokenizer(kind, int(data_meta.get("eos", tok.eos_id)), tok.encode, tok.unk_id)
     raise EvaluationError(
         f"runs trained on {kind!r} data have no text tokenizer here, so minimal pairs cannot be scored; "
         "use a run trained on the grammar or text source"
@@ -119,20 +144,70 @@ def sentence_logprobs(
     return out
 
 
+@dataclass(frozen=True)
+class PairScores:
+    """Minimal-pair results per phenomenon (keys include ``"overall"``).
+
+    ``accuracy``: fraction of *scored* pairs whose good sentence has the higher
+    log-probability (NaN where no pair could be scored); ``n_pairs``: pairs in
+    the set; ``n_empty``: pairs not scored because a sentence has no tokens;
+    ``n_unknown``: pairs not scored because a sentence holds the tokenizer's
+    unknown token (an empty sentence counts as empty only).
+    """
+
+    accuracy: dict[str, float]
+    n_pairs: dict[str, int]
+    n_empty: dict[str, int]
+    n_unknown: dict[str, int]
+
+    def not_scored(self, key: str = "overall") -> int:
+        """Pairs of ``key`` that were counted but not scored (empty or unknown)."""
+        return self.n_empty.get(key, 0) + self.n_unknown.get(key, 0)
+
+
+def score_minimal_pairs(
+    model: torch.nn.Module, pairs: Iterable[dict], tokenizer: Tokenizer, *, device: torch.device | str = "cpu"
+) -> PairScores:
+    """Score minimal pairs per phenomenon, counting (not scoring) pairs with empty or unrepresentable sentences."""
+    pairs = list(pairs)
+    counts: dict[str, dict[str, int]] = {k: defaultdict(int) for k in ("pairs", "empty", "unknown")}
+    scored: list[tuple[str, list[int], list[int]]] = []
+    for p in pairs:
+        good, bad = tokenizer.encode(p["sentence_good"]), tokenizer.encode(p["sentence_bad"])
+        if not good or not bad:
+            status = "empty"
+        elif tokenizer.unk_id is not None and (tokenizer.unk_id in good or tokenizer.unk_id in bad):
+            status = "unknown"
+        else:
+            status = "scored"
+            scored.append((p["phenomenon"], good, bad))
+        for key in (p["phenomenon"], "overall"):
+            counts["pairs"][key] += 1
+            if status != "scored":
+                counts[status][key] += 1
+    lg = sentence_logprobs(model, [g for _, g, _ in scored], bos_id=tokenizer.bos_id, device=device)
+    lb = sentence_logprobs(model, [b for _, _, b in scored], bos_id=tokenizer.bos_id, device=device)
+    hits: dict[str, list[bool]] = defaultdict(list)
+    for (phenomenon, _, _), a, b in zip(scored, lg, lb):
+        hits[phenomenon].append(a > b)
+        hits["overall"].append(a > b)
+    keys = sorted(counts["pairs"])
+    return PairScores(
+        accuracy={k: sum(hits[k]) / len(hits[k]) if hits[k] else math.nan for k in keys},
+        n_pairs={k: counts["pairs"][k] for k in keys},
+        n_empty={k: counts["empty"][k] for k in keys},
+        n_unknown={k: counts["unknown"][k] for k in keys},
+    )
+
+
 def minimal_pair_accuracy(
     model: torch.nn.Module, pairs: Iterable[dict], tokenizer: Tokenizer, *, device: torch.device | str = "cpu"
 ) -> dict[str, float]:
-    """Fraction of pairs where the good sentence scores higher, per phenomenon, plus ``"overall"``."""
-    pairs = list(pairs)
-    good = [tokenizer.encode(p["sentence_good"]) for p in pairs]
-    bad = [tokenizer.encode(p["sentence_bad"]) for p in pairs]
-    lg = sentence_logprobs(model, good, bos_id=tokenizer.bos_id, device=device)
-    lb = sentence_logprobs(model, bad, bos_id=tokenizer.bos_id, device=device)
-    hits: dict[str, list[bool]] = defaultdict(list)
-    for p, a, b in zip(pairs, lg, lb):
-        hits[p["phenomenon"]].append(a > b)
-        hits["overall"].append(a > b)
-    return {k: sum(v) / len(v) for k, v in sorted(hits.items())}
+    """Fraction of scored pairs where the good sentence scores higher, per phenomenon, plus ``"overall"``.
+
+    See :func:`score_minimal_pairs` for the pairs left out (and their counts).
+    """
+    return score_minimal_pairs(model, pairs, tokenizer, device=device).accuracy
 
 
 def builtin_pairs(data_meta: dict, n: int = 400, seed: int = 12345) -> list[dict] | None:
@@ -161,13 +236,18 @@ def evaluate_run(
     n_builtin_pairs: int = 1000,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    warn: Callable[[str], None] | None = None,
 ) -> pd.DataFrame:
     """Evaluate every checkpoint (or ``steps``) of a run.
 
-    Returns a long table with columns ``step, tokens_seen, metric, phenomenon, value``:
-    ``val_loss`` (nats/token) and ``val_ppl`` on the run's fixed validation
-    batches, and ``pair_acc`` per phenomenon (and ``overall``) for the built-in
-    grammar's pairs (``source=builtin``, grammar runs only) and each BLiMP file.
+    Returns a long table with columns :data:`EVAL_COLUMNS`: ``val_loss``
+    (nats/token) and ``val_ppl`` on the run's fixed validation batches, and
+    ``pair_acc`` per phenomenon (and ``overall``) for the built-in grammar's
+    pairs (``source=builtin``, grammar runs only) and each BLiMP file, over the
+    pairs that could be scored. ``pair_acc`` rows also carry ``n_pairs``,
+    ``n_empty`` and ``n_unknown`` (:class:`PairScores`; empty for the
+    validation rows); a source with pairs left out is reported once through
+    ``warn`` (default :func:`warnings.warn`), naming how many and why.
     """
     import pandas as pd
     from tqdm.auto import tqdm
@@ -179,8 +259,8 @@ def evaluate_run(
     run_dir = Path(run_dir)
     manifest = read_manifest(run_dir)
     cfg = config_from_dict({**manifest["config"], "init_from": None})
-    meta = json.loads((run_dir / "data" / "data.json").read_text())
-    streams = prepare(cfg.data, run_dir / "data")
+    meta = json.loads((run_dir / DATA_DIR / DATA_META).read_text())
+    streams = prepare(cfg.data, run_dir / DATA_DIR)
     val = validation_batches(
         streams.val, n_batches=cfg.eval_batches, batch_size=cfg.micro_batch_size, seq_len=cfg.context
     )
@@ -190,7 +270,8 @@ def evaluate_run(
         pair_sets["builtin"] = builtin
     for path in blimp:
         pair_sets[Path(path).stem] = load_minimal_pairs(path)
-    tokenizer = tokenizer_for(meta) if pair_sets else None
+    tokenizer = tokenizer_for(meta, run_dir / DATA_DIR) if pair_sets else None
+    warned: set[str] = set()
     entries = (
         manifest["checkpoints"] if steps is None else [c for c in manifest["checkpoints"] if c["step"] in set(steps)]
     )
@@ -212,6 +293,28 @@ def evaluate_run(
         ]
         for source, pairs in pair_sets.items():
             assert tokenizer is not None  # made whenever there are pairs
-            for phenomenon, acc in minimal_pair_accuracy(model, pairs, tokenizer, device=device).items():
-                rows.append({**base, "metric": "pair_acc", "phenomenon": phenomenon, "source": source, "value": acc})
-    return pd.DataFrame(rows, columns=["step", "tokens_seen", "metric", "source", "phenomenon", "value"])
+            scores = score_minimal_pairs(model, pairs, tokenizer, device=device)
+            for phenomenon, acc in scores.accuracy.items():
+                counts = {f"n_{k}": getattr(scores, f"n_{k}")[phenomenon] for k in ("pairs", "empty", "unknown")}
+                rows.append(
+                    {**base, "metric": "pair_acc", "phenomenon": phenomenon, "source": source, "value": acc, **counts}
+                )
+            if scores.not_scored() and source not in warned:
+                warned.add(source)
+                (warn or _warn)(
+                    f"{source}: {scores.not_scored()} of {scores.n_pairs['overall']} minimal pairs not scored "
+                    f"({scores.n_empty['overall']} with a sentence of no tokens, {scores.n_unknown['overall']} "
+                    f"with symbols the {tokenizer.kind} tokenizer cannot represent)"
+                )
+    table = pd.DataFrame(rows, columns=list(EVAL_COLUMNS))
+    return table.astype({c: "Int64" for c in EVAL_COUNT_COLUMNS})
+
+
+#: counts of minimal pairs in ``pair_acc`` rows (see :class:`PairScores`)
+EVAL_COUNT_COLUMNS = ("n_pairs", "n_empty", "n_unknown")
+#: the columns of :func:`evaluate_run`'s table
+EVAL_COLUMNS = ("step", "tokens_seen", "metric", "source", "phenomenon", "value", *EVAL_COUNT_COLUMNS)
+
+
+def _warn(message: str) -> None:
+    warnings.warn(message, stacklevel=3)

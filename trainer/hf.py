@@ -4,6 +4,8 @@ The pico-decoder is architecturally a LLaMA model (RMSNorm, rotate-half RoPE,
 GQA, SwiGLU, untied head, no biases), so export is a renaming of keys plus a
 ``config.json``. ``transformers`` is not needed to build either. The key map
 itself (:func:`hf_key`, and its inverse for import) is in :mod:`trainer.run_format`.
+A text run's tokenizer (:mod:`trainer.tokenizer`) is written beside the model
+(:func:`hf_tokenizer_files`), so ``AutoTokenizer`` loads the matching pair.
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ from typing import Any
 import torch
 
 from trainer.config import ModelConfig
-from trainer.run_format import MODEL_FILE, hf_key
+from trainer.run_format import DATA_DIR, DATA_META, MODEL_FILE, TOKENIZER_FILE, hf_key
+from trainer.tokenizer import TextTokenizer, run_tokenizer
 
-__all__ = ["hf_key", "to_hf_state_dict", "hf_config_dict", "export_hf"]
+__all__ = ["hf_key", "to_hf_state_dict", "hf_config_dict", "hf_tokenizer_files", "export_hf"]
 
 
 def to_hf_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -51,11 +54,38 @@ def hf_config_dict(cfg: ModelConfig) -> dict[str, Any]:
     }
 
 
+def hf_tokenizer_files(tok: TextTokenizer, cfg: ModelConfig) -> dict[str, str]:
+    """``tokenizer.json``, ``tokenizer_config.json`` and ``special_tokens_map.json`` texts for ``tok``.
+
+    ``AutoTokenizer.from_pretrained`` then builds a ``PreTrainedTokenizerFast``
+    that encodes exactly as the run did (no special tokens added; bytes runs
+    get :func:`trainer.tokenizer.bytes_tokenizer_json`). The end-of-text token
+    is both ``eos_token`` and ``bos_token``, as it is the context every
+    document starts from in training.
+    """
+    special = {"bos_token": tok.eos_token, "eos_token": tok.eos_token}
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        **special,
+        "model_max_length": cfg.max_seq_len,
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+        "split_special_tokens": True,  # a literal "<|endoftext|>" in text is text, as in training
+    }
+    return {
+        TOKENIZER_FILE: tok.hf_json(),
+        "tokenizer_config.json": json.dumps(config, indent=2, ensure_ascii=False) + "\n",
+        "special_tokens_map.json": json.dumps(special, indent=2, ensure_ascii=False) + "\n",
+    }
+
+
 def export_hf(run_dir: str | Path, out_dir: str | Path, *, step: int | None = None) -> Path:
     """Write checkpoint ``step`` (the latest when ``None``) of a run as a ``LlamaForCausalLM`` directory.
 
     ``out_dir`` gets ``config.json``, ``model.safetensors`` (float32, HF key names)
-    and ``export.json`` (source run, step, sha256 of the source weights). ReLoRA
+    and ``export.json`` (source run, step, sha256 of the source weights), and for
+    runs on text the tokenizer files (:func:`hf_tokenizer_files`). ReLoRA
     runs export their effective weights ``W + s·B·A`` (the checkpoint's dense
     ``model.safetensors``). The directory appears atomically; an existing one is refused.
     One export at a time writes ``out_dir``: it is locked by ``.<name>.lock`` beside it
@@ -84,6 +114,14 @@ def _export_hf(run_dir: Path, out_dir: Path, step: int | None) -> Path:
     entry = checkpoint_entry(manifest, step)
     verify_checkpoint(run_dir, entry)
     cfg = config_from_dict({**manifest["config"], "init_from": None})
+    data_dir = run_dir / DATA_DIR
+    meta_path = data_dir / DATA_META
+    tok = run_tokenizer(json.loads(meta_path.read_text()), data_dir) if meta_path.is_file() else None
+    hf_config = hf_config_dict(cfg.model)
+    tok_files: dict[str, str] = {}
+    if tok is not None:
+        tok_files = hf_tokenizer_files(tok, cfg.model)
+        hf_config.update(bos_token_id=tok.eos_id, eos_token_id=tok.eos_id)
     weights = load_file(str(run_dir / entry["path"] / MODEL_FILE))
     state = to_hf_state_dict({k: v.to(torch.float32).contiguous() for k, v in weights.items()})
     provenance = {
@@ -93,11 +131,14 @@ def _export_hf(run_dir: Path, out_dir: Path, step: int | None) -> Path:
         "method": manifest["config"].get("method"),
         "source_sha256": entry["sha256"][MODEL_FILE],
         "format": "LlamaForCausalLM",
+        "tokenizer": None if tok is None else tok.kind,
     }
 
     def fill(tmp: Path) -> None:
         save_file(state, str(tmp / MODEL_FILE), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(hf_config_dict(cfg.model), indent=2) + "\n")
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+        for name, text in tok_files.items():
+            (tmp / name).write_text(text, encoding="utf-8")
         (tmp / "export.json").write_text(json.dumps(provenance, indent=2) + "\n")
 
     atomic_write_dir(out_dir, fill)

@@ -5,6 +5,7 @@ A run directory (schema documented in ``data/README.md``)::
     <run>/manifest.json                      MANIFEST: schema, resolved config, code version, checkpoints + sha256
     <run>/metrics.jsonl                      METRICS: one JSON record per optimizer step
     <run>/data/                              DATA_DIR: tokenised streams, DATA_META describes them
+        tokenizer.json                       TOKENIZER_FILE: text runs with a bpe or file tokenizer
     <run>/checkpoints/step_000100/           CHECKPOINTS_DIR / step_dirname(step)
         model.safetensors                    MODEL_FILE: dense (effective) weights, canonical keys
         adapters.safetensors                 ADAPTERS_FILE: ReLoRA only: frozen W, lora_a, lora_b
@@ -35,6 +36,7 @@ __all__ = [
     "METRICS",
     "DATA_DIR",
     "DATA_META",
+    "TOKENIZER_FILE",
     "CHECKPOINTS_DIR",
     "MODEL_FILE",
     "ADAPTERS_FILE",
@@ -68,6 +70,7 @@ MANIFEST = "manifest.json"
 METRICS = "metrics.jsonl"
 DATA_DIR = "data"
 DATA_META = "data.json"
+TOKENIZER_FILE = "tokenizer.json"  # in DATA_DIR (the run's tokenizer) and beside an exported HF model
 CHECKPOINTS_DIR = "checkpoints"
 MODEL_FILE = "model.safetensors"
 ADAPTERS_FILE = "adapters.safetensors"

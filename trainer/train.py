@@ -35,10 +35,10 @@ import torch
 from torch import nn
 
 from trainer import checkpoint as ckpt
-from trainer import relora
+from trainer import relora, tracking
 from trainer.atomic import atomic_write_bytes, finite_json
 from trainer.capture import Capturer, TrainingState
-from trainer.config import TrainConfig, config_from_dict, flatten
+from trainer.config import TEXT_SOURCES, TrainConfig, config_from_dict, flatten
 from trainer.data import prepare, split_rows, train_micro_rows, validation_batches
 from trainer.distributed import DistContext, init_from_env
 from trainer.errors import CheckpointError, ConfigError, TrainingError
@@ -61,6 +61,7 @@ from trainer.runtime import (  # importable from here as before (trainer.train.r
     uses_bf16,
     uses_compile,
 )
+from trainer.tokenizer import padded_vocab_size
 
 __all__ = [
     "Trainer",
@@ -150,7 +151,7 @@ def truncate_log(path: Path, last_step: int) -> None:
     atomic_write_bytes(path, ("\n".join(kept) + "\n" if kept else "").encode())
 
 
-#: Top-level settings that may differ on resume without changing what is computed.
+#: Settings (dotted keys) that may differ on resume without changing what is computed.
 RESUME_MUTABLE = (
     "steps",
     "eval_interval",
@@ -162,6 +163,7 @@ RESUME_MUTABLE = (
     "tf32",
     "loss_chunk_tokens",
     "prefetch",
+    "data.workers",
 )
 
 
@@ -179,6 +181,7 @@ class Trainer:
         given: Collection[str] | None = None,
     ) -> None:
         self.cfg = cfg.validate()
+        tracking.require(self.cfg.logger)  # a tracker's missing package: one line, before anything is written
         self.run_dir = Path(run_dir)
         self.resume = resume
         # dotted keys the user gave (trainer.config.given_settings); None: every setting of cfg counts as given
@@ -200,6 +203,7 @@ class Trainer:
         self.dist = DistContext()  # joined in setup() when launched by torchrun
         self.capturer: Capturer | None = None  # set in setup() when capture is enabled, on rank 0
         self.log: JsonlLog | None = None
+        self.trackers = tracking.Trackers()  # logger=: opened in setup() on rank 0, closed in cleanup()
 
     # -- setup -------------------------------------------------------------------------------
 
@@ -257,8 +261,20 @@ class Trainer:
                 shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
 
     def _check_data(self, vocab_size: int, n_train: int, n_val: int) -> None:
-        """The corpus fits the model and holds a sequence per split (``prepare`` asks before it writes ``data/``)."""
+        """The corpus fits the model and holds a sequence per split (``prepare`` asks before it writes ``data/``).
+
+        A new run on text whose ``model.vocab_size`` the user did not give takes
+        the tokenizer's ``vocab_size`` padded up to a multiple of 64
+        (:func:`trainer.tokenizer.padded_vocab_size`; with ``init_from``, the
+        source run's, see :meth:`_read_init_from`); the manifest stores the
+        resolved value, so a resume keeps it.
+        """
         cfg = self.cfg
+        if self._vocab_follows_data() and cfg.init_from is None:
+            padded = padded_vocab_size(vocab_size)
+            if padded != cfg.model.vocab_size:
+                self.echo(f"model.vocab_size={padded} (the tokenizer's {vocab_size} ids, padded to a multiple of 64)")
+                cfg = self.cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=padded))
         if vocab_size > cfg.model.vocab_size:
             raise ConfigError(
                 f"the data uses {vocab_size} token ids but model.vocab_size={cfg.model.vocab_size}; "
@@ -269,6 +285,11 @@ class Trainer:
                 raise ConfigError(
                     f"the {split} split has {n} tokens, fewer than one sequence of seq_len+1={cfg.context + 1}"
                 )
+
+    def _vocab_follows_data(self) -> bool:
+        """A new run on text whose ``model.vocab_size`` the user did not give (``dynamics train`` passes ``given``)."""
+        given = self.given is not None and "model.vocab_size" in self.given
+        return self.given is not None and not given and not self.resume and self.cfg.data.source in TEXT_SOURCES
 
     def _setup(self, manifest: dict[str, Any] | None) -> None:
         """Everything after the directory checks: data, model, optimizer, capture; then load or start the run."""
@@ -281,10 +302,11 @@ class Trainer:
             if manifest is None and self.resume:  # a run killed before its first checkpoint: drop its temp files
                 for path in ckpt.remove_unlisted_checkpoints(self.run_dir, {"checkpoints": []}):
                     self.echo(f"removed incomplete {path}")
-            self.data = prepare(cfg.data, self.run_dir / DATA_DIR, check=self._check_data)
+            self.data = prepare(cfg.data, self.run_dir / DATA_DIR, check=self._check_data, progress=self.progress)
         self.dist.barrier()
         if not self.dist.is_main:  # rank 0 wrote it: verified and memory-mapped
-            self.data = prepare(cfg.data, self.run_dir / DATA_DIR, check=self._check_data)
+            self.data = prepare(cfg.data, self.run_dir / DATA_DIR, check=self._check_data, progress=self.progress)
+        cfg = self.cfg  # _check_data may have resolved model.vocab_size from the tokenizer
 
         set_tf32(cfg, self.device)
         torch.manual_seed(cfg.seed)
@@ -308,6 +330,7 @@ class Trainer:
         # the fixed probe set; None when capture.enabled is false, and on ranks other than 0
         if self.dist.is_main:
             self.capturer = Capturer.for_run(cfg, self.data.train, self.data.val, self.run_dir)
+            self.trackers = tracking.open_trackers(cfg, self.run_dir)
 
         if manifest is not None:
             self._load(manifest)
@@ -326,7 +349,9 @@ class Trainer:
             ckpt.write_manifest(self.run_dir, manifest)
             (self.run_dir / METRICS).unlink(missing_ok=True)
             self.log = JsonlLog(self.run_dir / METRICS)
-            self.log.write({"step": 0, **self.evaluate_all(), "tokens_seen": 0})
+            first = {"step": 0, **self.evaluate_all(), "tokens_seen": 0}
+            self.log.write(first)
+            self.trackers.log_record(first)
             self.save_checkpoint()
 
     def _reconcile(self, manifest: dict[str, Any]) -> TrainConfig:
@@ -373,7 +398,10 @@ class Trainer:
             else:
                 nested[key] = value
         cfg = dataclasses.replace(
-            config_from_dict({**nested, "init_from": None}), init_from=stored_dict.get("init_from")
+            config_from_dict({**nested, "init_from": None}),
+            init_from=stored_dict.get("init_from"),
+            logger=self.cfg.logger,  # not stored (trainer.config.NOT_STORED): this session's choice
+            tracking=self.cfg.tracking,
         )
         self.changed = diffs
         if diffs:
@@ -391,6 +419,10 @@ class Trainer:
         """
         run, _, step = spec.rpartition("@") if "@" in spec else (spec, "", "")
         payload = ckpt.load_checkpoint(run, int(step) if step else None)
+        embed = payload.model.get("embed.weight")
+        if self._vocab_follows_data() and embed is not None:  # the vocabulary of the run it starts from
+            model = dataclasses.replace(self.cfg.model, vocab_size=int(embed.shape[0]))
+            self.cfg = dataclasses.replace(self.cfg, model=model)
         with torch.device("meta"):  # shapes only: no memory, no random numbers drawn
             ours = Decoder(self.cfg.model).state_dict()
         bad = [k for k in ours if k not in payload.model or payload.model[k].shape != ours[k].shape]
@@ -515,6 +547,7 @@ class Trainer:
         }
         if self.log is not None:
             self.log.write(record)
+        self.trackers.log_record(record)
         what = [f"{name} became {value}" for name, value in (("loss", loss), ("gradient norm", grad_norm))]
         what = [w for w, v in zip(what, (loss, grad_norm)) if not math.isfinite(v)]
         kept = f"step {self.last_checkpoint}" if self.last_checkpoint is not None else "none yet"
@@ -640,6 +673,7 @@ class Trainer:
                 record["tokens_per_s"] = (self.tokens_seen - tokens0) / max(elapsed, 1e-9)
                 if self.log is not None:
                     self.log.write(record)
+                self.trackers.log_record(record)
                 if self.capturer is not None:
                     self.capturer.poll()  # lists a capture whose background write has finished; never waits
                 if self.step % cfg.checkpoint_interval == 0 or self.step in (cfg.steps, end):
@@ -765,6 +799,7 @@ class Trainer:
             ),
             **({"interrupt": True} if interrupt else {}),  # marked only when saved on a signal
         )
+        self.trackers.log_weight_per(now.step, model, self.cfg.model.n_layers)  # no-op without a tracker
         if self.capturer is not None:
             # dynamics/step_XXXXXX.h5 when due: written in the background, listed in the manifest entry later
             self.capturer.on_checkpoint(model, now, self.device)
@@ -781,6 +816,7 @@ class Trainer:
                     batches.close()
                 if self.log is not None:
                     self.log.close()
+                self.trackers.close()  # warns, never raises
                 self.dist.close(synchronize=self.finished)
             finally:
                 if self.lock is not None:

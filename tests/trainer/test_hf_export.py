@@ -44,7 +44,14 @@ def test_exported_model_reproduces_the_trained_model_logits(tmp_path, fast_overr
 
     out = tmp_path / "hf"
     assert main(["export", str(tmp_path / "run"), "--step", "6", "--to", "hf", str(out)]) == 0
-    assert {p.name for p in out.iterdir()} == {"config.json", "model.safetensors", "export.json"}
+    assert {p.name for p in out.iterdir()} == {
+        "config.json",
+        "model.safetensors",
+        "export.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+    }
     assert json.loads((out / "export.json").read_text())["step"] == 6
 
     hf = transformers.LlamaForCausalLM.from_pretrained(out, torch_dtype=torch.float32).eval()
