@@ -138,8 +138,8 @@ class Tracker(Protocol):
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Log flat hyper-parameters ``{dotted key: str | int | float | bool}``."""
 
-    def close(self) -> None:
-        """Flush and finish the run."""
+    def close(self, *, finished: bool = True) -> None:
+        """Flush and finish the run; ``finished=False``: the session ended early (interrupted, diverged, failed)."""
 
 
 class TensorBoardTracker:
@@ -147,10 +147,12 @@ class TensorBoardTracker:
 
     name = "tensorboard"
 
-    def __init__(self, log_dir: str | Path) -> None:
+    def __init__(self, log_dir: str | Path, *, purge_step: int | None = None) -> None:
+        """``purge_step``: a resumed run's first new step; TensorBoard hides the events of that step and later
+        ones that an interrupted session logged after its last checkpoint, so re-run steps appear once."""
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(log_dir=str(log_dir))
+        self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
 
     def log_scalars(self, step: int, values: Mapping[str, float]) -> None:
         for tag, value in values.items():
@@ -166,7 +168,7 @@ class TensorBoardTracker:
             file_writer.add_summary(summary)
         self.writer.add_text("config", "```\n" + json.dumps(dict(params), indent=1, sort_keys=True) + "\n```", 0)
 
-    def close(self) -> None:
+    def close(self, *, finished: bool = True) -> None:
         self.writer.close()
 
 
@@ -191,8 +193,8 @@ class WandbTracker:
     def log_params(self, params: Mapping[str, Any]) -> None:
         self.run.config.update(dict(params), allow_val_change=True)
 
-    def close(self) -> None:
-        self.run.finish()
+    def close(self, *, finished: bool = True) -> None:
+        self.run.finish(exit_code=0 if finished else 1)
 
 
 @contextlib.contextmanager
@@ -249,8 +251,8 @@ class MlflowTracker:
         for i in range(0, len(items), 100):  # log_batch takes at most 100 params
             self.client.log_batch(self.run_id, params=items[i : i + 100])
 
-    def close(self) -> None:
-        self.client.set_terminated(self.run_id)
+    def close(self, *, finished: bool = True) -> None:
+        self.client.set_terminated(self.run_id, status="FINISHED" if finished else "KILLED")
 
 
 def _first_line(e: BaseException) -> str:
@@ -303,9 +305,10 @@ class Trackers:
             return
         self.log_scalars(step, {f"weights/per/{proj}": value for proj, value in per.items()})
 
-    def close(self) -> None:
-        """Finish every tracker (a failure warns); the set is empty afterwards."""
-        self._each(lambda t: t.close(), "closing")
+    def close(self, *, finished: bool = True) -> None:
+        """Finish every tracker (a failure warns); the set is empty afterwards. ``finished=False`` marks the
+        trackers' runs as ended early where they keep a status (MLflow ``KILLED``, W&B exit code 1)."""
+        self._each(lambda t: t.close(finished=finished), "closing")
         self.trackers = []
 
 
@@ -313,8 +316,11 @@ def _warn(message: str) -> None:
     warnings.warn(message, TrackerWarning, stacklevel=3)
 
 
-def open_trackers(cfg: TrainConfig, run_dir: str | Path) -> Trackers:
+def open_trackers(cfg: TrainConfig, run_dir: str | Path, *, resume_step: int | None = None) -> Trackers:
     """The trackers of ``cfg.logger`` for the run in ``run_dir`` (see the module docstring for where they write).
+
+    ``resume_step``: the checkpoint a resumed run continues from (TensorBoard then replaces what an
+    interrupted session logged after it); ``None`` for a new run.
 
     Call :func:`require` first (before anything is written) for the missing-package error; here a tracker
     that fails to open warns once and is left out.
@@ -323,7 +329,9 @@ def open_trackers(cfg: TrainConfig, run_dir: str | Path) -> Trackers:
     t = cfg.tracking
     name = t.run_name or run_dir.resolve().name
     openers: dict[str, Callable[[], Tracker]] = {
-        "tensorboard": lambda: TensorBoardTracker(t.tensorboard_dir or run_dir / "tb"),
+        "tensorboard": lambda: TensorBoardTracker(
+            t.tensorboard_dir or run_dir / "tb", purge_step=None if resume_step is None else resume_step + 1
+        ),
         "wandb": lambda: WandbTracker(
             t.wandb_dir or run_dir,
             project=t.wandb_project,

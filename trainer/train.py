@@ -330,10 +330,11 @@ class Trainer:
         # the fixed probe set; None when capture.enabled is false, and on ranks other than 0
         if self.dist.is_main:
             self.capturer = Capturer.for_run(cfg, self.data.train, self.data.val, self.run_dir)
-            self.trackers = tracking.open_trackers(cfg, self.run_dir)
 
         if manifest is not None:
             self._load(manifest)
+            if self.dist.is_main:
+                self.trackers = tracking.open_trackers(cfg, self.run_dir, resume_step=self.step)
             if self.capturer is not None:
                 self.capturer.on_resume(self.model, self.training_state(), self.device, manifest)
             if self.dist.is_main:
@@ -343,6 +344,7 @@ class Trainer:
         elif not self.dist.is_main:
             self.save_checkpoint()  # rank 0 writes the manifest and the step-0 checkpoint; the others check and wait
         else:
+            self.trackers = tracking.open_trackers(cfg, self.run_dir)
             manifest = ckpt.new_manifest(cfg.to_dict(), self.data.meta)
             if self.capturer is not None:
                 self.capturer.describe(manifest)  # records the probe set: indices and sha256
@@ -816,7 +818,7 @@ class Trainer:
                     batches.close()
                 if self.log is not None:
                     self.log.close()
-                self.trackers.close()  # warns, never raises
+                self.trackers.close(finished=self.finished)  # warns, never raises
                 self.dist.close(synchronize=self.finished)
             finally:
                 if self.lock is not None:

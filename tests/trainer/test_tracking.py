@@ -151,7 +151,7 @@ class _Exploding:
     def log_params(self, params) -> None:
         pass
 
-    def close(self) -> None:
+    def close(self, *, finished: bool = True) -> None:
         self.closed = True
 
 
@@ -334,14 +334,36 @@ def test_divergence_is_logged_and_the_trackers_closed(tmp_path, fast_overrides, 
 
     closed = []
     monkeypatch.setattr(tt, "global_norm", nan_at_third_step)
-    monkeypatch.setattr(
-        tracking.Trackers, "close", lambda self, real=tracking.Trackers.close: (closed.append(1), real(self))
-    )
+    real_close = tracking.Trackers.close
+
+    def close(self, **kw):
+        closed.append(kw)
+        real_close(self, **kw)
+
+    monkeypatch.setattr(tracking.Trackers, "close", close)
     cfg = build_config(overrides=fast_overrides + ["steps=5", "capture.enabled=false", "logger=tensorboard"])
     with pytest.raises(TrainingError, match="diverged at step 3"):
         tt.train(cfg, tmp_path / "run", progress=False)
-    assert closed == [1]
+    assert closed == [{"finished": False}]  # closed once, as a run that ended early
     acc = EventAccumulator(str(tmp_path / "run" / "tb"), size_guidance={"scalars": 0})
     acc.Reload()
     assert {e.step: e.value for e in acc.Scalars("events/diverged")} == {3: 1.0}
     assert math.isnan({e.step: e.value for e in acc.Scalars("train/grad_norm")}[3])
+
+
+def test_a_resumed_tensorboard_log_replaces_steps_logged_after_the_checkpoint(tmp_path) -> None:
+    """A session that logged steps 1-4 and crashed after checkpoint 2: the resumed session's steps 3-4 replace
+    the lost session's, instead of each step appearing twice."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    first = tracking.TensorBoardTracker(tmp_path)
+    for step in (1, 2, 3, 4):
+        first.log_scalars(step, {"train/loss": float(step)})
+    first.close()
+    resumed = tracking.TensorBoardTracker(tmp_path, purge_step=3)
+    for step in (3, 4, 5):
+        resumed.log_scalars(step, {"train/loss": 10.0 * step})
+    resumed.close()
+    acc = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0})
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("train/loss")] == [(1, 1), (2, 2), (3, 30), (4, 40), (5, 50)]
