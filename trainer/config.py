@@ -108,7 +108,8 @@ class DataConfig:
     ``save_to_disk`` directory, local data files (``format`` ``auto`` infers
     json/jsonl/parquet/text/csv from the extension) or a hub dataset name;
     ``split`` picks the split, ``val_split`` an optional validation split of the
-    same dataset, ``text_column`` the column of text (an ``input_ids`` column is
+    same dataset, ``subset`` a hub dataset's configuration (e.g. ``wikitext-103-raw-v1``
+    of ``wikitext``), ``text_column`` the column of text (an ``input_ids`` column is
     used as pre-tokenised ids). ``workers`` processes tokenise text in parallel
     (same tokens for any count).
     ``tokenizer`` (text sources): ``bytes`` (ids 0..255, 256 ends a document),
@@ -124,6 +125,7 @@ class DataConfig:
     split: str = "train"
     val_split: str | None = None
     format: str = "auto"
+    subset: str | None = None
     workers: int = 1
     train_tokens: int = 2_000_000
     val_tokens: int = 100_000
@@ -160,7 +162,9 @@ class DataConfig:
                 p.append(f"data.{attr} must be a non-empty string, got {getattr(self, attr)!r}")
         if self.source != "hf":
             changed = [
-                k for k in ("text_column", "split", "val_split", "format") if getattr(self, k) != _HF_DEFAULTS[k]
+                k
+                for k in ("text_column", "split", "val_split", "format", "subset")
+                if getattr(self, k) != _HF_DEFAULTS[k]
             ]
             if changed:
                 p.append(f"data.{changed[0]} applies to data.source=hf only (data.source={self.source!r})")
@@ -183,7 +187,7 @@ class DataConfig:
 
 #: ``data.format`` values: ``auto`` infers a local data file's builder from its extension (:mod:`trainer.hf_data`).
 DATA_FORMATS = ("auto", "json", "parquet", "text", "csv")
-_HF_DEFAULTS = {"text_column": "text", "split": "train", "val_split": None, "format": "auto"}
+_HF_DEFAULTS = {"text_column": "text", "split": "train", "val_split": None, "format": "auto", "subset": None}
 
 
 #: Projections ReLoRA can wrap: every attention and MLP projection leaf (from :mod:`trainer.names`).

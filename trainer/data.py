@@ -374,7 +374,7 @@ def _tokenise_hf(cfg: DataConfig, tmp: Path, bar: _Progress) -> tuple[dict, dict
     from trainer.hf_data import HFDocuments, open_dataset
 
     assert cfg.path is not None
-    kw = {"column": cfg.text_column, "fmt": cfg.format}
+    kw = {"column": cfg.text_column, "fmt": cfg.format, "subset": cfg.subset}
     train = open_dataset(cfg.path, split=cfg.split, **kw)
     val: HFDocuments | None = None
     if cfg.val_path:

@@ -323,8 +323,12 @@ def _column_kind(arrow_type: Any, where: str, column: str) -> str:
     raise DataError(f"{where}: column {column!r} holds {arrow_type}, neither text nor a list of token ids")
 
 
-def open_dataset(path: str, *, split: str, column: str, fmt: str = "auto", what: str = "data.path") -> HFDocuments:
+def open_dataset(
+    path: str, *, split: str, column: str, fmt: str = "auto", subset: str | None = None, what: str = "data.path"
+) -> HFDocuments:
     """Documents of ``path``'s ``split`` (a ``save_to_disk`` directory, local data files, or a hub name).
+
+    ``subset``: a hub dataset's configuration name (``data.subset``; hub names only).
 
     ``column`` names the text column; when it is the default ``text`` and the
     dataset has none but has ``input_ids``, the ids are used. Local files form
@@ -334,6 +338,8 @@ def open_dataset(path: str, *, split: str, column: str, fmt: str = "auto", what:
     p = Path(path).expanduser()
     where = f"{what}={path!r}"
     n_docs: int | None = None
+    if subset is not None and p.exists():
+        raise DataError(f"data.subset={subset!r} names a hub dataset's configuration; {where} is a local path")
     if p.exists() and _is_saved(p):
         try:
             ds = datasets.load_from_disk(str(p))
@@ -357,7 +363,7 @@ def open_dataset(path: str, *, split: str, column: str, fmt: str = "auto", what:
             os.environ.get(k, "").lower() in ("1", "true", "yes") for k in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
         )
         try:
-            ds = datasets.load_dataset(path, split=split, streaming=True)
+            ds = datasets.load_dataset(path, subset, split=split, streaming=True)
         except Exception as e:  # noqa: BLE001 - ConnectionError, FileNotFoundError, DatasetNotFoundError, ValueError ...
             hint = " (offline: HF_DATASETS_OFFLINE/HF_HUB_OFFLINE is set)" if offline else ""
             raise DataError(f"cannot load hub dataset {where}{hint}: {_first_line(e)}") from None

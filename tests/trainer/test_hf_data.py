@@ -171,6 +171,25 @@ def test_a_hub_name_offline_is_a_one_line_error(tmp_path, monkeypatch, capsys):
     assert len(err) == 1 and err[0].startswith("error:") and "no-such-dataset" in err[0], err
 
 
+def test_a_hub_subset_is_passed_to_the_hub_and_refused_for_local_paths(tmp_path, monkeypatch):
+    """``data.subset`` (a hub dataset's configuration) reaches ``load_dataset``; a stand-in hub serves the rows."""
+    docs = _sentences(10)
+    asked = []
+
+    def hub(path, name=None, *, split, streaming):
+        asked.append((path, name, split, streaming))
+        return datasets.Dataset.from_dict({"text": docs}).to_iterable_dataset()
+
+    monkeypatch.setattr(datasets, "load_dataset", hub)
+    s = prepare(DataConfig(source="hf", path="wikitext", subset="wikitext-2-raw-v1"), tmp_path / "d")
+    assert asked and all(a == ("wikitext", "wikitext-2-raw-v1", "train", True) for a in asked)
+    assert list(_stream(s)) == [t for d in docs for t in [*d.encode(), 256]]
+    (tmp_path / "local.jsonl").write_text(json.dumps({"text": "a b"}) + "\n")
+    with pytest.raises(DataError, match="data.subset='x' names a hub dataset's configuration"):
+        prepare(DataConfig(source="hf", path=str(tmp_path / "local.jsonl"), subset="x"), tmp_path / "e")
+    assert any("data.subset applies to data.source=hf only" in p for p in DataConfig(subset="x").problems())
+
+
 def test_hub_names_and_local_paths_are_told_apart(tmp_path):
     assert hf_data.hub_name("owner/name") and hf_data.hub_name("wikitext")
     assert not hf_data.hub_name("corpus/train.jsonl") and not hf_data.hub_name("./x") and not hf_data.hub_name("/x")
