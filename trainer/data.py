@@ -374,13 +374,16 @@ def _tokenise_hf(cfg: DataConfig, tmp: Path, bar: _Progress) -> tuple[dict, dict
     from trainer.hf_data import HFDocuments, open_dataset
 
     assert cfg.path is not None
-    kw = {"column": cfg.text_column, "fmt": cfg.format, "subset": cfg.subset}
-    train = open_dataset(cfg.path, split=cfg.split, **kw)
+
+    def documents(path: str, split: str, what: str) -> HFDocuments:
+        return open_dataset(path, split=split, column=cfg.text_column, fmt=cfg.format, subset=cfg.subset, what=what)
+
+    train = documents(cfg.path, cfg.split, "data.path")
     val: HFDocuments | None = None
     if cfg.val_path:
-        val = open_dataset(cfg.val_path, split=cfg.split, what="data.val_path", **kw)
+        val = documents(cfg.val_path, cfg.split, "data.val_path")
     elif cfg.val_split:
-        val = open_dataset(cfg.path, split=cfg.val_split, what=f"data.val_split={cfg.val_split!r} of data.path", **kw)
+        val = documents(cfg.path, cfg.val_split, f"data.val_split={cfg.val_split!r} of data.path")
     if val is not None and val.kind != train.kind:
         raise DataError(f"{train.where} holds {train.kind} but {val.where} holds {val.kind}")
     if val is None:
