@@ -3,7 +3,9 @@
     python benchmarks/analyze_bench.py                      # trains a micro full-rank + ReLoRA pair, measures
     python benchmarks/analyze_bench.py --preset tiny        # a tiny-shaped pair (few steps, small batch)
     python benchmarks/analyze_bench.py --run RUN [--run RUN] --json bench.json
-    python benchmarks/analyze_bench.py --profile            # also a cProfile top 20 (cumulative) of one analyze
+    python benchmarks/analyze_bench.py --profile            # also a cProfile top 25 (cumulative and own time)
+    python benchmarks/analyze_bench.py --preset small --repeats 1   # a small-shaped pair: seconds per checkpoint
+    python benchmarks/analyze_bench.py --preset tiny --compression  # capture compression: write, size, read
 
 In one process, on the same runs, with the same torch thread count:
 
@@ -18,6 +20,10 @@ In one process, on the same runs, with the same torch thread count:
   the singular vectors of the subspace rows, the CCA and cross-run decompositions: those count as cost
   above the floor, as the issue's goal does;
 * ratio -- end to end / floor (the issue's goal: <= 1.5);
+* phases -- wall seconds of the timed analyze spent in the units' weight rows (spectra, sparsity, updates,
+  subspaces, circuits), capture rows (gradients, activations, CKA/CCA), the checks of a unit's files (sha256 and
+  finiteness; a cross-run unit's own finiteness check is counted here and in its phase), the cross-run units, and the rest (opening runs, cache keys, writing and assembling the tables); per unit: the
+  slowest and the mean seconds of one checkpoint (the issue's ``small`` goal: one checkpoint <= 10 s);
 * peak memory -- the process's resident-set high-water mark during one analyze (Linux ``VmHWM`` of
   ``/proc/self/status``, reset through ``/proc/self/clear_refs`` just before; elsewhere ``ru_maxrss``,
   which also counts what ran before), and the resident set before it.
@@ -63,6 +69,17 @@ PRESETS: dict[str, list[str]] = {
         "warmup_steps=1",
         "data.train_tokens=40000",
         "data.val_tokens=4000",
+        "eval_batches=1",
+    ],
+    "small": [
+        "steps=2",
+        "checkpoint_interval=2",
+        "eval_interval=2",
+        "seq_len=64",
+        "batch_size=2",
+        "warmup_steps=1",
+        "data.train_tokens=100000",
+        "data.val_tokens=10000",
         "eval_batches=1",
     ],
     "tiny": [
@@ -139,6 +156,72 @@ def time_floor(mats: list[np.ndarray], repeats: int) -> float:
     return best
 
 
+#: Capture-file compression settings measured by ``--compression`` (``capture.compression`` / ``compression_level``).
+COMPRESSIONS: list[tuple[str, int | None]] = [("none", None), ("lzf", None), ("gzip", 1), ("gzip", 4), ("gzip", 9)]
+
+
+def compression_table(files: list[Path], repeats: int) -> list[dict[str, Any]]:
+    """Write cost, size and read cost of the datasets of real capture ``files`` under each of :data:`COMPRESSIONS`.
+
+    Every dataset (probe, act, act_in, grad, weight groups) is rewritten as the capture writer does
+    (:mod:`trainer.capture.store`: chunks of whole rows of about ``CHUNK_BYTES``, Fletcher-32, byte shuffle with a
+    filter), into an in-memory HDF5 file (as the writer builds it) that is then written to disk; reading opens the
+    file and reads every dataset back (what analysis does). Minimum over ``repeats``; page cache warm.
+    """
+    import h5py
+
+    from trainer.capture.store import CHUNK_BYTES
+
+    data: list[tuple[str, np.ndarray]] = []
+    for f in files:
+        with h5py.File(f, "r") as h:
+            prefix = f"{f.parent.parent.name}/{f.stem}"
+            h.visititems(lambda n, o: data.append((f"{prefix}/{n}", o[()])) if isinstance(o, h5py.Dataset) else None)
+    raw = sum(a.nbytes for _, a in data)
+    out = []
+    tmp = Path(tempfile.mkdtemp(prefix="compression_"))
+    try:
+        for comp, level in COMPRESSIONS:
+            path = tmp / f"{comp}{level or ''}.h5"
+            write_s = read_s = float("inf")
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                buf = io.BytesIO()
+                with h5py.File(buf, "w") as h:
+                    for name, a in data:
+                        if a.ndim == 0:
+                            h.create_dataset(name, data=a)
+                            continue
+                        rows = max(1, min(a.shape[0], CHUNK_BYTES // max(1, int(np.prod(a.shape[1:])) * a.itemsize)))
+                        kw: dict[str, Any] = {"chunks": (rows, *a.shape[1:]), "fletcher32": True}
+                        if comp != "none":
+                            kw.update(compression=comp, shuffle=True)
+                            if level is not None:
+                                kw["compression_opts"] = level
+                        h.create_dataset(name, data=a, **kw)
+                path.write_bytes(buf.getbuffer())
+                write_s = min(write_s, time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                with h5py.File(path, "r") as h:
+                    for name, _ in data:
+                        h[name][()]
+                read_s = min(read_s, time.perf_counter() - t0)
+            size = path.stat().st_size
+            out.append(
+                {
+                    "compression": comp if level is None else f"{comp} {level}",
+                    "write_s": write_s,
+                    "read_s": read_s,
+                    "mib": size / 2**20,
+                    "ratio_to_raw": size / raw,
+                    "raw_mib": raw / 2**20,
+                }
+            )
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
 def _rss_kib(field: str) -> int | None:
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
@@ -158,15 +241,64 @@ def _reset_peak() -> bool:
     return _rss_kib("VmHWM") is not None
 
 
-def analyze_once(runs: list[Path], out: Path) -> tuple[float, int]:
-    """One ``analyze_runs`` with a fresh cache: (seconds, rows)."""
+#: (module attribute, phase) timed by :func:`analyze_once`: the parts of a unit, and the cross-run unit.
+PHASES = [
+    ("_weight_rows", "weight rows"),
+    ("_capture_rows", "capture rows"),
+    ("_run_cross_cached", "cross-run units"),
+]
+
+
+def analyze_once(runs: list[Path], out: Path, workers: int = 1) -> tuple[float, int, dict[str, float], list[float]]:
+    """One ``analyze_runs`` with a fresh cache: (seconds, rows, seconds per phase, seconds per checkpoint unit).
+
+    Phases (:data:`PHASES`, plus ``file checks`` -- :meth:`_RunView.verify` and ``require_finite`` -- and ``rest``)
+    are timed by wrapping those functions of :mod:`dynamics.analyze` for this call (one process: ``workers=1``;
+    with more workers the units run in other processes and only ``rest`` -- everything -- is timed).
+    """
+    import dynamics.analyze as an
+
+    phases = dict.fromkeys([p for _, p in PHASES] + ["file checks"], 0.0)
+    units: list[float] = []
+    saved = {name: getattr(an, name) for name, _ in PHASES}
+    saved_unit = an.analyze_unit
+    saved_checks = (an._RunView.verify, an._RunView.require_finite)
+
+    def timed(fn: Any, phase: str, sink: list[float] | None = None) -> Any:
+        def wrapper(*a: Any, **k: Any) -> Any:
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                dt = time.perf_counter() - t
+                if sink is None:
+                    phases[phase] += dt
+                else:
+                    sink.append(dt)
+
+        return wrapper
+
+    for name, phase in PHASES:
+        setattr(an, name, timed(saved[name], phase))
+    an.analyze_unit = timed(saved_unit, "", units)
+    an._RunView.verify = timed(saved_checks[0], "file checks")
+    an._RunView.require_finite = timed(saved_checks[1], "file checks")
+    an._VERIFIED.clear()  # a fresh process would hash each file once: so does every timed call
+    an._nonfinite_tensor.cache_clear()
     shutil.rmtree(out.with_name(out.name + ".cache"), ignore_errors=True)
-    t0 = time.perf_counter()
-    table, errors = analyze_runs(runs, out, options=AnalysisOptions(), progress=False)
-    elapsed = time.perf_counter() - t0
+    try:
+        t0 = time.perf_counter()
+        table, errors = analyze_runs(runs, out, options=AnalysisOptions(), progress=False, workers=workers)
+        elapsed = time.perf_counter() - t0
+    finally:
+        for name, _ in PHASES:
+            setattr(an, name, saved[name])
+        an.analyze_unit = saved_unit
+        an._RunView.verify, an._RunView.require_finite = saved_checks
     if errors:
         raise SystemExit(f"analyze failed: {errors}")
-    return elapsed, len(table)
+    phases["rest"] = elapsed - sum(phases.values())
+    return elapsed, len(table), phases, units
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -176,11 +308,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--workdir", type=Path, help="where runs are trained and tables written (default: a temp dir)")
     ap.add_argument("--repeats", type=int, default=2, help="repeats of each timing (minimum taken)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads for both timings")
-    ap.add_argument("--profile", action="store_true", help="print a cProfile top 20 (cumulative) of one analyze")
+    ap.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="analyze's worker processes (--threads each); the floor then runs with workers x threads torch threads",
+    )
+    ap.add_argument(
+        "--profile", action="store_true", help="print a cProfile top 25 (cumulative, own time) of one analyze"
+    )
+    ap.add_argument(
+        "--compression", action="store_true", help="also measure capture compression (write, size, read) on the runs"
+    )
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args(argv)
-    if args.repeats < 1 or args.threads < 1:
-        ap.error("--repeats and --threads must be >= 1")
+    if args.repeats < 1 or args.threads < 1 or args.workers < 1:
+        ap.error("--repeats, --threads and --workers must be >= 1")
 
     os.environ["DYNAMICS_WORKER_THREADS"] = str(args.threads)  # what analyze_runs sets in each unit
     torch.set_num_threads(args.threads)
@@ -192,20 +335,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     runs = [Path(r) for r in args.run] if args.run else train_pair(args.preset, args.workdir)
     out = args.workdir / "bench_results.parquet"
 
-    analyze_once(runs, out)  # warm-up: imports, first-call costs (not timed)
+    analyze_once(runs, out, args.workers)  # warm-up: imports, first-call costs (not timed)
     rss_before = _rss_kib("VmRSS")
     exact_peak = _reset_peak()
-    e2e, rows = analyze_once(runs, out)
+    e2e, rows, phases, units = analyze_once(runs, out, args.workers)
     peak = _rss_kib("VmHWM") if exact_peak else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     for _ in range(args.repeats - 1):
-        e2e = min(e2e, analyze_once(runs, out)[0])
+        again = analyze_once(runs, out, args.workers)
+        if again[0] < e2e:
+            e2e, rows, phases, units = again
 
     mats = decomposed_matrices(runs)
+    torch.set_num_threads(args.threads * args.workers)  # the floor uses the cores analyze used
     floor = time_floor(mats, args.repeats)
+    torch.set_num_threads(args.threads)
     res: dict[str, Any] = {
         "runs": [str(r) for r in runs],
         "preset": None if args.run else args.preset,
         "threads": args.threads,
+        "workers": args.workers,
         "rows": rows,
         "matrices": len(mats),
         "matrix_entries": int(sum(m.size for m in mats)),
@@ -216,14 +364,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "peak_rss_kind": "VmHWM (reset before analyze)" if exact_peak else "ru_maxrss (whole process)",
         "rss_before_mib": None if rss_before is None else rss_before / 1024,
         "floor_matrices_mib": sum(m.nbytes for m in mats) / 2**20,
+        "phases_s": phases,
+        "unit_max_s": max(units) if units else None,
+        "unit_mean_s": sum(units) / len(units) if units else None,
+        "units": len(units),
     }
-    print(f"analyze_bench: {len(runs)} runs, {rows} rows, {len(mats)} matrices, {args.threads} torch threads")
+    print(
+        f"analyze_bench: {len(runs)} runs, {rows} rows, {len(mats)} matrices, {args.workers} worker(s) x "
+        f"{args.threads} torch threads (floor: {args.workers * args.threads})"
+    )
     print(f"{'end to end':>22} {e2e:9.3f} s")
     print(f"{'float64 svdvals floor':>22} {floor:9.3f} s")
     print(f"{'ratio (goal <= 1.5)':>22} {e2e / floor:9.2f} x")
     if peak is not None:
         print(
             f"{'peak RSS':>22} {peak / 1024:9.1f} MiB ({res['peak_rss_kind']}; before: {res['rss_before_mib']:.1f} MiB)"
+        )
+    for phase, seconds in phases.items():
+        print(f"{phase:>22} {seconds:9.3f} s  ({seconds / floor:5.2f} x floor)")
+    if units:  # timed in this process (workers=1)
+        print(
+            f"{'one checkpoint':>22} {max(units):9.3f} s slowest, {sum(units) / len(units):.3f} s mean of {len(units)}"
         )
 
     if args.profile:
@@ -233,9 +394,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         analyze_runs(runs, out, options=AnalysisOptions(), progress=False)
         prof.disable()
         buf = io.StringIO()
-        pstats.Stats(prof, stream=buf).sort_stats("cumulative").print_stats(20)
+        pstats.Stats(prof, stream=buf).sort_stats("cumulative").print_stats(25)
+        pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(25)
         print(buf.getvalue())
-        res["profile_top20"] = buf.getvalue()
+        res["profile_top25"] = buf.getvalue()
+    if args.compression:
+        files = sorted(f for r in runs for f in (r / "dynamics").glob("step_*.h5"))
+        table = compression_table(files, args.repeats)
+        res["compression"] = table
+        print(f"capture compression: {len(files)} files, {table[0]['raw_mib']:.1f} MiB of datasets")
+        print(f"{'compression':>12} {'write s':>9} {'read s':>9} {'MiB':>9} {'of raw':>7}")
+        for row in table:
+            print(
+                f"{row['compression']:>12} {row['write_s']:9.3f} {row['read_s']:9.3f} {row['mib']:9.1f} "
+                f"{row['ratio_to_raw']:7.2f}"
+            )
     if args.json:
         args.json.write_text(json.dumps(res, indent=2))
     if tmp is not None:

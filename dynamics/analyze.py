@@ -69,7 +69,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -91,6 +91,9 @@ from trainer.run_format import (
     step_dirname,
 )
 from trainer.run_format import SPECTRA_COLUMNS as _SPECTRA_COLUMNS
+
+if TYPE_CHECKING:
+    from dynamics.cluster import DaskUnits
 
 #: Version of the rows a unit computes; part of every cache key (2: wrapped matrices from the run's config, update_merge;
 #: 3: norms among the spectral metrics, entry sparsity, SVCCA/PWCCA).
@@ -297,8 +300,17 @@ class _Rows:
                 }
             )
 
-    def add_spectrum(self, name: str, kind: str, spec: Spectrum, *, tol: float | None = None) -> None:
-        self.add(name, kind, spec.metrics(tol=tol))
+    def add_spectrum(
+        self,
+        name: str,
+        kind: str,
+        spec: Spectrum,
+        *,
+        tol: float | None = None,
+        metrics: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Rows of ``spec.metrics(tol=tol)`` (or of ``metrics``, the same already computed: :func:`_each`)."""
+        self.add(name, kind, spec.metrics(tol=tol) if metrics is None else metrics)
         if self.keep_spectra:
             layer, component = _split(name)
             self.spectra.append(
@@ -331,6 +343,159 @@ def update_tolerance(w_new: np.ndarray, w_old: np.ndarray) -> float:
     return float(max(w_new.shape) * eps * scale)
 
 
+#: Matrices of at most this many entries are computed in batches of one shape (one batched torch.linalg call per
+#: shape and kind: all layers' ``attn.q`` at once); larger ones (embedding, LM head) one at a time, where a batch
+#: saves no per-call overhead and would hold several of them at once.
+BATCH_MAX_ENTRIES = 1 << 20
+
+
+def _shape_groups(ws: Mapping[str, np.ndarray]) -> list[list[str]]:
+    """Names of the 2-D matrices of ``ws`` in groups of one shape and dtype (in first-seen order); a matrix of more
+    than :data:`BATCH_MAX_ENTRIES` entries is a group of its own."""
+    keyed: dict[tuple[Any, ...], list[str]] = {}
+    groups: list[list[str]] = []
+    for name, w in ws.items():
+        if w.ndim != 2:
+            continue
+        if w.size > BATCH_MAX_ENTRIES:
+            groups.append([name])
+            continue
+        key = (w.shape, w.dtype.str)
+        if key not in keyed:
+            keyed[key] = []
+            groups.append(keyed[key])
+        keyed[key].append(name)
+    return groups
+
+
+def _stack(arrays: Mapping[str, np.ndarray], names: list[str]) -> np.ndarray:
+    """``arrays[names]`` as one ``(B, m, n)`` array (a view for one name)."""
+    return arrays[names[0]][None] if len(names) == 1 else np.stack([arrays[n] for n in names])
+
+
+def _each(spec: Spectrum, tol: np.ndarray | None = None) -> list[tuple[Spectrum, dict[str, Any]]]:
+    """Each matrix of the batched ``spec`` (batch shape ``(B,)``) with its metrics, computed for the whole batch at once
+    (``spec.metrics(tol=tol)``, ``tol`` one per matrix or ``None``): the spectrum kernels reduce along the last axis
+    only, so each matrix's numbers are those of its own ``metrics()`` (to the last bit, or one ulp where numpy sums a
+    batch's rows in another order: 2e-16 relative at most on the micro and tiny tables)."""
+    metrics = spec.metrics(tol=tol)
+    return [(spec[i], {k: np.asarray(v)[i] for k, v in metrics.items()}) for i in range(spec.batch_shape[0])]
+
+
+def _entry_rows(M: Any, device: str | None, *, float64: bool) -> list[dict[str, float]]:
+    """:func:`dynamics.sparsity.entry_metrics` of each matrix of the batch ``M`` (B, m, n), one dict per matrix."""
+    from dynamics.sparsity import entry_metrics
+
+    if device is not None:
+        M = _on_device(M, device, float64=float64)
+    values = entry_metrics(M)
+    return [{k: float(np.asarray(v).reshape(-1)[i]) for k, v in values.items()} for i in range(M.shape[0])]
+
+
+def _norms64(stack: np.ndarray) -> list[float]:
+    """Frobenius norm of each matrix of ``stack`` (B, m, n) in float64, as :func:`update_tolerance` computes it
+    (``np.linalg.norm`` of the float64 copy, made one matrix at a time)."""
+    return [float(np.linalg.norm(stack[i].astype(np.float64))) for i in range(stack.shape[0])]
+
+
+def _tolerance(shape: tuple[int, ...], new: np.dtype, old: np.dtype, norm_new: float, norm_old: float) -> float:
+    """:func:`update_tolerance` from the two matrices' dtypes and float64 Frobenius norms (the same number)."""
+    eps = max(
+        np.finfo(new).eps if np.issubdtype(new, np.floating) else 0.0,
+        np.finfo(old).eps if np.issubdtype(old, np.floating) else 0.0,
+    )
+    return float(max(shape) * eps * max(norm_new, norm_old))
+
+
+class _Versions:
+    """One group's matrices at other checkpoints, read once each and dropped after their last use (memory: the
+    group at a few checkpoints, never the whole of another checkpoint)."""
+
+    def __init__(self, run: _RunView, names: list[str], uses: list[int]) -> None:
+        self._run, self._names, self._uses = run, names, list(uses)
+        self._held: dict[int, dict[str, np.ndarray]] = {}
+
+    def get(self, step: int) -> dict[str, np.ndarray]:
+        if step not in self._held:
+            self._held[step] = self._run.weights(step, self._names)
+        return self._held[step]
+
+    def done(self, step: int) -> None:
+        """One use of ``step`` is over; its matrices are dropped when no later use remains."""
+        if step in self._uses:
+            self._uses.remove(step)
+        if step not in self._uses:
+            self._held.pop(step, None)
+
+
+def _weight_group(
+    found: dict[tuple[str, str], Any],
+    run: _RunView,
+    ws: Mapping[str, np.ndarray],
+    group: list[str],
+    others: Mapping[str, int | None],
+    first: int,
+    merge_prev: int | None,
+    merge_prev2: int | None,
+    opts: AnalysisOptions,
+) -> None:
+    """Results of one group of same-shaped matrices (see :func:`_weight_rows`), batched, into ``found[(name, slot)]``."""
+    from dynamics import spectrum
+    from dynamics.analyze_rows import analysed_for_subspaces, spectrum_extra
+    from dynamics.subspaces import intruder_counts, update_overlaps
+
+    dev = opts.device
+    stack = _stack(ws, group)
+    if "weight" in opts.kinds:
+        each = _each(_device_spectrum(spectrum, stack, device=dev))
+        entries = _entry_rows(stack, dev, float64=False) if opts.sparsity else None
+        for i, name in enumerate(group):
+            one, metrics = each[i]
+            found[(name, "weight")] = (one, metrics, spectrum_extra(one, opts), None if entries is None else entries[i])
+    updates = [(kind, other) for kind, other in others.items() if kind in opts.kinds and other is not None]
+    sub = [n for n in group if opts.subspaces and analysed_for_subspaces(run, n)]
+    rank = run.wrapped.rank if sub and merge_prev is not None and merge_prev2 is not None else None
+    overlap = rank is not None and "update_merge" in opts.kinds
+    uses = [other for _, other in updates] + ([first] if sub else []) + ([merge_prev, merge_prev2] if overlap else [])
+    versions = _Versions(run, group, [s for s in uses if s is not None])
+    # float64 copies only where needed and one matrix at a time (memory: the largest matrix is the embedding)
+    norms = _norms64(stack) if updates else []
+    for kind, other in updates:
+        assert other is not None
+        old = _stack(versions.get(other), group)
+        tols = [
+            _tolerance(stack.shape[1:], stack.dtype, old.dtype, norms[i], norm_old)
+            for i, norm_old in enumerate(_norms64(old))
+        ]
+        # the exact float64 difference (each float32/bf16 entry converts exactly, then one IEEE subtraction)
+        delta = (
+            np.subtract(stack, old, dtype=np.float64) if dev is None else _on_device(stack, dev) - _on_device(old, dev)
+        )
+        del old
+        versions.done(other)
+        each = _each(spectrum(delta), np.asarray(tols))
+        entries = _entry_rows(delta, None, float64=True) if opts.sparsity else None
+        del delta
+        for i, name in enumerate(group):
+            found[(name, kind)] = (*each[i], None if entries is None else entries[i])
+    stack64 = stack.astype(np.float64) if sub else None
+    if sub:
+        assert stack64 is not None
+        idx = [group.index(n) for n in sub]
+        w_sub = stack64[idx]
+        w0 = _stack(versions.get(first), sub).astype(np.float64)
+        versions.done(first)
+        counts = intruder_counts(w_sub, w0, k=opts.intruder_k, threshold=opts.intruder_threshold)
+        for name, count in zip(sub, counts):
+            found[(name, "intruders")] = count
+        if overlap and rank is not None and merge_prev is not None and merge_prev2 is not None:
+            w_prev = _stack(versions.get(merge_prev), sub).astype(np.float64)
+            w_prev2 = _stack(versions.get(merge_prev2), sub).astype(np.float64)
+            for name, ov in zip(sub, update_overlaps(w_sub - w_prev, w_prev - w_prev2, rank)):
+                if ov is not None:  # a zero cycle update has no subspace: no row
+                    found[(name, "overlap")] = ov.metrics("overlap_prev")
+
+
 def _weight_rows(
     out: _Rows, run: _RunView, step: int, prev: int | None, first: int, merges: list[int], opts: AnalysisOptions
 ) -> None:
@@ -339,47 +504,58 @@ def _weight_rows(
     ``prev``/``first`` are the previous and the first checkpoint (``None``: none
     usable); ``merges`` the ReLoRA merge checkpoints before ``step`` when
     ``step`` is itself a merge (most recent first; see :meth:`_RunView.merge_chain`).
+
+    The checkpoint is read once, one component at a time (all layers' ``attn.q``, then ``attn.k``, ...: memory holds
+    one component at a few checkpoints, plus the attention projections for the circuits); same-shaped matrices are
+    computed as one batch (:func:`_weight_group`: one batched ``svdvals``/sort/SVD per shape and kind, the other
+    checkpoints read per group) and their rows are added in the order of the matrices, as one at a time would.
     """
-    from dynamics import lora_update_spectrum, ov_circuit_spectra, qk_circuit_spectra, spectrum
-    from dynamics.analyze_rows import spectrum_extra, subspace_rows
-    from dynamics.sparsity import entry_metrics
+    from dynamics import lora_update_spectrum, ov_circuit_spectra, qk_circuit_spectra
 
     merge_prev = merges[0] if merges else None
     merge_prev2 = merges[1] if len(merges) > 1 else None
     model = run.config["model"]
     dev = opts.device  # resolved (analyze_unit): None, "cpu" or "cuda"
-    layer_cache: dict[str, np.ndarray] = {}
-    for name in run.weights_names(step):
-        w = run.weights(step, name)[name]
-        if "weight" in opts.kinds and w.ndim == 2:
-            spec = _device_spectrum(spectrum, w, device=dev)
-            out.add_spectrum(name, "weight", spec)
-            out.add(name, "weight", spectrum_extra(spec, opts))
-            if opts.sparsity:
-                out.add(name, "weight", entry_metrics(w if dev is None else _on_device(w, dev, float64=False)))
-        if w.ndim != 2:
+    names = run.weights_names(step)
+    components: dict[str, list[str]] = {}
+    for name in names:
+        components.setdefault(_split(name)[1], []).append(name)
+    others = {"update": prev, "update_cumulative": first if first != step else None, "update_merge": merge_prev}
+    found: dict[tuple[str, str], Any] = {}
+    matrices: set[str] = set()
+    ws: dict[str, np.ndarray] = {}  # the attention projections, kept for the circuits
+    for component in components.values():
+        part = run.weights(step, component)
+        matrices.update(n for n, w in part.items() if w.ndim == 2)
+        for group in _shape_groups(part):
+            _weight_group(found, run, part, group, others, first, merge_prev, merge_prev2, opts)
+        if opts.circuits:
+            ws.update({n: w for n, w in part.items() if n.split(".")[-1] in ATTN_PROJS and w.ndim == 2})
+        del part
+    for name in names:
+        if name not in matrices:
             continue
-        subspace_rows(out, run, step, name, w, first, merge_prev, merge_prev2, opts)
-        for kind, other in (
-            ("update", prev),
-            ("update_cumulative", first if first != step else None),
-            ("update_merge", merge_prev),
-        ):
-            if kind in opts.kinds and other is not None:
-                w_old = run.weights(other, name)[name]
-                if dev is None:
-                    delta = w.astype(np.float64) - w_old.astype(np.float64)
-                else:  # the same float64 difference, formed on the device
-                    delta = _on_device(w, dev) - _on_device(w_old, dev)
-                out.add_spectrum(name, kind, spectrum(delta), tol=update_tolerance(w, w_old))
-                if opts.sparsity:
-                    out.add(name, kind, entry_metrics(delta))
-        if opts.circuits and name.split(".")[-1] in ATTN_PROJS:
-            layer_cache[name] = w
+        if (name, "weight") in found:
+            spec, metrics, extra, entries = found[(name, "weight")]
+            out.add_spectrum(name, "weight", spec, metrics=metrics)
+            out.add(name, "weight", extra)
+            if entries is not None:
+                out.add(name, "weight", entries)
+        if (name, "intruders") in found:
+            out.add(name, "weight", {"intruders": found[(name, "intruders")]})
+        if (name, "overlap") in found:
+            out.add(name, "update_merge", found[(name, "overlap")])
+        for kind in others:
+            if (name, kind) in found:
+                spec, metrics, entries = found[(name, kind)]
+                out.add_spectrum(name, kind, spec, metrics=metrics)
+                if entries is not None:
+                    out.add(name, kind, entries)
+    found.clear()
     if opts.circuits and "weight" in opts.kinds and "n_heads" in model:  # imports without config.json: no head split
         heads = dict(n_heads=model["n_heads"], n_kv_heads=model["n_kv_heads"])
         for i in range(model["n_layers"]):
-            proj = {p: layer_cache.get(f"layers.{i}.attn.{p}") for p in ATTN_PROJS}
+            proj = {p: ws.get(f"layers.{i}.attn.{p}") for p in ATTN_PROJS}
             q, k, v, o = proj["q"], proj["k"], proj["v"], proj["o"]
             if o is not None and v is not None:
                 ov = _device_spectrum(ov_circuit_spectra, o, v, device=dev, **heads)
@@ -411,19 +587,31 @@ def _weight_rows(
 def _capture_rows(
     out: _Rows, run: _RunView, step: int, prev: int | None, final: int | None, opts: AnalysisOptions
 ) -> None:
+    """Rows of the step's captured gradients and activations; same-shaped matrices as one batch (one batched
+    ``svdvals``, sort, CKA per shape), rows added in the order of the matrices."""
     from dynamics import anisotropy, linear_cka, spectrum
     from dynamics.activations import activation_spectrum
     from dynamics.analyze_rows import similarity_rows, spectrum_extra
-    from dynamics.sparsity import entry_metrics
 
     dev = opts.device  # resolved (analyze_unit): None, "cpu" or "cuda"
     if "grad" in opts.kinds:
-        for name, g in run.get("grad", step).items():
-            spec = _device_spectrum(spectrum, g, device=dev)
-            out.add_spectrum(name, "grad", spec)
-            out.add(name, "grad", spectrum_extra(spec, opts))
-            if opts.sparsity:
-                out.add(name, "grad", entry_metrics(g if dev is None else _on_device(g, dev, float64=False)))
+        grads = run.get("grad", step)
+        found: dict[str, tuple[Spectrum, dict[str, Any], dict[str, float], dict[str, float] | None]] = {}
+        for group in _shape_groups(grads):
+            stack = _stack(grads, group)
+            each = _each(_device_spectrum(spectrum, stack, device=dev))
+            entries = _entry_rows(stack, dev, float64=False) if opts.sparsity else None
+            for i, name in enumerate(group):
+                one, metrics = each[i]
+                found[name] = (one, metrics, spectrum_extra(one, opts), None if entries is None else entries[i])
+        for name in grads:
+            if name in found:
+                spec_i, metrics_i, extra_i, entries_i = found[name]
+                out.add_spectrum(name, "grad", spec_i, metrics=metrics_i)
+                out.add(name, "grad", extra_i)
+                if entries_i is not None:
+                    out.add(name, "grad", entries_i)
+        del grads, found
     if "act" not in opts.kinds:
         return
     for site in opts.act_sites:
@@ -432,25 +620,45 @@ def _capture_rows(
             acts = run.get(kind, step, pattern)
         except DynamicsError:
             continue  # site not captured in this run
-        for name, x in acts.items():
-            x = x.reshape(-1, x.shape[-1]).astype(np.float64)
-            label = name if kind == "act" else f"{name}.in"
+        acts = {name: x.reshape(-1, x.shape[-1]) for name, x in acts.items()}
+        others = {  # the same site at the previous / final capture: one read each (a damaged file: no such rows)
+            metric: run.get(kind, other, list(acts), errors="skip")
+            for metric, other in (("cka_prev", prev), ("cka_final", final))
+            if other is not None
+        }
+        rows: dict[str, tuple[Spectrum, dict[str, Any], dict[str, float]]] = {}
+        for group in _shape_groups(acts):
+            x = _stack(acts, group).astype(np.float64)  # (B, tokens, features)
             xd = x if dev is None else _on_device(x, dev)  # float64 already; SVCCA/PWCCA below stay on numpy
-            out.add_spectrum(label, "act", activation_spectrum(xd, center=True))
-            extra = {"anisotropy": anisotropy(xd)}
-            for metric, other in (("cka_prev", prev), ("cka_final", final)):
-                if other is not None:  # a damaged other file loses this one number (with a warning), not the step
-                    y = run.get(kind, other, name, errors="skip").get(name)
-                    if y is not None:
-                        y = y.reshape(-1, y.shape[-1]).astype(np.float64)
-                        extra[metric] = linear_cka(xd, y if dev is None else _on_device(y, dev))
-                        if opts.cca:  # SVCCA/PWCCA (view 1: this step) where tokens >> features
-                            extra.update(
-                                similarity_rows(
-                                    x, y, min_tokens_per_feature=opts.cca_min_tokens_per_feature, suffix=metric[3:]
-                                )
+            each = _each(activation_spectrum(xd, center=True))
+            aniso = np.asarray(anisotropy(xd)).reshape(-1)
+            extras: list[dict[str, float]] = [{"anisotropy": float(a)} for a in aniso]
+            for metric, ys in others.items():
+                have = [j for j, name in enumerate(group) if ys.get(name) is not None]
+                if not have:
+                    continue
+                y = np.stack([ys[group[j]].reshape(-1, ys[group[j]].shape[-1]) for j in have]).astype(np.float64)
+                xs = x if len(have) == len(group) else x[have]
+                xsd = xs if dev is None else _on_device(xs, dev)
+                cka = np.asarray(linear_cka(xsd, y if dev is None else _on_device(y, dev))).reshape(-1)
+                for c, j in zip(cka, have):
+                    extras[j][metric] = float(c)
+                    if opts.cca:  # SVCCA/PWCCA (view 1: this step) where tokens >> features
+                        extras[j].update(
+                            similarity_rows(
+                                x[j],
+                                y[have.index(j)],
+                                min_tokens_per_feature=opts.cca_min_tokens_per_feature,
+                                suffix=metric[3:],
                             )
-            out.add(label, "act", extra)
+                        )
+            for j, name in enumerate(group):
+                rows[name] = (*each[j], extras[j])
+        for name in acts:
+            if name in rows:
+                label = name if kind == "act" else f"{name}.in"
+                out.add_spectrum(label, "act", rows[name][0], metrics=rows[name][1])
+                out.add(label, "act", rows[name][2])
 
 
 def analyze_unit(run_path: str, step: int, opts: AnalysisOptions) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -521,12 +729,17 @@ class _RunView:
         HDF5 attributes) is an error, never a silently wrong number. The check is
         :func:`trainer.run_format.checkpoint_file_problems`.
         """
-        problems = checkpoint_file_problems(
-            self.path, self.entry(step), files=(MODEL_FILE, ADAPTERS_FILE), capture=capture
-        )
+        entry = self.entry(step)
+        key = _verified_key(self.path, entry, capture)
+        if key in _VERIFIED:
+            return
+        problems = checkpoint_file_problems(self.path, entry, files=(MODEL_FILE, ADAPTERS_FILE), capture=capture)
         if problems:
             path, problem = problems[0]
             raise DynamicsIOError(problem, path)
+        if len(_VERIFIED) >= 4096:
+            _VERIFIED.clear()
+        _VERIFIED.add(key)
 
     def require_finite(self, step: int) -> None:
         """Raise :class:`NonFiniteCheckpointError` naming the checkpoint when its weights hold NaN or Inf."""
@@ -555,6 +768,30 @@ class _RunView:
     def merge_chain(self, step: int) -> list[int]:
         """See :func:`merge_chain`."""
         return merge_chain(self._run, step)
+
+
+#: Checks :meth:`_RunView.verify` passed in this process, by the files' identity (:func:`_verified_key`): a unit
+#: compares its checkpoint with up to four others, so an analysis would otherwise hash each file several times.
+_VERIFIED: set[tuple[Any, ...]] = set()
+
+
+def _verified_key(run_dir: Path, entry: Mapping[str, Any], capture: bool) -> tuple[Any, ...]:
+    """What a passed :meth:`_RunView.verify` depends on: the entry's digests and paths, and each file's path, inode,
+    size and modification time (a file rewritten or replaced since is hashed again)."""
+    ckpt = Path(run_dir) / str(entry["path"])
+    paths = [ckpt / MODEL_FILE, ckpt / ADAPTERS_FILE]
+    record = entry.get("dynamics")
+    if capture and record:
+        paths.append(Path(run_dir) / str(record["path"]))
+    ids: list[tuple[Any, ...]] = []
+    for p in paths:
+        try:
+            st = p.stat()
+            ids.append((str(p), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+        except OSError:
+            ids.append((str(p), None))
+    digests = json.dumps([entry.get("sha256", {}), record if capture else None], sort_keys=True)
+    return (str(Path(run_dir).resolve()), digests, capture, tuple(ids))
 
 
 @functools.lru_cache(maxsize=64)
@@ -707,6 +944,10 @@ def _cache_dir(out: Path) -> Path:
 
 #: The lock command of a ``--shard`` process (``dynamics analyze --shard K/N``): shards wait for each other's writes.
 SHARD_COMMAND = "dynamics analyze --shard"
+#: The lock command of a cluster run's units (``--executor dask``, :mod:`dynamics.cluster`): they wait like shards.
+CLUSTER_COMMAND = "dynamics analyze --executor dask"
+#: ``analyze_runs(executor=...)`` / ``--executor``: the local process pool, or a Dask cluster.
+EXECUTORS: tuple[str, ...] = ("local", "dask")
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -762,7 +1003,7 @@ def _shard_write_lock(cache: Path, command: str | None, poll_s: float = 0.05) ->
             break
         except DirectoryLockedError:
             holder = lock_holder(cache)  # None: the holder has not written its name yet, or just left
-            if holder is not None and not str(holder.get("command", "")).startswith(SHARD_COMMAND):
+            if holder is not None and not str(holder.get("command", "")).startswith((SHARD_COMMAND, CLUSTER_COMMAND)):
                 raise
             time.sleep(poll_s)
     try:
@@ -806,6 +1047,9 @@ def analyze_runs(
     keep_going: bool = False,
     progress: bool = True,
     shard: tuple[int, int] | None = None,
+    executor: str = "local",
+    scheduler: str | None = None,
+    scheduler_file: str | Path | None = None,
 ) -> tuple[pd.DataFrame, list[str]]:
     """Analyse every checkpoint of every run; write ``out`` (parquet, or csv by suffix) and ``<out>.spectra.parquet``.
 
@@ -824,9 +1068,35 @@ def analyze_runs(
     time (on one host or several sharing the directory): each takes the cache's lock only around its own writes
     (:func:`_shard_write_lock`). A final call without ``shard`` assembles the table from the cache,
     recomputing only units no shard finished.
+
+    ``executor="dask"`` (``--executor dask``, :mod:`dynamics.cluster`): the units run as tasks on a Dask cluster,
+    at ``scheduler`` (``tcp://host:8786``) or the one ``scheduler_file`` names, else on a LocalCluster of
+    ``workers`` processes. They write the same cache as local units (each taking the cache's lock only around its
+    writes, like a shard's; paths are made absolute for the workers) and the table is assembled as here, so it
+    equals a one-process analysis row for row. ``table.attrs["units"]`` counts the units (``units``, ``computed``,
+    ``cached``, ``failed``) on every path.
     """
     from trainer.lock import DirectoryLock
 
+    if executor not in EXECUTORS:
+        raise AnalysisError(f"analyze: executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
+    if executor == "dask":  # connects before any work: a missing dask or a wrong address is one line
+        from dynamics.cluster import DaskUnits
+
+        runs = [Path(r).absolute() for r in runs]  # workers elsewhere see the same shared paths, not our cwd
+        with DaskUnits(scheduler=scheduler, scheduler_file=scheduler_file, workers=workers) as cluster:
+            return _analyze_runs(
+                runs,
+                Path(out).absolute(),
+                options=options,
+                workers=workers,
+                keep_going=keep_going,
+                progress=progress,
+                shard=shard,
+                cluster=cluster,
+            )
+    if scheduler is not None or scheduler_file is not None:
+        raise AnalysisError("analyze: --scheduler/--scheduler-file need --executor dask")
     if shard is not None:
         return _analyze_runs(
             runs, out, options=options, workers=workers, keep_going=keep_going, progress=progress, shard=shard
@@ -844,8 +1114,10 @@ def _analyze_runs(
     keep_going: bool,
     progress: bool,
     shard: tuple[int, int] | None = None,
+    cluster: DaskUnits | None = None,
 ) -> tuple[pd.DataFrame, list[str]]:
-    """:func:`analyze_runs` under the cache directory's lock (a shard: the lock only around its writes)."""
+    """:func:`analyze_runs` under the cache directory's lock (a shard, or ``cluster``'s units: the lock only around
+    their writes)."""
     from tqdm.auto import tqdm
 
     from dynamics.external import as_run_directory
@@ -863,6 +1135,8 @@ def _analyze_runs(
     cache = _cache_dir(out)
     shard = None if shard is None else check_shard(shard)
     write_lock = None if shard is None else f"{SHARD_COMMAND} {shard[0]}/{shard[1]}"  # None: we hold the lock
+    if cluster is not None and shard is None:
+        write_lock = CLUSTER_COMMAND
     # checkpoints from elsewhere (safetensors / HF directories / weights_only torch files) become run directories
     import_errors, resolved = [], []
     with _shard_write_lock(cache, write_lock):  # a shard: refused here at once while a plain analyze runs
@@ -918,8 +1192,8 @@ def _analyze_runs(
     if shard is not None:  # this shard's units only; its workers take the cache's lock around their writes
         mine = set(shard_units(units, shard))
         todo, done = [u for u in todo if u in mine], [u for u in done if u in mine]
-        for u in mine:  # also a cached unit: recomputed (under the lock) when its cache file is unreadable
-            fn, args = units[u]
+    if write_lock is not None:  # a shard's or a cluster's units; a cached one too: recomputed (under the lock) when
+        for u, (fn, args) in units.items():  # its cache file is unreadable
             units[u] = (partial(fn, write_lock=write_lock), args)
     n_cached = len(done)
 
@@ -933,7 +1207,14 @@ def _analyze_runs(
         warnings.warn(msg, stacklevel=3)
         errors.append(msg)
 
-    if workers <= 1:
+    if cluster is not None:  # Dask tasks (dynamics.cluster); they report back like the local workers below
+        for (label, step), error in cluster.run({u: units[u] for u in todo}, INPUT_ERRORS):
+            if error is None:
+                done.append((label, step))
+            else:
+                failed(label, step, error)
+            bar.update(1)
+    elif workers <= 1:
         for label, step in todo:
             fn, args = units[(label, step)]
             try:
@@ -1003,6 +1284,12 @@ def _analyze_runs(
     if spectra:
         all_spectra = pd.concat(spectra, ignore_index=True)
         atomic_write(spectra_path, partial(_write_parquet, all_spectra))
+    table.attrs["units"] = {  # after writing: counts of this call, not part of the table's file
+        "units": n_units,
+        "computed": n_computed,
+        "cached": n_cached,
+        "failed": len(todo) - n_computed,
+    }
     return table, errors
 
 

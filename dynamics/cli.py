@@ -96,6 +96,32 @@ def _add_analyze(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         help="analyse only shard K of N (a deterministic 1/N of the checkpoints) into the shared cache, without "
         "writing the table; shards may run at once; a final run without --shard assembles the table",
     )
+    p.add_argument(
+        "--executor",
+        choices=("local", "dask"),
+        default="local",
+        help="where the checkpoints are analysed: local processes (--workers), or tasks on a Dask cluster "
+        "(needs `pip install relora-dynamics[cluster]`; same cache and table)",
+    )
+    p.add_argument(
+        "--scheduler",
+        metavar="ADDRESS",
+        help="with --executor dask: a running `dask scheduler` (tcp://host:8786); without it or --scheduler-file, "
+        "a local cluster of --workers processes",
+    )
+    p.add_argument(
+        "--scheduler-file",
+        type=Path,
+        metavar="PATH",
+        help="with --executor dask: the file written by `dask scheduler --scheduler-file PATH`",
+    )
+    p.add_argument(
+        "--log-to",
+        nargs=2,
+        metavar=("LOGGER", "DIR"),
+        help="also publish the table's curves (mean over layers per kind/metric/component, per step) to "
+        "tensorboard, wandb or mlflow at DIR (dynamics.publish), next to the training loss curves",
+    )
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_analyze)
 
@@ -112,10 +138,8 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         opts = AnalysisOptions(kinds=kinds, circuits=not args.no_circuits)
     elif args.no_circuits:
         opts = AnalysisOptions(circuits=False)
-    if args.basic:
-        from dataclasses import replace
-
-        opts = replace(opts, heavy_tails=False, spikes=False, subspaces=False, cross_run=False)
+    if args.basic:  # the same switches as AnalysisOptions.basic(), said once there
+        opts = AnalysisOptions.basic(kinds=opts.kinds, circuits=opts.circuits)
     if args.include_interrupts:
         from dataclasses import replace
 
@@ -127,6 +151,14 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     if args.workers < 1:
         raise ConfigError(f"--workers must be >= 1, got {args.workers}")
     shard = parse_shard(args.shard) if args.shard is not None else None  # before any work: a bad K/N is one line
+    if args.log_to is not None:  # before any work: a bad choice or a missing package is one line
+        from trainer.tracking import require
+
+        if args.log_to[0] not in ("tensorboard", "wandb", "mlflow"):
+            raise ConfigError(f"--log-to: unknown tracker {args.log_to[0]!r}; choose from tensorboard, wandb, mlflow")
+        if shard is not None:
+            raise ConfigError("--log-to publishes the assembled table; drop --shard (or publish on the final run)")
+        require([args.log_to[0]])
     table, errors = analyze_runs(
         args.runs,
         args.out,
@@ -135,6 +167,9 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         keep_going=args.keep_going,
         progress=not args.no_progress,
         shard=shard,
+        executor=args.executor,
+        scheduler=args.scheduler,
+        scheduler_file=args.scheduler_file,
     )
     if shard is not None:
         c = table.attrs["shard"]
@@ -144,6 +179,10 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         )
     else:
         print(f"wrote {args.out} ({len(table)} rows)")
+    if args.log_to is not None:
+        from dynamics.publish import describe, publish
+
+        print(describe(publish(table, args.log_to[0], args.log_to[1]), *args.log_to))
     for e in errors:
         print(f"failed: {e}", file=sys.stderr)
     return 1 if errors else 0

@@ -30,6 +30,7 @@ whole analysis. A file written by a newer toolkit is refused with
 
 from __future__ import annotations
 
+import functools
 import json
 import warnings
 from collections.abc import Iterable, Iterator
@@ -540,15 +541,14 @@ class Run:
         return _read_safetensors(adapters, {n: f"{n}.weight" for n in names})
 
     def _safetensors_keys(self, path: Path) -> list[str]:
-        from safetensors import safe_open
-
-        if not path.is_file():
-            raise DynamicsIOError(f"{path} is missing (listed in {self.path / MANIFEST})", path)
+        """The keys of a safetensors file's header (remembered per file identity: path, inode, size, mtime)."""
         try:
-            with safe_open(str(path), framework="pt") as f:
-                return list(f.keys())
-        except Exception as e:  # noqa: BLE001 - SafetensorError (an Exception) and friends on a damaged header
-            raise DynamicsIOError(f"{path} is truncated or corrupted: {type(e).__name__}: {e}", path) from None
+            st = path.stat()
+        except OSError:
+            st = None
+        if st is None or not path.is_file():
+            raise DynamicsIOError(f"{path} is missing (listed in {self.path / MANIFEST})", path)
+        return list(_header_keys(str(path), st.st_ino, st.st_size, st.st_mtime_ns))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -580,6 +580,7 @@ _ORDER = (
 )
 
 
+@functools.lru_cache(maxsize=4096)
 def _model_order(name: str) -> tuple[Any, ...]:
     """Sort key putting canonical names in model order (``embed``, layers by index, ``final_norm``, ``lm_head``)."""
     from trainer.names import parse
@@ -618,6 +619,19 @@ def _read_dataset(f: Any, key: str) -> np.ndarray:
         raise DynamicsIOError(f"{f.filename} has no dataset {key!r}", f.filename) from None
     except Exception as e:  # noqa: BLE001 - OSError (checksum, filter failure, truncation), RuntimeError ...
         raise DynamicsIOError(f"{f.filename}: dataset {key!r} is corrupted: {e}", f.filename) from None
+
+
+@functools.lru_cache(maxsize=256)
+def _header_keys(path: str, inode: int, size: int, mtime_ns: int) -> tuple[str, ...]:
+    """Keys of the safetensors file ``path`` (its header only), cached by the file's identity: analysis asks for the
+    same headers many times per checkpoint, and a file replaced on disk gets a new entry. Errors are not cached."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            return tuple(f.keys())
+    except Exception as e:  # noqa: BLE001 - SafetensorError (an Exception) and friends on a damaged header
+        raise DynamicsIOError(f"{path} is truncated or corrupted: {type(e).__name__}: {e}", path) from None
 
 
 def _read_safetensors(path: Path, keys: dict[str, str]) -> dict[str, np.ndarray]:

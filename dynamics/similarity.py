@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections import OrderedDict
 from typing import Any
 
 import numpy as np
@@ -126,6 +127,37 @@ def _basis(x: torch.Tensor, name: str, caller: str) -> tuple[torch.Tensor, torch
             "correlations are undefined; check that the activations vary across tokens"
         )
     return q @ u[:, :rank], s[:rank, None] * vh[:rank], s[:rank]
+
+
+#: Bytes of the bases :func:`_cached_basis` keeps (least recently used dropped first).
+BASIS_CACHE_BYTES = 64 << 20
+_BASES: OrderedDict[bytes, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = OrderedDict()
+
+
+def _cached_basis(x: torch.Tensor, name: str, caller: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`_basis` of ``x``, remembered by content for CPU tensors (an analysis compares each step's activations
+    with the previous and the final step's, and with the other run's: each view is decomposed once, not per pair).
+
+    The key is the sha1 of the tensor's bytes with its shape and dtype, so equal content gives the same (identical)
+    result; at most :data:`BASIS_CACHE_BYTES` of bases are kept. Other devices are not cached.
+    """
+    if x.device.type != "cpu":
+        return _basis(x, name, caller)
+    import hashlib
+
+    data = x.detach().contiguous().numpy()
+    key = hashlib.sha1(data.tobytes()).digest() + repr((tuple(x.shape), str(x.dtype))).encode()
+    hit = _BASES.get(key)
+    if hit is not None:
+        _BASES.move_to_end(key)
+        return hit
+    out = _basis(x, name, caller)
+    _BASES[key] = out
+    held = sum(sum(t.numel() * t.element_size() for t in v) for v in _BASES.values())
+    while held > BASIS_CACHE_BYTES and len(_BASES) > 1:
+        _, old = _BASES.popitem(last=False)
+        held -= sum(t.numel() * t.element_size() for t in old)
+    return out
 
 
 def _correlations(b1: torch.Tensor, b2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -294,6 +326,6 @@ def cca_metrics(X: Any, Y: Any, *, keep: float = SVCCA_KEEP) -> dict[str, float]
     caller = "cca_metrics"
     k = _check_keep(keep, caller)
     x, y = _views(X, Y, caller)
-    b1, c1, s1 = _basis(x, "X", caller)
-    b2, _, s2 = _basis(y, "Y", caller)
+    b1, c1, s1 = _cached_basis(x, "X", caller)
+    b2, _, s2 = _cached_basis(y, "Y", caller)
     return {"svcca": _svcca(b1, s1, b2, s2, k), "pwcca": _pwcca(b1, c1, b2)}

@@ -36,6 +36,7 @@ shape. Imports only numpy, torch and :mod:`dynamics`' maths core.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -67,7 +68,8 @@ def _abs_entries(M: Any, caller: str) -> torch.Tensor:
 
 
 def _sorted(flat: torch.Tensor) -> torch.Tensor:
-    """The non-negative ``flat`` (B, n) sorted ascending along its last axis, on its device.
+    """The non-negative ``flat`` (B, n) sorted ascending along its last axis, on its device (on CPU in place:
+    ``flat`` must be a temporary of the caller, such as :func:`_abs_entries`' result).
 
     On CPU numpy sorts (its vectorised sort was 10-30x faster than ``torch.sort`` on
     one CPU thread for 19M entries, torch 2.13); float64 values are sorted as their bit
@@ -76,10 +78,26 @@ def _sorted(flat: torch.Tensor) -> torch.Tensor:
     """
     if flat.device.type != "cpu":
         return torch.sort(flat, dim=-1).values
-    a = np.ascontiguousarray(flat.numpy())
-    if a.dtype == np.float64:
-        return torch.from_numpy(np.sort(a.view(np.int64), axis=-1).view(np.float64))
-    return torch.from_numpy(np.sort(a, axis=-1))
+    a = np.ascontiguousarray(flat.numpy())  # flat is |M|, a fresh array of this module: sorted in place, no copy
+    (a.view(np.int64) if a.dtype == np.float64 else a).sort(axis=-1)
+    return torch.from_numpy(a)
+
+
+#: :func:`_rank_weights` remembers weight vectors of at most this many entries (512 KiB each, 8 of them).
+_CACHED_WEIGHTS = 1 << 16
+
+
+def _rank_weights(lo: int, hi: int, n: int, device: torch.device) -> torch.Tensor:
+    """The Gini rank weights ``2i − n − 1`` for ``i = lo+1 .. hi`` (float64, exact integers); short ones (the many
+    small matrices of a model) are remembered, long ones made afresh (their cost is small beside their sort)."""
+    if hi - lo <= _CACHED_WEIGHTS:
+        return _short_rank_weights(lo, hi, n, device)
+    return torch.arange(2 * lo + 1 - n, 2 * hi + 1 - n, 2, dtype=torch.float64, device=device)
+
+
+@functools.lru_cache(maxsize=8)
+def _short_rank_weights(lo: int, hi: int, n: int, device: torch.device) -> torch.Tensor:
+    return torch.arange(2 * lo + 1 - n, 2 * hi + 1 - n, 2, dtype=torch.float64, device=device)
 
 
 def _sums(flat: torch.Tensor, ranked: bool) -> np.ndarray:
@@ -96,11 +114,10 @@ def _sums(flat: torch.Tensor, ranked: bool) -> np.ndarray:
     parts = []
     for lo in range(0, n, _CHUNK):
         hi = min(n, lo + _CHUNK)
-        y = flat[:, lo:hi].to(torch.float64) / scale
+        y = torch.div(flat[:, lo:hi], scale)  # float64 (promoted): the exact float64 of each entry, divided, one pass
         sums = [y.sum(dim=-1), torch.linalg.vecdot(y, y)]
         if ranked:  # weights 2i - n - 1 for i = lo+1 .. hi
-            w = torch.arange(2 * lo + 1 - n, 2 * hi + 1 - n, 2, dtype=torch.float64, device=flat.device)
-            sums.append(y @ w)
+            sums.append(y @ _rank_weights(lo, hi, n, flat.device))
         parts.append(torch.stack(sums))
     total = torch.stack(parts).sum(dim=0) if len(parts) > 1 else parts[0]
     out: np.ndarray = torch.cat([peak.to(torch.float64)[None], total]).to("cpu").numpy()
@@ -109,6 +126,7 @@ def _sums(flat: torch.Tensor, ranked: bool) -> np.ndarray:
 
 def _gini_hoyer(a: torch.Tensor, *, ranked: bool) -> tuple[np.ndarray, np.ndarray]:
     """Gini (``ranked``; else zeros) and Hoyer sparsity of the non-negative ``a`` (..., m, n): float64, batch shape.
+    With ``ranked`` on CPU ``a`` is sorted in place (:func:`_sorted`).
 
     Gini ``= Σ(2i−n−1)a₍ᵢ₎ / (n Σa)``; Hoyer ``= (√n − ‖a‖₁/‖a‖₂)/(√n − 1)``; both 0 for an
     all-zero matrix and for ``n = 1``; clipped to their ranges ``[0, (n−1)/n]`` and ``[0, 1]``
@@ -239,5 +257,6 @@ def entry_metrics(M: Any) -> dict[str, Result]:
         shape for a batch.
     """
     a = _abs_entries(M, "entry_metrics")
+    inf_norm = _inf_norm(a)  # before the sort, which reorders ``a`` in place
     g, h = _gini_hoyer(a, ranked=True)
-    return {"gini": as_result(g), "hoyer_sparsity": as_result(h), "induced_inf_norm": as_result(_inf_norm(a))}
+    return {"gini": as_result(g), "hoyer_sparsity": as_result(h), "induced_inf_norm": as_result(inf_norm)}

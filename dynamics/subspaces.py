@@ -40,6 +40,8 @@ __all__ = [
     "UpdateOverlap",
     "update_overlap",
     "intruder_dimensions",
+    "intruder_counts",
+    "update_overlaps",
 ]
 
 
@@ -156,15 +158,47 @@ def update_overlap(dW1: Any, dW2: Any, k: int) -> UpdateOverlap:
     if a.shape != b.shape:
         raise ShapeError(f"{caller}(): `dW1` and `dW2` must have the same shape, got {a.shape} and {b.shape}")
     k = check_positive_int(k, name="k", caller=caller)
-    ua, sa, vta = _svd(a)
-    ub, sb, vtb = _svd(b)
-    k = min(k, _rank(sa, a.shape), _rank(sb, b.shape))
-    if k == 0:
+    overlap = _overlap_from_svds(_svd(a), _svd(b), k, a.shape)
+    if overlap is None:
         raise DynamicsError(f"{caller}(): an update is zero (numerical rank 0), so it has no singular subspace")
+    return overlap
+
+
+def _overlap_from_svds(
+    svd_a: tuple[np.ndarray, np.ndarray, np.ndarray],
+    svd_b: tuple[np.ndarray, np.ndarray, np.ndarray],
+    k: int,
+    shape: tuple[int, int],
+) -> UpdateOverlap | None:
+    """:func:`update_overlap` from the thin SVDs ``(U, s, Vᵀ)`` of the two updates; ``None`` when one is zero."""
+    ua, sa, vta = svd_a
+    ub, sb, vtb = svd_b
+    k = min(k, _rank(sa, shape), _rank(sb, shape))
+    if k == 0:
+        return None
     out_ = float(np.mean(np.linalg.svd(ua[:, :k].T @ ub[:, :k], compute_uv=False) ** 2))
     in_ = float(np.mean(np.linalg.svd(vta[:k] @ vtb[:k].T, compute_uv=False) ** 2))
-    m, n = a.shape
+    m, n = shape
     return UpdateOverlap(out_=out_, in_=in_, mean=(out_ + in_) / 2, chance=(k / m + k / n) / 2, k=k)
+
+
+def _svd_batch(x: np.ndarray) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Thin SVDs ``(U, s, Vᵀ)`` of the float64 batch ``x`` (B, m, n) from one batched call (LAPACK per matrix)."""
+    u, s, vt = torch.linalg.svd(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float64)), full_matrices=False)
+    un, sn, vtn = u.numpy(), s.numpy(), vt.numpy()
+    return [(un[i], sn[i], vtn[i]) for i in range(x.shape[0])]
+
+
+def update_overlaps(dW1: np.ndarray, dW2: np.ndarray, k: int) -> list[UpdateOverlap | None]:
+    """:func:`update_overlap` of each pair of a batch: ``dW1``, ``dW2`` float64 ``(B, m, n)`` (finite, checked by the
+    caller), one batched SVD per side; ``None`` for a pair in which an update is zero (where :func:`update_overlap`
+    raises). The same numbers as :func:`update_overlap` pair by pair (LAPACK runs per matrix either way)."""
+    caller = "update_overlaps"
+    if dW1.ndim != 3 or dW1.shape != dW2.shape:
+        raise ShapeError(f"{caller}(): `dW1` and `dW2` must be (B, m, n) of one shape, got {dW1.shape} and {dW2.shape}")
+    k = check_positive_int(k, name="k", caller=caller)
+    shape = (int(dW1.shape[1]), int(dW1.shape[2]))
+    return [_overlap_from_svds(a, b, k, shape) for a, b in zip(_svd_batch(dW1), _svd_batch(dW2))]
 
 
 _REFERENCE: dict[bytes, np.ndarray] = {}
@@ -217,7 +251,63 @@ def intruder_dimensions(W: Any, W0: Any, *, k: int = 10, threshold: float = 0.5,
         if reference_k is None
         else min(check_positive_int(reference_k, name="reference_k", caller=caller), min(w.shape))
     )
-    u = _svd(w)[0][:, :k]
+    return _intruders(_svd(w)[0][:, :k], w0, rk, threshold)
+
+
+def _intruders(u: np.ndarray, w0: np.ndarray, rk: int, threshold: float) -> int:
+    """Columns of ``u`` (m, k) whose largest ``|cos|`` with ``W0``'s top-``rk`` left singular vectors is below ``threshold``."""
     u0 = _reference_vectors(w0)[:, :rk]
     best = np.max(np.abs(u.T @ u0), axis=1)
     return int(np.sum(best < threshold))
+
+
+def intruder_counts(W: np.ndarray, W0: np.ndarray, *, k: int = 10, threshold: float = 0.5) -> list[int]:
+    """:func:`intruder_dimensions` of each matrix of a batch: ``W``, ``W0`` float64 ``(B, m, n)`` (finite, checked by
+    the caller), ``reference_k`` all. The top-``k`` left singular vectors of ``W`` come from one batched Gram
+    eigendecomposition (:func:`_top_left_vectors`), ``W0``'s from the same cached SVD as :func:`intruder_dimensions`;
+    the counts are that function's unless a largest ``|cos|`` lies within ~1e-14 of ``threshold``."""
+    caller = "intruder_counts"
+    if W.ndim != 3 or W.shape != W0.shape:
+        raise ShapeError(f"{caller}(): `W` and `W0` must be (B, m, n) of one shape, got {W.shape} and {W0.shape}")
+    if not 0 < threshold <= 1:
+        raise DynamicsError(f"{caller}(): `threshold` must be in (0, 1], got {threshold!r}")
+    k = min(check_positive_int(k, name="k", caller=caller), min(W.shape[1:]))
+    rk = min(W.shape[1:])
+    u = _top_left_vectors(np.ascontiguousarray(W, dtype=np.float64), k)
+    return [_intruders(u[i], np.ascontiguousarray(W0[i], dtype=np.float64), rk, threshold) for i in range(len(u))]
+
+
+#: :func:`_top_left_vectors` takes the Gram route only while ``σ_k ≥ GRAM_VECTORS_MIN_RATIO · σ_1`` for every
+#: matrix (the vectors of well-separated, well-conditioned leading directions; else one thin SVD per batch).
+GRAM_VECTORS_MIN_RATIO = 1e-3
+
+
+def _top_left_vectors(W: np.ndarray, k: int) -> np.ndarray:
+    """The first ``k`` left singular vectors of each float64 matrix of ``W`` (B, m, n): ``(B, m, k)``, descending.
+
+    From the eigendecomposition of the smaller Gram matrix (``W Wᵀ`` when ``m ≤ n``: its eigenvectors; else
+    ``WᵀW = V Σ² Vᵀ`` and ``U_k = W V_k Σ_k⁻¹``), 2.5-4x cheaper than a thin SVD with vectors at the analysed
+    shapes. A leading singular vector from the Gram route differs from the SVD's by about
+    ``eps · σ₁² / gap`` (measured: ``|cos| ≥ 1 − 2e-15`` against ``torch.linalg.svd`` on Gaussian 384x96,
+    96x384, 96x96 and 32x96 batches); the columns' signs are arbitrary, as the SVD's are. When some
+    ``σ_k < GRAM_VECTORS_MIN_RATIO · σ_1`` (or ``σ_1 = 0``) the batch takes the thin SVD instead.
+    """
+    x = torch.from_numpy(W)
+    m, n = W.shape[1:]
+    if m <= n:
+        lam, q = torch.linalg.eigh(x @ x.mT)
+        lam_k = lam.flip(-1)[..., :k]
+        u = q.flip(-1)[..., :k]
+    else:
+        lam, v = torch.linalg.eigh(x.mT @ x)
+        lam_k = lam.flip(-1)[..., :k]
+        u = None
+    top = lam_k[..., :1]
+    ok = bool(((top > 0) & (lam_k >= (GRAM_VECTORS_MIN_RATIO**2) * top)).all())
+    if not ok:
+        return np.stack([vecs[0][:, :k] for vecs in _svd_batch(W)])
+    if u is None:
+        vk = v.flip(-1)[..., :k]
+        u = (x @ vk) / lam_k.sqrt()[..., None, :]
+    out: np.ndarray = u.numpy()
+    return out
