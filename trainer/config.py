@@ -369,7 +369,9 @@ class TrackingConfig:
 
 #: Settings that say where a run is watched, not what it computes: left out of :meth:`TrainConfig.to_dict`, hence
 #: of the manifest, capture files, resume comparison and run pairing / seed groups. Give them again on --resume.
-NOT_STORED = ("logger", "tracking")
+NOT_STORED = ("logger", "tracking", "given")
+#: Fields of :class:`TrainConfig` that are not settings: no config file or ``key=value`` may set them.
+NOT_SETTINGS = ("given",)
 
 
 @dataclass(frozen=True)
@@ -401,6 +403,11 @@ class TrainConfig:
     preset: str = "micro"
     method: str = "full"
     model: ModelConfig = field(default_factory=lambda: MODEL_PRESETS["micro"])
+    #: What :func:`build_config` was given explicitly (:func:`given_settings`); ``None`` for a config built any
+    #: other way. Not a setting: it lets the Python API treat a config like `dynamics train` does (a text run's
+    #: vocabulary follows its tokenizer unless ``model.vocab_size`` was given; ``--resume`` replaces only what
+    #: was given). Not stored, not compared.
+    given: frozenset[str] | None = field(default=None, compare=False, repr=False)
     data: DataConfig = field(default_factory=DataConfig)
     relora: ReLoRAConfig = field(default_factory=ReLoRAConfig)
     capture: CaptureConfig = field(default_factory=CaptureConfig)
@@ -696,7 +703,7 @@ def _coerce(value: Any, hint: Any, key: str, problems: list[str]) -> Any:
 
 def _build(cls: type, values: Mapping[str, Any], prefix: str, problems: list[str], base: Any = None) -> Any:
     hints = typing.get_type_hints(cls)
-    known = {f.name for f in fields(cls)}
+    known = {f.name for f in fields(cls)} - set(NOT_SETTINGS if cls is TrainConfig else ())
     kwargs = {}
     for key, value in values.items():
         if key not in known:
@@ -728,6 +735,7 @@ def build_config(
     """
     problems: list[str] = []
     layered = _layered(file, cli, overrides, problems)
+    given = given_settings(preset=preset, file=file, cli=cli, overrides=overrides) if not problems else None
     preset = preset or layered.get("preset") or "micro"
     if not isinstance(preset, str) or preset not in MODEL_PRESETS:  # a config file may hold any type here
         raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(MODEL_PRESETS)}")
@@ -747,7 +755,7 @@ def build_config(
         problems += top.problems()
     if problems:
         raise ConfigError("invalid config: " + "; ".join(problems))
-    return top
+    return dataclasses.replace(top, given=given)
 
 
 def _layered(

@@ -184,7 +184,9 @@ class Trainer:
         tracking.require(self.cfg.logger)  # a tracker's missing package: one line, before anything is written
         self.run_dir = Path(run_dir)
         self.resume = resume
-        # dotted keys the user gave (trainer.config.given_settings); None: every setting of cfg counts as given
+        # dotted keys the user gave (trainer.config.given_settings; by default what build_config recorded in
+        # cfg.given); None (a config built by hand): every setting of cfg counts as given
+        given = cfg.given if given is None else given
         self.given = None if given is None else frozenset(given)
         self.changed: dict[str, tuple[Any, Any]] = {}  # settings a resume changes: key -> (stored, new)
         self.lock: DirectoryLock | None = None  # held by rank 0 from setup() to cleanup()
@@ -287,7 +289,7 @@ class Trainer:
                 )
 
     def _vocab_follows_data(self) -> bool:
-        """A new run on text whose ``model.vocab_size`` the user did not give (``dynamics train`` passes ``given``)."""
+        """A new run on text whose ``model.vocab_size`` the user did not give (``given``, or ``cfg.given``)."""
         given = self.given is not None and "model.vocab_size" in self.given
         return self.given is not None and not given and not self.resume and self.cfg.data.source in TEXT_SOURCES
 
@@ -843,8 +845,10 @@ def train(
 ) -> Path:
     """Train ``cfg`` into ``run_dir`` (resuming from its last complete checkpoint if ``resume``); returns ``run_dir``.
 
-    ``given``: the dotted keys the user set explicitly (:func:`trainer.config.given_settings`); on resume only
-    those are compared with the stored run (``None``: all of ``cfg``). See :meth:`Trainer._reconcile`.
+    ``given``: the dotted keys the user set explicitly (:func:`trainer.config.given_settings`; ``None``: what
+    :func:`~trainer.config.build_config` recorded in ``cfg.given``, or, for a config built by hand, all of
+    ``cfg``). On resume only those are compared with the stored run (:meth:`Trainer._reconcile`); a new text
+    run's vocabulary follows its tokenizer unless ``model.vocab_size`` is among them.
     A signal while setting up or finishing raises :class:`~trainer.interrupts.Interrupted` at once (a new
     run's files are removed again); while training see :meth:`Trainer.run`. After training stopped on a
     signal, another one exits the process at once (the files on disk are complete either way).

@@ -154,3 +154,14 @@ def test_given_settings_are_what_the_user_typed(tmp_path):
     given = given_settings(file=f, cli={"steps": 9, "method": None}, overrides=["capture.every=3"])
     assert given == {"lr", "model.d_model", "relora.merge_every", "steps", "capture.every"}
     assert given_settings() == frozenset() and given_settings(preset="tiny") == {"preset"}
+
+
+def test_build_config_records_what_it_was_given_and_nobody_can_set_that() -> None:
+    cfg = build_config(preset="micro", overrides=["steps=7", "data.seed=3"])
+    assert cfg.given == {"preset", "steps", "data.seed"}
+    assert "given" not in cfg.to_dict()
+    assert cfg == build_config(
+        preset="micro", overrides=["steps=7", "data.seed=3", "lr=" + str(cfg.lr)]
+    )  # not compared
+    with pytest.raises(ConfigError, match="unknown key 'given'"):
+        build_config(overrides=["given=steps"])

@@ -27,7 +27,6 @@ COMMON = [
     "grad_accum=2",
     "warmup_steps=2",
     "capture.enabled=false",
-    "model.vocab_size=512",  # explicit: the API run (no `given`) and the CLI run must build the same model
 ]
 RELORA = [
     "method=relora",
