@@ -278,11 +278,12 @@ def analyze_once(runs: list[Path], out: Path, workers: int = 1) -> tuple[float, 
 
         return wrapper
 
-    for name, phase in PHASES:
-        setattr(an, name, timed(saved[name], phase))
-    an.analyze_unit = timed(saved_unit, "", units)
-    an._RunView.verify = timed(saved_checks[0], "file checks")
-    an._RunView.require_finite = timed(saved_checks[1], "file checks")
+    if workers <= 1:  # the wrappers cannot travel to worker processes (closures do not pickle)
+        for name, phase in PHASES:
+            setattr(an, name, timed(saved[name], phase))
+        an.analyze_unit = timed(saved_unit, "", units)
+        an._RunView.verify = timed(saved_checks[0], "file checks")
+        an._RunView.require_finite = timed(saved_checks[1], "file checks")
     an._VERIFIED.clear()  # a fresh process would hash each file once: so does every timed call
     an._nonfinite_tensor.cache_clear()
     shutil.rmtree(out.with_name(out.name + ".cache"), ignore_errors=True)

@@ -289,3 +289,12 @@ def test_tokenize_bench_quick(tmp_path, capsys):
     assert "speed-up" in printed and "bpe:300" in printed
     assert json.loads((tmp_path / "t.json").read_text())["runs"][0]["tokenizer"] == "bytes"
     assert list(tmp_path.glob("tokenize_bench.*")) == []  # the generated corpus and token files removed
+
+
+@pytest.mark.slow
+def test_analyze_bench_times_a_run_with_worker_processes(trained_pair, tmp_path):
+    """--workers N: units run in other processes, so only the whole is timed (phase wrappers stay in this one)."""
+    bench = load_bench(BENCH.with_name("analyze_bench.py"))
+    seconds, rows, phases, units = bench.analyze_once(list(trained_pair), tmp_path / "t.parquet", workers=2)
+    assert seconds > 0 and rows > 0 and units == []
+    assert phases.pop("rest") == seconds and not any(phases.values())
