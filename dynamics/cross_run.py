@@ -41,6 +41,7 @@ import numpy as np
 
 from dynamics.io import Run
 from dynamics.validation import DynamicsError
+from trainer.run_format import without_execution_settings
 
 __all__ = ["comparison_key", "seed_group_key", "pair_runs", "cross_run_rows", "same_probe"]
 
@@ -53,13 +54,16 @@ def _digest(obj: Any) -> str:
 
 
 def comparison_key(config: Mapping[str, Any]) -> str:
-    """Hash of what must agree for two runs to be compared step by step: model, data, steps, batch, context."""
+    """Hash of what must agree for two runs to be compared step by step: model, data, steps, batch, context
+    (not how they were executed: :data:`trainer.run_format.EXECUTION_SETTINGS`)."""
+    config = without_execution_settings(config)
     return _digest({k: config.get(k) for k in _SAME})
 
 
 def seed_group_key(config: Mapping[str, Any]) -> str:
-    """Hash of the whole resolved config except the run's ``seed``: equal for runs that differ only by seed."""
-    return _digest({k: v for k, v in config.items() if k != "seed"})
+    """Hash of the whole resolved config except the run's ``seed`` and how it was executed
+    (:data:`trainer.run_format.EXECUTION_SETTINGS`): equal for runs that differ only by seed."""
+    return _digest({k: v for k, v in without_execution_settings(config).items() if k != "seed"})
 
 
 def pair_runs(runs: Sequence[tuple[str, str, Mapping[str, Any]]]) -> list[tuple[str, str]]:

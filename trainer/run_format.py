@@ -46,6 +46,8 @@ __all__ = [
     "DYNAMICS_DIR",
     "RENAMED_KEYS",
     "stored_setting",
+    "EXECUTION_SETTINGS",
+    "without_execution_settings",
     "RUN_SCHEMA_VERSION",
     "CAPTURE_SCHEMA_VERSION",
     "CAPTURE_KINDS",
@@ -182,6 +184,30 @@ def stored_setting(config: Mapping[str, Any], key: str) -> Any:
         if node is not None:
             return node
     return None
+
+
+#: Dotted config keys that say how a run is executed, not what it computes (the same algorithm on the same
+#: tokens; results agree up to floating-point rounding): free to change on ``--resume``, and left out when
+#: runs are paired or grouped by seed (``dynamics.cross_run``), so a seed tokenised with more ``data.workers``
+#: or trained on another device still pairs and groups with its siblings.
+EXECUTION_SETTINGS: tuple[str, ...] = ("device", "compile", "prefetch", "loss_chunk_tokens", "data.workers")
+
+
+def without_execution_settings(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of a stored (nested) config dict without the :data:`EXECUTION_SETTINGS`."""
+    out: dict[str, Any] = dict(config)
+    for key in EXECUTION_SETTINGS:
+        *parents, leaf = key.split(".")
+        node: dict[str, Any] = out
+        for part in parents:
+            child = node.get(part)
+            if not isinstance(child, Mapping):
+                break
+            node[part] = dict(child)  # copy on the way down: the caller's dict is left as it was
+            node = node[part]
+        else:
+            node.pop(leaf, None)
+    return out
 
 
 # -- what a run wraps ---------------------------------------------------------------------------------

@@ -48,7 +48,7 @@ from trainer.keyed_dropout import RowKeys
 from trainer.lock import LOCK_FILE, DirectoryLock
 from trainer.model import Decoder, count_parameters
 from trainer.prefetch import Prefetcher
-from trainer.run_format import DATA_DIR, MANIFEST, METRICS
+from trainer.run_format import DATA_DIR, EXECUTION_SETTINGS, MANIFEST, METRICS
 from trainer.runtime import (  # importable from here as before (trainer.train.resolve_device ...)
     CompiledLoss,
     autocast_for,
@@ -157,13 +157,9 @@ RESUME_MUTABLE = (
     "eval_interval",
     "eval_batches",
     "checkpoint_interval",
-    "device",
     "precision",
-    "compile",
     "tf32",
-    "loss_chunk_tokens",
-    "prefetch",
-    "data.workers",
+    *EXECUTION_SETTINGS,
 )
 
 
