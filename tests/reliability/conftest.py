@@ -7,10 +7,22 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # the campaign's helpers (_reliability.py), also for forked children
 
 import _reliability as R
+
+
+@pytest.fixture
+def one_thread(monkeypatch):
+    """Compute like the reference's child processes (one thread; threads_hint left alone), with no fault armed."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.delenv("TRAINER_FAULT", raising=False)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

@@ -28,17 +28,6 @@ from dynamics.cli import main
 pytestmark = pytest.mark.reliability
 
 
-@pytest.fixture
-def one_thread(monkeypatch):
-    """Compute like the reference's child processes (one thread; threads_hint left alone)."""
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    monkeypatch.delenv("TRAINER_FAULT", raising=False)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _enospc(what: str) -> OSError:
     return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), what)
 

@@ -29,16 +29,6 @@ pytestmark = pytest.mark.reliability
 ANALYZE = ["--kinds", "weight,update,update_cumulative", "--no-circuits", "--basic", "--no-progress"]
 
 
-@pytest.fixture
-def one_thread(monkeypatch):
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    monkeypatch.delenv("TRAINER_FAULT", raising=False)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _check_diverged_run(run, err: str) -> str:
     """The run stopped cleanly at a named step; returns a description. Raises on any broken guarantee."""
     errors = [x for x in err.splitlines() if x.startswith("error:")]

@@ -26,7 +26,6 @@ from collections import Counter
 
 import _reliability as R
 import pytest
-import torch
 
 from dynamics.cli import main
 
@@ -57,16 +56,6 @@ def tmpfs(tmp_path):
 def _grow(path) -> None:
     out = subprocess.run(["mount", "-o", f"remount,size={BIG}", str(path)], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-
-
-@pytest.fixture
-def one_thread(monkeypatch):
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    monkeypatch.delenv("TRAINER_FAULT", raising=False)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _one_clean_line(code: int, err: str) -> str:
