@@ -54,12 +54,10 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from torch import nn
 
 from trainer.config import TRACKERS, WANDB_MODES, TrainConfig, flatten
 from trainer.errors import ConfigError
 from trainer.names import ATTN_PROJS, MLP_PROJS
-from trainer.relora import ReLoRALinear
 
 __all__ = [
     "TRACKERS",
@@ -291,15 +289,16 @@ class Trackers:
     def log_params(self, params: Mapping[str, Any]) -> None:
         self._each(lambda t: t.log_params(params), "logging the config")
 
-    def log_weight_per(self, step: int, model: nn.Module, n_layers: int) -> None:
-        """``weights/per/<projection>`` at ``step`` (:func:`weight_per`); nothing is computed without a tracker.
+    def log_weight_per(self, step: int, weights: Mapping[str, torch.Tensor], n_layers: int) -> None:
+        """``weights/per/<projection>`` at ``step`` of the dense ``weights`` (:func:`weight_per`); nothing is
+        computed without a tracker.
 
         A failed computation (e.g. an SVD that does not converge) warns and skips this checkpoint's values.
         """
         if not self.trackers:
             return
         try:
-            per = weight_per(model, n_layers)
+            per = weight_per(weights, n_layers)
         except Exception as e:  # noqa: BLE001 - a summary never stops training, whatever the SVD raises
             _warn(f"weight PER at step {step} not logged ({_first_line(e)})")
             return
@@ -378,26 +377,16 @@ def proportional_effective_rank(matrices: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def weight_per(model: nn.Module, n_layers: int) -> dict[str, float]:
+def weight_per(weights: Mapping[str, torch.Tensor], n_layers: int) -> dict[str, float]:
     """Mean over layers of the PER of each projection's weight: ``{"q": ..., ..., "down": ...}``.
 
-    The weight is the matrix the layer applies: ``W`` of a plain linear layer,
-    the effective ``W + s·B·A`` of a ReLoRA layer (its ``effective_weight``).
-    One batched ``svdvals`` per projection over the ``n_layers`` matrices, on the model's device.
+    ``weights``: the model's dense weights under canonical keys (``layers.{i}.attn.q.weight`` …), as the
+    checkpoint saves them (:func:`trainer.relora.dense_state_dict`: a ReLoRA layer's effective ``W + s·B·A``).
+    One batched ``svdvals`` per projection over the ``n_layers`` matrices, on the weights' device.
     """
     out: dict[str, float] = {}
     for block, projs in (("attn", ATTN_PROJS), ("mlp", MLP_PROJS)):
         for proj in projs:
-            mats = []
-            for i in range(n_layers):
-                module = model.get_submodule(f"layers.{i}.{block}.{proj}")
-                if isinstance(module, ReLoRALinear):
-                    mats.append(module.effective_weight())
-                elif isinstance(module, nn.Linear):
-                    mats.append(module.weight.detach())
-                else:
-                    raise TypeError(
-                        f"weight_per: layers.{i}.{block}.{proj} is a {type(module).__name__}, not a linear layer"
-                    )
-            out[proj] = float(proportional_effective_rank(torch.stack(mats)).mean())
+            mats = torch.stack([weights[f"layers.{i}.{block}.{proj}.weight"].detach() for i in range(n_layers)])
+            out[proj] = float(proportional_effective_rank(mats).mean())
     return out

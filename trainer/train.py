@@ -788,10 +788,11 @@ class Trainer:
             "n_trainable": count_parameters(model, trainable_only=True),
             "memory": memory_footprint(model, self.optimizer),
         }
+        dense = relora.dense_state_dict(model)  # W + s·B·A of wrapped layers: saved, and summarised for trackers
         ckpt.save_checkpoint(
             self.run_dir,
             ckpt.CheckpointPayload(
-                model=relora.dense_state_dict(model),
+                model=dense,
                 adapters=relora.adapter_state_dict(model) if self.wrapped else None,
                 optimizer=self.optimizer.state_dict(),
                 rng=rng,
@@ -799,7 +800,7 @@ class Trainer:
             ),
             **({"interrupt": True} if interrupt else {}),  # marked only when saved on a signal
         )
-        self.trackers.log_weight_per(now.step, model, self.cfg.model.n_layers)  # no-op without a tracker
+        self.trackers.log_weight_per(now.step, dense, self.cfg.model.n_layers)  # no-op without a tracker
         if self.capturer is not None:
             # dynamics/step_XXXXXX.h5 when due: written in the background, listed in the manifest entry later
             self.capturer.on_checkpoint(model, now, self.device)

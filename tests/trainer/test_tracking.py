@@ -17,7 +17,7 @@ import torch
 from trainer import tracking
 from trainer.config import ConfigError, ModelConfig, ReLoRAConfig, build_config
 from trainer.model import Decoder
-from trainer.relora import wrap_model
+from trainer.relora import dense_state_dict, wrap_model
 
 #: A 4-step micro ReLoRA run: evaluations and checkpoints at 0, 2, 4; a merge after update 2 (logged at step 3).
 RUN = [
@@ -109,7 +109,7 @@ def test_weight_per_uses_the_merged_relora_weight() -> None:
         for name, module in model.named_modules():
             if name.endswith("lora_b"):
                 module.weight.copy_(torch.randn(module.weight.shape, generator=g))  # a trained adapter: B ≠ 0
-    per = tracking.weight_per(model, mc.n_layers)
+    per = tracking.weight_per(dense_state_dict(model), mc.n_layers)
     assert list(per) == ["q", "k", "v", "o", "gate", "up", "down"]
     for proj in "qv":
         merged = [model.get_submodule(f"layers.{i}.attn.{proj}").effective_weight() for i in range(2)]
