@@ -79,20 +79,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     With ``--resume`` only the settings typed on this command line (or in its
     ``--config``) are compared with the stored run: a bare ``--resume`` continues it exactly.
     """
-    from trainer.config import build_config, given_settings
+    from trainer.config import build_config
     from trainer.distributed import is_main_process
     from trainer.runtime import threads_hint
     from trainer.train import train
 
-    sources = dict(
+    cfg = build_config(  # records what was given (cfg.given): what train compares on --resume
         preset=args.preset,
         file=args.config,
         cli={"method": args.method, "steps": args.steps, "init_from": args.init_from},
         overrides=args.overrides,
     )
-    cfg = build_config(**sources)
     threads_hint()
-    out = train(cfg, args.out, resume=args.resume, progress=not args.no_progress, given=given_settings(**sources))
+    out = train(cfg, args.out, resume=args.resume, progress=not args.no_progress)
     if is_main_process():  # under torchrun, rank 0 speaks for the run
         print(f"run written to {out}")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:

@@ -735,7 +735,7 @@ def build_config(
     """
     problems: list[str] = []
     layered = _layered(file, cli, overrides, problems)
-    given = given_settings(preset=preset, file=file, cli=cli, overrides=overrides) if not problems else None
+    given = _given_keys(layered, preset)
     preset = preset or layered.get("preset") or "micro"
     if not isinstance(preset, str) or preset not in MODEL_PRESETS:  # a config file may hold any type here
         raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(MODEL_PRESETS)}")
@@ -794,7 +794,12 @@ def given_settings(
     "change this setting" (given): a stored setting is only ever replaced by one
     the user typed. Call it after :func:`build_config` succeeded (it does not re-report problems).
     """
-    keys = set(flatten(_layered(file, cli, overrides, [])))
+    return _given_keys(_layered(file, cli, overrides, []), preset)
+
+
+def _given_keys(layered: Mapping[str, Any], preset: str | None) -> frozenset[str]:
+    """Dotted keys of the layered settings (:func:`_layered`), and ``preset`` when given as an argument."""
+    keys = set(flatten(layered))
     if preset is not None:
         keys.add("preset")
     return frozenset(keys)
