@@ -1266,15 +1266,9 @@ def _analyze_runs(
             spectra.append(spec)
     table = pd.concat([f for f in frames if len(f)], ignore_index=True) if any(len(f) for f in frames) else frames[0]
     table = table.astype({"step": "int64", "layer": "int64", "value": "float64"})
+    counts = {"units": n_units, "computed": n_computed, "cached": n_cached, "failed": len(todo) - n_computed}
     if shard is not None:  # no table written: a final analyze without a shard assembles it from the cache
-        table.attrs["shard"] = {
-            "shard": f"{shard[0]}/{shard[1]}",
-            "units": n_units,
-            "assigned": n_cached + len(todo),
-            "computed": n_computed,
-            "cached": n_cached,
-            "failed": len(todo) - n_computed,
-        }
+        table.attrs["shard"] = {"shard": f"{shard[0]}/{shard[1]}", "assigned": n_cached + len(todo), **counts}
         return table, errors
     if out.suffix == ".csv":
         atomic_write(out, lambda p: table.to_csv(p, index=False))
@@ -1284,12 +1278,7 @@ def _analyze_runs(
     if spectra:
         all_spectra = pd.concat(spectra, ignore_index=True)
         atomic_write(spectra_path, partial(_write_parquet, all_spectra))
-    table.attrs["units"] = {  # after writing: counts of this call, not part of the table's file
-        "units": n_units,
-        "computed": n_computed,
-        "cached": n_cached,
-        "failed": len(todo) - n_computed,
-    }
+    table.attrs["units"] = counts  # after writing: counts of this call, not part of the table's file
     return table, errors
 
 
