@@ -181,10 +181,11 @@ def linear_cka(X: Any, Y: Any, *, route: str = "auto") -> Result:
     dt = torch.promote_types(x.dtype, y.dtype)
     x, y = x.to(dt), y.to(dt)
     n, p, q = x.shape[-2], x.shape[-1], y.shape[-1]
-    xc = x - x.mean(dim=-2, keepdim=True)
-    yc = y - y.mean(dim=-2, keepdim=True)
-    nx = torch.linalg.matrix_norm(xc)
-    ny = torch.linalg.matrix_norm(yc)
+    if route == "auto":
+        route = "features" if p * q + p * p + q * q <= n * (p + q) else "tokens"
+    parts = [_linear_cka_block(xb, yb, route) for xb, yb in _blocks(x, y)]
+    nx = torch.cat([pt[1].reshape(-1) for pt in parts])
+    ny = torch.cat([pt[2].reshape(-1) for pt in parts])
     for name, nrm in (("X", nx), ("Y", ny)):
         if bool((nrm == 0).any()):
             raise DynamicsError(
@@ -192,10 +193,57 @@ def linear_cka(X: Any, Y: Any, *, route: str = "auto") -> Result:
                 "centring), so CKA is undefined (0/0); check that the activations "
                 "vary across tokens"
             )
-    xc = xc / nx[..., None, None]  # CKA is scale invariant; this avoids overflow
-    yc = yc / ny[..., None, None]
-    if route == "auto":
-        route = "features" if p * q + p * p + q * q <= n * (p + q) else "tokens"
+    batch = np.broadcast_shapes(tuple(x.shape[:-2]), tuple(y.shape[:-2]))
+    value = torch.cat([pt[0].reshape(-1) for pt in parts]).reshape(batch).to("cpu", torch.float64).numpy()
+    finite_or_raise(value, caller)
+    return as_result(np.clip(value, 0.0, 1.0))
+
+
+#: Elements of one centred block (tokens x features, summed over the block's matrices) that
+#: :func:`linear_cka` and :func:`debiased_linear_cka` centre at a time: a batch is processed a few
+#: matrices at a time so the temporaries stay small enough to be reused by the allocator.
+_BLOCK_ELEMENTS = 1 << 20
+#: Centred views whose Frobenius norms lie in ``[2**-_SAFE_EXP, 2**_SAFE_EXP]`` are used unscaled:
+#: every product and squared norm of the CKA formulas then stays far inside the float range.
+_SAFE_EXP = 100.0
+
+
+def _blocks(x: torch.Tensor, y: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Split ``x`` (..., n, p) and ``y`` (..., n, q) into a few matrices at a time (views, no copies).
+
+    Only when both have the same batch shape (no broadcasting); otherwise one block, the whole pair.
+    The blocks follow the row-major order of the flattened batch.
+    """
+    if x.shape[:-2] != y.shape[:-2] or x.ndim == 2:
+        return [(x, y)]
+    n, p, q = x.shape[-2], x.shape[-1], y.shape[-1]
+    step = max(1, _BLOCK_ELEMENTS // max(1, n * max(p, q, n)))
+    xf = x.reshape(-1, n, p) if x.is_contiguous() else None
+    yf = y.reshape(-1, n, q) if y.is_contiguous() else None
+    if xf is None or yf is None or step >= xf.shape[0]:
+        return [(x, y)]
+    return [(xf[i : i + step], yf[i : i + step]) for i in range(0, xf.shape[0], step)]
+
+
+def _centred_scaled(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(Zc, ||Zc||_F)`` of a batch ``z`` (..., n, p): one centred copy ``Zc`` (..., n, p), norms (...).
+
+    When every norm is in ``[2**-_SAFE_EXP, 2**_SAFE_EXP]`` the copy is returned unscaled (the CKA
+    ratios are scale invariant); otherwise it is divided in place by its norm (zero norms left as is),
+    which keeps the products from overflowing or underflowing.
+    """
+    zc = z - z.mean(dim=-2, keepdim=True)
+    nrm = torch.linalg.matrix_norm(zc)
+    lo, hi = 2.0**-_SAFE_EXP, 2.0**_SAFE_EXP
+    if not bool(((nrm >= lo) & (nrm <= hi)).all()):
+        zc.div_(torch.where(nrm == 0, torch.ones_like(nrm), nrm)[..., None, None])
+    return zc, nrm
+
+
+def _linear_cka_block(x: torch.Tensor, y: torch.Tensor, route: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Biased linear CKA of a block ``x`` (..., n, p), ``y`` (..., n, q) and the centred views' norms."""
+    xc, nx = _centred_scaled(x)
+    yc, ny = _centred_scaled(y)
     if route == "features":
         hxy = torch.linalg.matrix_norm(yc.mT @ xc) ** 2
         hxx = torch.linalg.matrix_norm(xc.mT @ xc)
@@ -206,9 +254,7 @@ def linear_cka(X: Any, Y: Any, *, route: str = "auto") -> Result:
         hxy = (k * l_).sum(dim=(-2, -1))
         hxx = torch.linalg.matrix_norm(k)
         hyy = torch.linalg.matrix_norm(l_)
-    value = (hxy / (hxx * hyy)).to("cpu", torch.float64).numpy()
-    finite_or_raise(value, caller)
-    return as_result(np.clip(value, 0.0, 1.0))
+    return hxy / (hxx * hyy), nx, ny
 
 
 def _unbiased_hsic(
@@ -228,6 +274,36 @@ def _unbiased_hsic(
     """
     term = kl + k_total * l_total / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * (k_rows * l_rows).sum(dim=-1)
     return term / (n * (n - 3))
+
+
+def _debiased_block(x: torch.Tensor, y: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(HSIC_1(K, L), HSIC_1(K, K), HSIC_1(L, L))`` (each (...)) of a block ``x`` (..., n, p), ``y`` (..., n, q).
+
+    The views may be unscaled (see :func:`_centred_scaled`); the ratio of :func:`debiased_linear_cka` is
+    scale invariant and stays within the float range for the norms kept unscaled.
+    """
+    xc, _ = _centred_scaled(x)
+    yc, _ = _centred_scaled(y)
+
+    def pieces(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        diag = (z * z).sum(dim=-1)  # K_ii, (..., n)
+        rows = z @ z.sum(dim=-2, keepdim=True).mT  # K 1, (..., n, 1)
+        rows = rows[..., 0] - diag  # K̃ 1
+        return diag, rows, rows.sum(dim=-1)
+
+    kd, kr, kt = pieces(xc)
+    ld, lr, lt = pieces(yc)
+
+    def trace(a: torch.Tensor, b: torch.Tensor, ad: torch.Tensor, bd: torch.Tensor) -> torch.Tensor:
+        t: torch.Tensor = torch.linalg.matrix_norm(b.mT @ a) ** 2 - (ad * bd).sum(
+            dim=-1
+        )  # tr(K̃ L̃) = tr(KL) − Σ K_ii L_ii
+        return t
+
+    hxy = _unbiased_hsic(kd, kr, kt, trace(xc, yc, kd, ld), ld, lr, lt, n)
+    hxx = _unbiased_hsic(kd, kr, kt, trace(xc, xc, kd, kd), kd, kr, kt, n)
+    hyy = _unbiased_hsic(ld, lr, lt, trace(yc, yc, ld, ld), ld, lr, lt, n)
+    return hxy, hxx, hyy
 
 
 def debiased_linear_cka(X: Any, Y: Any) -> Result:
@@ -270,29 +346,10 @@ def debiased_linear_cka(X: Any, Y: Any) -> Result:
     if n < 4:
         raise DynamicsError(f"{caller}(): the unbiased HSIC estimator needs at least 4 rows (tokens), got {n}")
     dt = torch.promote_types(x.dtype, y.dtype)
-    xc = x.to(dt) - x.to(dt).mean(dim=-2, keepdim=True)
-    yc = y.to(dt) - y.to(dt).mean(dim=-2, keepdim=True)
-    xc = xc / torch.linalg.matrix_norm(xc).clamp_min(torch.finfo(dt).tiny)[..., None, None]  # scale invariant
-    yc = yc / torch.linalg.matrix_norm(yc).clamp_min(torch.finfo(dt).tiny)[..., None, None]
-
-    def pieces(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        diag = (z * z).sum(dim=-1)  # K_ii, (..., n)
-        rows = z @ z.sum(dim=-2, keepdim=True).mT  # K 1, (..., n, 1)
-        rows = rows[..., 0] - diag  # K̃ 1
-        return diag, rows, rows.sum(dim=-1)
-
-    kd, kr, kt = pieces(xc)
-    ld, lr, lt = pieces(yc)
-
-    def trace(a: torch.Tensor, b: torch.Tensor, ad: torch.Tensor, bd: torch.Tensor) -> torch.Tensor:
-        t: torch.Tensor = torch.linalg.matrix_norm(b.mT @ a) ** 2 - (ad * bd).sum(
-            dim=-1
-        )  # tr(K̃ L̃) = tr(KL) − Σ K_ii L_ii
-        return t
-
-    hxy = _unbiased_hsic(kd, kr, kt, trace(xc, yc, kd, ld), ld, lr, lt, n)
-    hxx = _unbiased_hsic(kd, kr, kt, trace(xc, xc, kd, kd), kd, kr, kt, n)
-    hyy = _unbiased_hsic(ld, lr, lt, trace(yc, yc, ld, ld), ld, lr, lt, n)
+    x, y = x.to(dt), y.to(dt)
+    parts = [_debiased_block(xb, yb, n) for xb, yb in _blocks(x, y)]
+    batch = np.broadcast_shapes(tuple(x.shape[:-2]), tuple(y.shape[:-2]))
+    hxy, hxx, hyy = (torch.cat([pt[i].reshape(-1) for pt in parts]).reshape(batch) for i in range(3))
     for name, h in (("X", hxx), ("Y", hyy)):
         if bool((h <= 0).any()):
             raise DynamicsError(

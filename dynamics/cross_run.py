@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from dynamics.io import Run
+from dynamics.io import Run, cached_activations
 from dynamics.validation import DynamicsError
 from trainer.run_format import without_execution_settings
 
@@ -82,8 +82,13 @@ def pair_runs(runs: Sequence[tuple[str, str, Mapping[str, Any]]]) -> list[tuple[
 
 
 def _update_rows(add: _Add, relora: Run, full: Run, step: int) -> None:
-    """``update_overlap`` rows of the matrices ``relora`` wraps, at its adapter rank (from its stored config)."""
-    from dynamics.subspaces import update_overlap
+    """``update_overlap`` rows of the matrices ``relora`` wraps, at its adapter rank (from its stored config).
+
+    Same-shaped matrices (all layers' ``attn.q``, ...) go through one batched SVD per run
+    (:func:`dynamics.subspaces.update_overlaps`: the numbers of :func:`~dynamics.subspaces.update_overlap` pair by
+    pair); rows come in the order of the wrapped names. Both checkpoints are finite (the cross-run unit checks them).
+    """
+    from dynamics.subspaces import UpdateOverlap, update_overlaps
 
     wrapped = relora.wrapped
     if wrapped.rank is None or not wrapped.targets:
@@ -93,13 +98,19 @@ def _update_rows(add: _Add, relora: Run, full: Run, step: int) -> None:
     names = wrapped.names(relora.n_layers)
     now_r, now_f = relora.weights(step, names), full.weights(step, names)
     init_r, init_f = relora.weights(first_r, names), full.weights(first_f, names)
+    groups: dict[tuple[int, ...], list[str]] = {}
     for name in names:
-        dr = now_r[name].astype(np.float64) - init_r[name].astype(np.float64)
-        df = now_f[name].astype(np.float64) - init_f[name].astype(np.float64)
-        try:
-            add(name, update_overlap(dr, df, k).metrics("update_overlap"))
-        except DynamicsError:
-            continue  # a zero update (e.g. a frozen matrix) has no subspace: no row, no number
+        if now_r[name].shape == now_f[name].shape and now_r[name].ndim == 2:
+            groups.setdefault(now_r[name].shape, []).append(name)
+    found: dict[str, UpdateOverlap | None] = {}
+    for group in groups.values():
+        dr = np.stack([np.subtract(now_r[n], init_r[n], dtype=np.float64) for n in group])
+        df = np.stack([np.subtract(now_f[n], init_f[n], dtype=np.float64) for n in group])
+        found.update(zip(group, update_overlaps(dr, df, k)))
+    for name in names:
+        overlap = found.get(name)
+        if overlap is not None:  # None: a zero update (e.g. a frozen matrix) has no subspace: no row, no number
+            add(name, overlap.metrics("update_overlap"))
 
 
 def _cka_rows(
@@ -112,7 +123,7 @@ def _cka_rows(
     for site in act_sites:
         kind, _, pattern = site.partition(":")
         try:
-            xs, ys = relora.get(kind, step, pattern), full.get(kind, step, pattern)
+            xs, ys = cached_activations(relora, kind, step, pattern), cached_activations(full, kind, step, pattern)
         except DynamicsError:
             continue  # site not captured in one of the runs
         for name in sorted(set(xs) & set(ys)):

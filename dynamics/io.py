@@ -33,6 +33,7 @@ from __future__ import annotations
 import functools
 import json
 import warnings
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -553,6 +554,44 @@ class Run:
 
 # --------------------------------------------------------------------------------------------------
 # helpers
+
+
+#: Bytes of decoded activations :func:`cached_activations` keeps per process (least recently used dropped first).
+ACTIVATION_CACHE_BYTES = 256 << 20
+_ACTIVATIONS: OrderedDict[tuple[Any, ...], dict[str, np.ndarray]] = OrderedDict()
+
+
+def cached_activations(run: Run, kind: str, step: int, names: str, *, errors: str = "raise") -> dict[str, np.ndarray]:
+    """``run.get(kind, step, names, errors=errors)`` for an activation kind (``act``, ``act_in``), remembered per process.
+
+    For analysis, which compares each capture with the previous and the final one (and the other run's): a capture's
+    datasets are decoded (gzip, Fletcher-32) once, not once per comparison. The arrays are **read-only** (shared
+    between callers; take a copy to modify). Keyed by the capture file's path, inode, size, modification and change
+    times, ``kind`` and the ``names`` glob, so a file rewritten on disk is read again; at most
+    :data:`ACTIVATION_CACHE_BYTES` are kept. Failures are not remembered: ``errors="skip"`` warns each time.
+    """
+    if kind not in ("act", "act_in"):
+        raise DynamicsError(f"cached_activations(): kind must be 'act' or 'act_in', got {kind!r}")
+    try:
+        st = run.capture_path(step).stat()
+    except (OSError, DynamicsError):
+        return run.get(kind, step, names, errors=errors)
+    key = (str(run.capture_path(step).resolve()), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, kind, names)
+    hit = _ACTIVATIONS.get(key)
+    if hit is not None:
+        _ACTIVATIONS.move_to_end(key)
+        return dict(hit)
+    out = run.get(kind, step, names, errors=errors)
+    if not out:  # a skipped (damaged) file: not remembered
+        return out
+    for a in out.values():
+        a.setflags(write=False)
+    _ACTIVATIONS[key] = out
+    held = sum(a.nbytes for v in _ACTIVATIONS.values() for a in v.values())
+    while held > ACTIVATION_CACHE_BYTES and len(_ACTIVATIONS) > 1:
+        _, old = _ACTIVATIONS.popitem(last=False)
+        held -= sum(a.nbytes for a in old.values())
+    return dict(out)
 
 
 def _check_kind(kind: Any) -> str:
