@@ -14,8 +14,9 @@ In one process, on the same runs, with the same torch thread count:
 * floor -- one float64 ``torch.linalg.svdvals`` of every matrix the analysis gives spectral-metric rows:
   every dense weight matrix of every checkpoint (``weight``), its updates against the previous checkpoint
   (``update``), the first (``update_cumulative``) and, for ReLoRA merge steps, the previous merge
-  (``update_merge``), the captured gradients (``grad``) and the centred activations (``tokens × features``)
-  of the default sites (``act``). The matrices are read with :mod:`dynamics.io` before timing (reading is
+  (``update_merge``) -- once per checkpoint differenced against, since analyze computes kinds that coincide
+  (the second checkpoint's update and cumulative update) once -- the captured gradients (``grad``) and the
+  centred activations (``tokens × features``) of the default sites (``act``). The matrices are read with :mod:`dynamics.io` before timing (reading is
   not in the floor). Not in the floor: the per-head OV/QK circuits and LoRA updates (factored, tiny cores),
   the singular vectors of the subspace rows, the CCA and cross-run decompositions: those count as cost
   above the floor, as the issue's goal does;
@@ -29,7 +30,9 @@ In one process, on the same runs, with the same torch thread count:
   which also counts what ran before), and the resident set before it.
 
 ``analyze_runs`` sets torch's thread count of the process to ``$DYNAMICS_WORKER_THREADS`` (default 1) in
-each unit; the benchmark sets that variable and torch to ``--threads`` so both timings use the same count.
+each unit, and ``$DYNAMICS_LARGE_MATRIX_THREADS`` (default: the usable cores // workers) for matrices of at least
+``LARGE_MATRIX_ENTRIES`` entries; the benchmark sets both (``--threads``, ``--large-threads``) and the floor
+decomposes each matrix with the same count (times ``--workers``).
 Not collected by pytest (not under tests/, not named test_*).
 """
 
@@ -54,7 +57,14 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dynamics.analyze import DEFAULT_ACT_SITES, AnalysisOptions, analyze_runs, merge_chain
+from dynamics.analyze import (
+    DEFAULT_ACT_SITES,
+    LARGE_MATRIX_ENTRIES,
+    LARGE_THREADS_ENV,
+    AnalysisOptions,
+    analyze_runs,
+    merge_chain,
+)
 from dynamics.io import open_run
 from dynamics.validation import DynamicsError
 
@@ -126,7 +136,11 @@ def decomposed_matrices(runs: list[Path], act_sites: tuple[str, ...] = DEFAULT_A
                 if w.ndim != 2:
                     continue
                 mats.append(w.astype(np.float64))
-                for other in (steps[i - 1] if i else None, first if step != first else None, *merges[:1]):
+                # each checkpoint differenced against once: coinciding kinds (the second checkpoint's update and
+                # cumulative update, a merge one checkpoint after the previous one) share one matrix in analyze too
+                for other in dict.fromkeys(
+                    (steps[i - 1] if i else None, first if step != first else None, *merges[:1])
+                ):
                     if other is not None:
                         mats.append(w.astype(np.float64) - run.weights(other, name)[name].astype(np.float64))
             if step not in run.capture_steps:
@@ -144,15 +158,18 @@ def decomposed_matrices(runs: list[Path], act_sites: tuple[str, ...] = DEFAULT_A
     return mats
 
 
-def time_floor(mats: list[np.ndarray], repeats: int) -> float:
-    """Minimum over ``repeats`` of the wall time of one float64 ``svdvals`` per matrix (seconds)."""
+def time_floor(mats: list[np.ndarray], repeats: int, threads: int, large_threads: int) -> float:
+    """Minimum over ``repeats`` of the wall time of one float64 ``svdvals`` per matrix (seconds), with ``threads``
+    torch threads, and ``large_threads`` for matrices of at least ``LARGE_MATRIX_ENTRIES`` entries (as analyze)."""
     tensors = [torch.from_numpy(np.ascontiguousarray(m)) for m in mats]
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
         for t in tensors:
+            torch.set_num_threads(large_threads if t.numel() >= LARGE_MATRIX_ENTRIES else threads)
             torch.linalg.svdvals(t)
         best = min(best, time.perf_counter() - t0)
+    torch.set_num_threads(threads)
     return best
 
 
@@ -316,6 +333,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="analyze's worker processes (--threads each); the floor then runs with workers x threads torch threads",
     )
     ap.add_argument(
+        "--large-threads",
+        type=int,
+        help="torch threads per unit for matrices of >= LARGE_MATRIX_ENTRIES entries (default: what analyze picks, "
+        "the usable cores // --workers); the floor uses the same",
+    )
+    ap.add_argument(
         "--profile", action="store_true", help="print a cProfile top 25 (cumulative, own time) of one analyze"
     )
     ap.add_argument(
@@ -327,6 +350,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ap.error("--repeats, --threads and --workers must be >= 1")
 
     os.environ["DYNAMICS_WORKER_THREADS"] = str(args.threads)  # what analyze_runs sets in each unit
+    if args.large_threads is None:  # analyze's own choice (dynamics.analyze._large_threads_env)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        args.large_threads = max(1, cores // args.workers)
+    os.environ[LARGE_THREADS_ENV] = str(args.large_threads)
     torch.set_num_threads(args.threads)
     tmp = None
     if args.workdir is None:
@@ -347,13 +374,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             e2e, rows, phases, units = again
 
     mats = decomposed_matrices(runs)
-    torch.set_num_threads(args.threads * args.workers)  # the floor uses the cores analyze used
-    floor = time_floor(mats, args.repeats)
+    # the floor uses the cores analyze used: workers x threads, workers x large_threads for large matrices
+    floor = time_floor(mats, args.repeats, args.threads * args.workers, args.large_threads * args.workers)
     torch.set_num_threads(args.threads)
     res: dict[str, Any] = {
         "runs": [str(r) for r in runs],
         "preset": None if args.run else args.preset,
         "threads": args.threads,
+        "large_threads": args.large_threads,
         "workers": args.workers,
         "rows": rows,
         "matrices": len(mats),
@@ -372,7 +400,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     print(
         f"analyze_bench: {len(runs)} runs, {rows} rows, {len(mats)} matrices, {args.workers} worker(s) x "
-        f"{args.threads} torch threads (floor: {args.workers * args.threads})"
+        f"{args.threads} torch threads, {args.large_threads} for large matrices (floor: the same)"
     )
     print(f"{'end to end':>22} {e2e:9.3f} s")
     print(f"{'float64 svdvals floor':>22} {floor:9.3f} s")

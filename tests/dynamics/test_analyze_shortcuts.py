@@ -1,0 +1,167 @@
+"""The analysis' shortcuts (issue 19, round 2) give the numbers of the plain computation.
+
+Each shortcut is compared with what it replaces: the float64 Frobenius norm without a float64 copy
+(``frobenius64``), activations decoded once per process (``cached_activations``), one difference for update
+kinds that coincide, batched cross-run overlaps, the cheap finiteness check, and the large-matrix thread count.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import dynamics.analyze as an
+from dynamics import spectrum
+from dynamics.analyze import AnalysisOptions, analyze_unit, frobenius64, update_tolerance
+from dynamics.io import ACTIVATION_CACHE_BYTES, cached_activations, open_run
+from dynamics.sparsity import entry_metrics
+from dynamics.subspaces import update_overlap
+from dynamics.validation import DynamicsError
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+@pytest.mark.parametrize("shape", [(0, 3), (1, 1), (7, 5), (300, 700), (50304 // 8, 96)])
+def test_frobenius64_is_the_norm_of_the_float64_copy(dtype, shape):
+    rng = np.random.default_rng(sum(shape))
+    a = (rng.standard_normal(shape) * 0.02).astype(dtype)
+    expected = float(np.linalg.norm(a.astype(np.float64)))
+    assert frobenius64(a) == pytest.approx(expected, rel=1e-14, abs=0.0)
+
+
+def test_frobenius64_of_extreme_and_non_finite_entries():
+    big = np.full((1000, 1000), np.finfo(np.float32).max, dtype=np.float32)  # squares overflow float32, not float64
+    assert frobenius64(big) == pytest.approx(1000 * float(np.finfo(np.float32).max), rel=1e-14)
+    bad = np.ones((100, 1000), dtype=np.float32)
+    bad[50, 7] = np.nan
+    assert math.isnan(frobenius64(bad))
+    bad[50, 7] = np.inf
+    assert math.isinf(frobenius64(bad))
+
+
+def test_update_tolerance_uses_the_float64_norms():
+    rng = np.random.default_rng(0)
+    w_new = rng.standard_normal((96, 384)).astype(np.float32)
+    w_old = (w_new * 2).astype(np.float32)
+    norm = float(np.linalg.norm(w_old.astype(np.float64)))
+    assert update_tolerance(w_new, w_old) == pytest.approx(384 * np.finfo(np.float32).eps * norm, rel=1e-14)
+
+
+def test_cached_activations_equal_a_fresh_read_are_read_only_and_follow_the_file(trained_pair, tmp_path):
+    run_dir = tmp_path / "full"
+    shutil.copytree(trained_pair.full, run_dir)
+    run = open_run(run_dir)
+    fresh = run.get("act", 4, "layers.*.resid_post")
+    first = cached_activations(run, "act", 4, "layers.*.resid_post")
+    assert list(first) == list(fresh)
+    for name, a in first.items():
+        np.testing.assert_array_equal(a, fresh[name])
+        assert not a.flags.writeable
+    again = cached_activations(open_run(run_dir), "act", 4, "layers.*.resid_post")
+    assert all(again[n] is first[n] for n in first)  # decoded once
+    # the file replaced on disk (a new inode): read again
+    path = run.capture_path(4)
+    copy = path.with_name("copy.h5")
+    shutil.copy2(path, copy)
+    os.replace(copy, path)
+    replaced = cached_activations(open_run(run_dir), "act", 4, "layers.*.resid_post")
+    assert all(replaced[n] is not first[n] for n in first)
+    for name, a in replaced.items():
+        np.testing.assert_array_equal(a, fresh[name])
+    assert ACTIVATION_CACHE_BYTES > 0
+
+
+def test_cached_activations_skip_a_damaged_file_each_time_and_refuse_other_kinds(trained_pair, tmp_path):
+    run_dir = tmp_path / "full"
+    shutil.copytree(trained_pair.full, run_dir)
+    path = open_run(run_dir).capture_path(0)
+    path.write_bytes(path.read_bytes()[:1000])  # truncated
+    for _ in range(2):  # a failure is not remembered: warned each time
+        with pytest.warns(Warning, match="skipping step 0"):
+            assert cached_activations(open_run(run_dir), "act", 0, "layers.*.resid_post", errors="skip") == {}
+    with pytest.raises(DynamicsError, match="kind must be 'act' or 'act_in'"):
+        cached_activations(open_run(run_dir), "grad", 4, "layers.*.attn.q")
+
+
+def test_coinciding_update_kinds_share_one_difference_with_the_plain_numbers(trained_pair):
+    """Step 4 of the full-rank run: the previous checkpoint is the first, so ``update`` and ``update_cumulative``
+    are one matrix, computed once; both kinds carry the numbers of ``spectrum(W4 − W0)`` and its entries."""
+    path = str(trained_pair.full)
+    rows, spectra = analyze_unit(path, 4, AnalysisOptions())
+    run = open_run(path)
+    got = {(r["layer"], r["component"], r["kind"], r["metric"]): r["value"] for r in rows}
+    checked = 0
+    for name in ("layers.0.attn.q", "layers.2.mlp.down", "embed"):
+        w, w0 = run.weights(4, name)[name], run.weights(0, name)[name]
+        delta = w.astype(np.float64) - w0.astype(np.float64)
+        expected = {**spectrum(delta).metrics(tol=update_tolerance(w, w0)), **entry_metrics(delta)}
+        layer, component = an._split(name)
+        for kind in ("update", "update_cumulative"):
+            for metric, value in expected.items():
+                assert got[(layer, component, kind, metric)] == pytest.approx(float(value), rel=1e-12, nan_ok=True)
+                checked += 1
+    assert checked > 100
+    kinds = {(s["component"], s["kind"]) for s in spectra}
+    assert ("attn.q", "update") in kinds and ("attn.q", "update_cumulative") in kinds
+
+
+def test_batched_cross_run_overlaps_equal_the_pairwise_ones(analysed_pair, trained_pair):
+    table, _ = analysed_pair
+    relora, full = open_run(trained_pair.relora), open_run(trained_pair.full)
+    rows = table[(table["kind"] == "cross_run") & (table["step"] == 8)]
+    got = {(r.layer, r.component, r.metric): r.value for r in rows.itertuples(index=False)}
+    names = relora.wrapped.names(relora.n_layers)
+    assert names
+    for name in names:
+        dr = relora.weights(8, name)[name].astype(np.float64) - relora.weights(0, name)[name].astype(np.float64)
+        df = full.weights(8, name)[name].astype(np.float64) - full.weights(0, name)[name].astype(np.float64)
+        expected = update_overlap(dr, df, relora.wrapped.rank).metrics("update_overlap")
+        layer, component = an._split(name)
+        for metric, value in expected.items():
+            assert got[(layer, component, metric)] == pytest.approx(value, rel=1e-12, abs=1e-15)
+
+
+def test_finiteness_check_finds_bad_entries_and_accepts_huge_finite_ones(tmp_path):
+    from safetensors.torch import save_file
+
+    huge = torch.full((64, 64), 3.0e38)  # finite, but their float32 sum overflows: the entry-wise check decides
+    good = tmp_path / "good.safetensors"
+    save_file({"a.weight": torch.zeros(3, 3), "b.weight": huge}, str(good))
+    assert an._nonfinite_tensor(str(good), "good") is None
+    for bad_value in (float("nan"), float("inf"), float("-inf")):
+        t = torch.ones(50, 50)
+        t[3, 4] = bad_value
+        bad = tmp_path / f"bad{bad_value}.safetensors"
+        save_file({"a.weight": torch.zeros(3, 3), "b.weight": t}, str(bad))
+        assert an._nonfinite_tensor(str(bad), str(bad_value)) == "b.weight"
+
+
+def test_large_matrices_get_the_large_thread_count_and_the_count_is_restored(monkeypatch):
+    before = torch.get_num_threads()
+    monkeypatch.setenv(an.LARGE_THREADS_ENV, str(before + 1))
+    assert an.large_matrix_threads() == before + 1
+    with an._threads_for(an.LARGE_MATRIX_ENTRIES):
+        assert torch.get_num_threads() == before + 1
+    assert torch.get_num_threads() == before
+    with an._threads_for(an.LARGE_MATRIX_ENTRIES - 1):
+        assert torch.get_num_threads() == before
+    monkeypatch.setenv(an.LARGE_THREADS_ENV, "not a number")
+    assert an.large_matrix_threads() == torch.get_num_threads()
+
+
+def test_analyze_runs_sets_the_large_thread_count_from_the_cores_unless_the_user_did(monkeypatch):
+    monkeypatch.delenv(an.LARGE_THREADS_ENV, raising=False)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    with an._large_threads_env(workers=1):
+        assert os.environ[an.LARGE_THREADS_ENV] == str(cores)
+    assert an.LARGE_THREADS_ENV not in os.environ
+    with an._large_threads_env(workers=4 * cores):
+        assert os.environ[an.LARGE_THREADS_ENV] == "1"
+    monkeypatch.setenv(an.LARGE_THREADS_ENV, "3")
+    with an._large_threads_env(workers=1):
+        assert os.environ[an.LARGE_THREADS_ENV] == "3"
+    assert os.environ[an.LARGE_THREADS_ENV] == "3"
