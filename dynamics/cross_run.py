@@ -116,8 +116,11 @@ def _update_rows(add: _Add, relora: Run, full: Run, step: int) -> None:
 def _cka_rows(
     add: _Add, relora: Run, full: Run, step: int, act_sites: Sequence[str], cca_min_tokens_per_feature: float | None
 ) -> None:
-    """CKA rows per activation site, and SVCCA/PWCCA unless ``cca_min_tokens_per_feature`` is None."""
-    from dynamics.activations import debiased_linear_cka, linear_cka
+    """CKA rows per activation site, and SVCCA/PWCCA unless ``cca_min_tokens_per_feature`` is None.
+
+    Same-shaped pairs (a site's layers) go through one batched CKA call each; a batch holding a constant view (CKA
+    undefined: no row for that pair) is redone pair by pair, so the other pairs keep their rows.
+    """
     from dynamics.analyze_rows import similarity_rows
 
     for site in act_sites:
@@ -126,18 +129,40 @@ def _cka_rows(
             xs, ys = cached_activations(relora, kind, step, pattern), cached_activations(full, kind, step, pattern)
         except DynamicsError:
             continue  # site not captured in one of the runs
-        for name in sorted(set(xs) & set(ys)):
-            x = xs[name].reshape(-1, xs[name].shape[-1]).astype(np.float64)
-            y = ys[name].reshape(-1, ys[name].shape[-1]).astype(np.float64)
-            if x.shape[0] != y.shape[0]:
-                continue
+        names = [n for n in sorted(set(xs) & set(ys)) if xs[n].size and ys[n].size]
+        views = {n: (xs[n].reshape(-1, xs[n].shape[-1]), ys[n].reshape(-1, ys[n].shape[-1])) for n in names}
+        names = [n for n in names if views[n][0].shape[0] == views[n][1].shape[0]]
+        groups: dict[tuple[tuple[int, ...], tuple[int, ...]], list[str]] = {}
+        for n in names:
+            groups.setdefault((views[n][0].shape, views[n][1].shape), []).append(n)
+        found: dict[str, dict[str, float]] = {}
+        for group in groups.values():
+            x = np.stack([views[n][0] for n in group], dtype=np.float64)
+            y = np.stack([views[n][1] for n in group], dtype=np.float64)
+            found.update(zip(group, _cka_pairs(x, y)))
+        for name in names:
             label = name if kind == "act" else f"{name}.in"
-            try:
-                add(label, {"cka_debiased": float(debiased_linear_cka(x, y)), "cka": float(linear_cka(x, y))})
-            except DynamicsError:
+            if not found.get(name):
                 continue  # constant activations: CKA undefined, no row
+            add(label, found[name])
             if cca_min_tokens_per_feature is not None:
+                x, y = (v.astype(np.float64) for v in views[name])
                 add(label, similarity_rows(x, y, min_tokens_per_feature=cca_min_tokens_per_feature))
+
+
+def _cka_pairs(x: np.ndarray, y: np.ndarray) -> list[dict[str, float]]:
+    """``{"cka_debiased", "cka"}`` of each pair of the float64 batches ``x`` (B, n, p) and ``y`` (B, n, q), batched;
+    where the batch holds a constant view, pair by pair, leaving that pair's dict out (an empty dict)."""
+    from dynamics.activations import debiased_linear_cka, linear_cka
+
+    try:
+        debiased = np.asarray(debiased_linear_cka(x, y)).reshape(-1)
+        plain = np.asarray(linear_cka(x, y)).reshape(-1)
+        return [{"cka_debiased": float(d), "cka": float(c)} for d, c in zip(debiased, plain)]
+    except DynamicsError:
+        if x.shape[0] == 1:
+            return [{}]
+        return [out for i in range(x.shape[0]) for out in _cka_pairs(x[i : i + 1], y[i : i + 1])]
 
 
 def same_probe(relora: Run, full: Run) -> bool:
