@@ -534,16 +534,20 @@ def _weight_group(
         by_step.setdefault(other, []).append(kind)
     cycle: np.ndarray | None = None  # W − W(merge_prev) of the subspace matrices, kept for the cycle overlap
     for other, kinds in by_step.items():
-        old = _stack(versions.get(other), group)
+        olds = versions.get(other)
         tols = [
-            _tolerance(stack.shape[1:], stack.dtype, old.dtype, norms[i], norm_old)
-            for i, norm_old in enumerate(_norms64(old))
+            _tolerance(stack.shape[1:], stack.dtype, olds[name].dtype, norms[i], frobenius64(olds[name]))
+            for i, name in enumerate(group)
         ]
-        # the exact float64 difference (each float32/bf16 entry converts exactly, then one IEEE subtraction)
-        delta = (
-            np.subtract(stack, old, dtype=np.float64) if dev is None else _on_device(stack, dev) - _on_device(old, dev)
-        )
-        del old
+        # the exact float64 difference (each float32/bf16 entry converts exactly, then one IEEE subtraction), written
+        # matrix by matrix into the batch (no stacked copy of the old matrices)
+        if dev is None:
+            delta = np.empty(stack.shape, dtype=np.float64)
+            for i, name in enumerate(group):
+                np.subtract(stack[i], olds[name], out=delta[i], dtype=np.float64)
+        else:
+            delta = _on_device(stack, dev) - _on_device(_stack(olds, group), dev)
+        del olds
         versions.done(other)
         if overlap and other == merge_prev and dev is None:
             cycle = delta[[group.index(n) for n in sub]]

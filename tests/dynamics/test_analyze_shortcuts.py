@@ -165,3 +165,25 @@ def test_analyze_runs_sets_the_large_thread_count_from_the_cores_unless_the_user
     with an._large_threads_env(workers=1):
         assert os.environ[an.LARGE_THREADS_ENV] == "3"
     assert os.environ[an.LARGE_THREADS_ENV] == "3"
+
+
+@pytest.mark.parametrize("shape", [(3, 384, 1536), (2, 96, 384), (5, 7), (384, 96), (4, 64, 64)])
+def test_wide_matrices_go_through_their_transpose_with_the_same_values_and_vectors(shape):
+    """``direct_svdvals`` and the subspace SVD pass a wide matrix transposed (LAPACK's faster tall route): the
+    values are numpy's, and ``U S Vᵀ`` rebuilds the matrix with orthonormal ``U`` and ``V``."""
+    from dynamics._kernels import direct_svdvals
+    from dynamics.subspaces import _svd
+
+    rng = np.random.default_rng(sum(shape))
+    x = rng.standard_normal(shape)
+    expected = np.linalg.svd(x, compute_uv=False)
+    got = direct_svdvals(torch.from_numpy(x))
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-13 * expected.max())
+    if x.ndim == 2:
+        u, s, vt = _svd(x)
+        k = min(shape)
+        assert u.shape == (shape[0], k) and vt.shape == (k, shape[1])
+        np.testing.assert_allclose(s, expected, rtol=0, atol=1e-13 * expected.max())
+        np.testing.assert_allclose((u * s) @ vt, x, rtol=0, atol=1e-12 * expected.max())
+        np.testing.assert_allclose(u.T @ u, np.eye(k), atol=1e-12)
+        np.testing.assert_allclose(vt @ vt.T, np.eye(k), atol=1e-12)
