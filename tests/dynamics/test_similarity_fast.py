@@ -18,13 +18,18 @@ from dynamics.activations import debiased_linear_cka, linear_cka
 from dynamics.validation import DynamicsError
 
 
-def _ref_cka(x: np.ndarray, y: np.ndarray) -> float:
-    """Biased linear CKA via normalised n x n Gram matrices (float64, scale safe)."""
+def _ref_grams(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The n x n Gram matrices of the centred views, each view scaled to unit Frobenius norm (float64, scale safe)."""
     xc = x - x.mean(axis=0)
     yc = y - y.mean(axis=0)
     xc = xc / np.linalg.norm(xc)
     yc = yc / np.linalg.norm(yc)
-    k, l_ = xc @ xc.T, yc @ yc.T
+    return xc @ xc.T, yc @ yc.T
+
+
+def _ref_cka(x: np.ndarray, y: np.ndarray) -> float:
+    """Biased linear CKA via normalised n x n Gram matrices."""
+    k, l_ = _ref_grams(x, y)
     return float(np.sum(k * l_) / (np.linalg.norm(k) * np.linalg.norm(l_)))
 
 
@@ -43,11 +48,7 @@ def _ref_hsic1(k: np.ndarray, l_: np.ndarray) -> float:
 
 
 def _ref_debiased(x: np.ndarray, y: np.ndarray) -> float:
-    xc = x - x.mean(axis=0)
-    yc = y - y.mean(axis=0)
-    xc = xc / np.linalg.norm(xc)
-    yc = yc / np.linalg.norm(yc)
-    k, l_ = xc @ xc.T, yc @ yc.T
+    k, l_ = _ref_grams(x, y)
     return _ref_hsic1(k, l_) / np.sqrt(_ref_hsic1(k, k) * _ref_hsic1(l_, l_))
 
 
