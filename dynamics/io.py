@@ -561,13 +561,15 @@ ACTIVATION_CACHE_BYTES = 256 << 20
 _ACTIVATIONS: OrderedDict[tuple[Any, ...], dict[str, np.ndarray]] = OrderedDict()
 
 
-def cached_activations(run: Run, kind: str, step: int, names: str, *, errors: str = "raise") -> dict[str, np.ndarray]:
+def cached_activations(
+    run: Run, kind: str, step: int, names: str | Iterable[str], *, errors: str = "raise"
+) -> dict[str, np.ndarray]:
     """``run.get(kind, step, names, errors=errors)`` for an activation kind (``act``, ``act_in``), remembered per process.
 
     For analysis, which compares each capture with the previous and the final one (and the other run's): a capture's
     datasets are decoded (gzip, Fletcher-32) once, not once per comparison. The arrays are **read-only** (shared
     between callers; take a copy to modify). Keyed by the capture file's path, inode, size, modification and change
-    times, ``kind`` and the ``names`` glob, so a file rewritten on disk is read again; at most
+    times, ``kind`` and the ``names`` glob(s), so a file rewritten on disk is read again; at most
     :data:`ACTIVATION_CACHE_BYTES` are kept. Failures are not remembered: ``errors="skip"`` warns each time.
     """
     if kind not in ("act", "act_in"):
@@ -576,7 +578,16 @@ def cached_activations(run: Run, kind: str, step: int, names: str, *, errors: st
         st = run.capture_path(step).stat()
     except (OSError, DynamicsError):
         return run.get(kind, step, names, errors=errors)
-    key = (str(run.capture_path(step).resolve()), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, kind, names)
+    selection = names if isinstance(names, str) else tuple(names)  # a glob or globs, hashable
+    key = (
+        str(run.capture_path(step).resolve()),
+        st.st_ino,
+        st.st_size,
+        st.st_mtime_ns,
+        st.st_ctime_ns,
+        kind,
+        selection,
+    )
     hit = _ACTIVATIONS.get(key)
     if hit is not None:
         _ACTIVATIONS.move_to_end(key)

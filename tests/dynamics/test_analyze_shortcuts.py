@@ -187,3 +187,11 @@ def test_wide_matrices_go_through_their_transpose_with_the_same_values_and_vecto
         np.testing.assert_allclose((u * s) @ vt, x, rtol=0, atol=1e-12 * expected.max())
         np.testing.assert_allclose(u.T @ u, np.eye(k), atol=1e-12)
         np.testing.assert_allclose(vt @ vt.T, np.eye(k), atol=1e-12)
+
+
+def test_cached_activations_take_a_list_of_globs_like_run_get(trained_pair):
+    run = open_run(trained_pair.full)
+    globs = ["layers.0.resid_post", "layers.1.*"]
+    got = cached_activations(run, "act", 8, globs)
+    assert list(got) == list(run.get("act", 8, globs))
+    assert cached_activations(run, "act", 8, globs)["layers.0.resid_post"] is got["layers.0.resid_post"]
