@@ -63,6 +63,7 @@ from dynamics.analyze import (
     LARGE_THREADS_ENV,
     AnalysisOptions,
     analyze_runs,
+    default_large_threads,
     merge_chain,
 )
 from dynamics.io import open_run
@@ -352,9 +353,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ap.error("--repeats, --threads and --workers must be >= 1")
 
     os.environ["DYNAMICS_WORKER_THREADS"] = str(args.threads)  # what analyze_runs sets in each unit
-    if args.large_threads is None:  # analyze's own choice (dynamics.analyze._large_threads_env)
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        args.large_threads = max(1, cores // args.workers)
+    if args.large_threads is None:  # analyze's own choice
+        args.large_threads = default_large_threads(args.workers)
     os.environ[LARGE_THREADS_ENV] = str(args.large_threads)
     torch.set_num_threads(args.threads)
     tmp = None

@@ -77,7 +77,7 @@ import pandas as pd
 from dynamics.io import DynamicsIOError, Run
 from dynamics.similarity import MIN_TOKENS_PER_FEATURE
 from dynamics.spectra import Spectrum
-from dynamics.validation import DynamicsError
+from dynamics.validation import DynamicsError, NonFiniteError, check_finite
 from trainer.errors import TrainerError
 from trainer.names import ATTN_PROJS
 from trainer.run_format import (
@@ -335,12 +335,7 @@ def update_tolerance(w_new: np.ndarray, w_old: np.ndarray) -> float:
     the default tolerance, relative to ``σ₁(ΔW)``, would count that noise as
     rank (e.g. a ReLoRA cycle's update, rank ≤ r, would look full-rank).
     """
-    eps = max(
-        np.finfo(w_new.dtype).eps if np.issubdtype(w_new.dtype, np.floating) else 0.0,
-        np.finfo(w_old.dtype).eps if np.issubdtype(w_old.dtype, np.floating) else 0.0,
-    )
-    scale = max(frobenius64(w_new), frobenius64(w_old))
-    return float(max(w_new.shape) * eps * scale)
+    return _tolerance(w_new.shape, w_new.dtype, w_old.dtype, frobenius64(w_new), frobenius64(w_old))
 
 
 #: Entries per float64 piece of :func:`frobenius64` (512 KiB of float64: the piece stays in cache).
@@ -464,7 +459,8 @@ def _norms64(stack: np.ndarray) -> list[float]:
 
 
 def _tolerance(shape: tuple[int, ...], new: np.dtype, old: np.dtype, norm_new: float, norm_old: float) -> float:
-    """:func:`update_tolerance` from the two matrices' dtypes and float64 Frobenius norms (the same number)."""
+    """:func:`update_tolerance` from the two matrices' shape, dtypes and float64 Frobenius norms (:func:`frobenius64`):
+    the batched path computes each norm once and calls this directly."""
     eps = max(
         np.finfo(new).eps if np.issubdtype(new, np.floating) else 0.0,
         np.finfo(old).eps if np.issubdtype(old, np.floating) else 0.0,
@@ -887,16 +883,15 @@ def _verified_key(run_dir: Path, entry: Mapping[str, Any], capture: bool) -> tup
 @functools.lru_cache(maxsize=64)
 def _nonfinite_tensor(path: str, sha256: str) -> str | None:
     """The first tensor of a safetensors file holding NaN or Inf, else ``None`` (cached per file and content hash)."""
-    import torch
     from safetensors import safe_open
 
     try:
         with safe_open(path, framework="pt") as f:
             for key in f.keys():
                 t = f.get_tensor(key)
-                # a finite sum rules out NaN/Inf in one cheap reduction (torch.isfinite is ~25x slower on CPU);
-                # only a non-finite sum (a bad entry, or an overflowing sum) needs the entry-wise check
-                if t.is_floating_point() and not bool(torch.isfinite(t.sum())) and not bool(torch.isfinite(t).all()):
+                try:  # one cheap sum; the entry-wise check only when that sum is not finite
+                    check_finite(t, name=key, caller="analyze")
+                except NonFiniteError:
                     return str(key)
     except Exception as e:  # noqa: BLE001 - SafetensorError and friends: a damaged file (verify() names it first)
         raise DynamicsIOError(f"{path} is truncated or corrupted: {type(e).__name__}: {e}", path) from None
@@ -1198,6 +1193,16 @@ def analyze_runs(
             return _analyze_runs(runs, out, options=options, workers=workers, keep_going=keep_going, progress=progress)
 
 
+def default_large_threads(workers: int) -> int:
+    """The large-matrix thread count :func:`analyze_runs` sets (unless the user set one): the cores this process may
+    use divided among its ``workers`` local units, at least 1."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores // max(1, workers))
+
+
 @contextmanager
 def _large_threads_env(workers: int) -> Iterator[None]:
     """Set :data:`LARGE_THREADS_ENV` for this process and the workers it starts, unless the user set it: the usable
@@ -1206,11 +1211,7 @@ def _large_threads_env(workers: int) -> Iterator[None]:
     if os.environ.get(LARGE_THREADS_ENV):
         yield
         return
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    os.environ[LARGE_THREADS_ENV] = str(max(1, cores // max(1, workers)))
+    os.environ[LARGE_THREADS_ENV] = str(default_large_threads(workers))
     try:
         yield
     finally:

@@ -575,12 +575,13 @@ def cached_activations(
     if kind not in ("act", "act_in"):
         raise DynamicsError(f"cached_activations(): kind must be 'act' or 'act_in', got {kind!r}")
     try:
-        st = run.capture_path(step).stat()
+        path = run.capture_path(step)
+        st = path.stat()
     except (OSError, DynamicsError):
         return run.get(kind, step, names, errors=errors)
     selection = names if isinstance(names, str) else tuple(names)  # a glob or globs, hashable
     key = (
-        str(run.capture_path(step).resolve()),
+        str(path.resolve()),
         st.st_ino,
         st.st_size,
         st.st_mtime_ns,
