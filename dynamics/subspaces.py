@@ -45,14 +45,40 @@ __all__ = [
 ]
 
 
-def _thin_svd(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _thin_svd(x: torch.Tensor, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Thin SVD ``(U, s, Vᵀ)`` of ``x`` (..., m, n); a wide ``x`` through its transpose (``Xᵀ = V S Uᵀ``), which
-    LAPACK reduces by QR first: 2.2x faster for twelve 384x1536 float64 matrices (CPU, one thread)."""
-    if x.shape[-2] < x.shape[-1]:
-        v, s, ut = torch.linalg.svd(x.mT, full_matrices=False)
-        return ut.mT, s, v.mT
-    u, s, vt = torch.linalg.svd(x, full_matrices=False)
-    return u, s, vt
+    LAPACK reduces by QR first: 2.2x faster for twelve 384x1536 float64 matrices (CPU, one thread).
+
+    With ``k`` (the caller uses only the first ``k`` singular vectors on each side) a rectangular matrix with
+    ``k ≤ min(m, n) / 2`` goes through :func:`_tall_top_svd`, which forms only ``k`` of the long side's vectors:
+    that side's factor then has ``k`` columns (``U`` (..., m, k) or ``Vᵀ`` (..., k, n)); the singular values are
+    the same numbers.
+    """
+    wide = x.shape[-2] < x.shape[-1]
+    t = x.mT if wide else x
+    if k is not None and t.shape[-2] > t.shape[-1] and 2 * k <= t.shape[-1]:
+        u, s, vt = _tall_top_svd(t, k)
+    else:
+        u, s, vt = torch.linalg.svd(t, full_matrices=False)
+    return (vt.mT, s, u.mT) if wide else (u, s, vt)
+
+
+def _tall_top_svd(t: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(U_k (..., M, k), s (..., N), Vᵀ (..., N, N))`` of a tall ``t`` (..., M, N), ``M > N``: the first ``k``
+    left singular vectors, every singular value and right vector.
+
+    ``t = Q R`` (Householder QR, ``Q`` kept as reflectors), ``R = U_R S V_Rᵀ`` (N x N), so ``t = (Q U_R) S V_Rᵀ``;
+    ``Q`` is applied to the first ``k`` columns of ``U_R`` only. This is LAPACK's own route for a tall matrix
+    (QR first), without forming all ``N`` long vectors: measured on CPU, one thread, float64, ``k = 8``: 1.3x
+    faster for twelve 1536x384 matrices, 1.7x for one 50304x384, equal singular values; no faster for
+    ``k`` near ``N``.
+    """
+    a, tau = torch.geqrf(t)
+    n = t.shape[-1]
+    u_r, s, vt = torch.linalg.svd(a[..., :n, :].triu())
+    lead = torch.zeros(*t.shape[:-1], k, dtype=t.dtype, device=t.device)
+    lead[..., :n, :] = u_r[..., :, :k]
+    return torch.ormqr(a, tau, lead), s, vt
 
 
 def _svd(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -192,9 +218,10 @@ def _overlap_from_svds(
     return UpdateOverlap(out_=out_, in_=in_, mean=(out_ + in_) / 2, chance=(k / m + k / n) / 2, k=k)
 
 
-def _svd_batch(x: np.ndarray) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Thin SVDs ``(U, s, Vᵀ)`` of the float64 batch ``x`` (B, m, n) from one batched call (LAPACK per matrix)."""
-    u, s, vt = _thin_svd(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float64)))
+def _svd_batch(x: np.ndarray, k: int | None = None) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Thin SVDs ``(U, s, Vᵀ)`` of the float64 batch ``x`` (B, m, n) from one batched call (LAPACK per matrix); with
+    ``k``, a factor may hold only its first ``k`` vectors (:func:`_thin_svd`)."""
+    u, s, vt = _thin_svd(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float64)), k)
     un, sn, vtn = u.numpy(), s.numpy(), vt.numpy()
     return [(un[i], sn[i], vtn[i]) for i in range(x.shape[0])]
 
@@ -208,7 +235,8 @@ def update_overlaps(dW1: np.ndarray, dW2: np.ndarray, k: int) -> list[UpdateOver
         raise ShapeError(f"{caller}(): `dW1` and `dW2` must be (B, m, n) of one shape, got {dW1.shape} and {dW2.shape}")
     k = check_positive_int(k, name="k", caller=caller)
     shape = (int(dW1.shape[1]), int(dW1.shape[2]))
-    return [_overlap_from_svds(a, b, k, shape) for a, b in zip(_svd_batch(dW1), _svd_batch(dW2))]
+    kk = min(k, *shape)  # no overlap uses more than the first min(k, m, n) vectors of a side
+    return [_overlap_from_svds(a, b, k, shape) for a, b in zip(_svd_batch(dW1, kk), _svd_batch(dW2, kk))]
 
 
 _REFERENCE: dict[bytes, np.ndarray] = {}
@@ -315,7 +343,7 @@ def _top_left_vectors(W: np.ndarray, k: int) -> np.ndarray:
     top = lam_k[..., :1]
     ok = bool(((top > 0) & (lam_k >= (GRAM_VECTORS_MIN_RATIO**2) * top)).all())
     if not ok:
-        return np.stack([vecs[0][:, :k] for vecs in _svd_batch(W)])
+        return np.stack([vecs[0][:, :k] for vecs in _svd_batch(W, k)])
     if u is None:
         vk = v.flip(-1)[..., :k]
         u = (x @ vk) / lam_k.sqrt()[..., None, :]

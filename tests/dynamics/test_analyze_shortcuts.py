@@ -195,3 +195,31 @@ def test_cached_activations_take_a_list_of_globs_like_run_get(trained_pair):
     got = cached_activations(run, "act", 8, globs)
     assert list(got) == list(run.get("act", 8, globs))
     assert cached_activations(run, "act", 8, globs)["layers.0.resid_post"] is got["layers.0.resid_post"]
+
+
+@pytest.mark.parametrize("shape,k", [((3, 200, 40), 8), ((2, 40, 200), 8), ((2, 90, 60), 30), ((4, 50, 50), 5)])
+def test_top_k_thin_svd_gives_numpys_values_and_the_leading_subspaces(shape, k):
+    """With ``k`` the subspace SVD of a rectangular matrix forms only ``k`` long-side vectors (QR, SVD of R, the
+    reflectors applied to ``k`` columns): the same values as numpy, orthonormal vectors that satisfy
+    ``X v_i = s_i u_i``, spanning numpy's leading subspaces (well separated by construction)."""
+    from dynamics.subspaces import _svd_batch
+
+    rng = np.random.default_rng(k + sum(shape))
+    m, n = shape[1:]
+    r = min(m, n)
+    q1 = np.linalg.qr(rng.standard_normal((shape[0], m, r)))[0]
+    q2 = np.linalg.qr(rng.standard_normal((shape[0], n, r)))[0]
+    x = (q1 * np.geomspace(1.0, 1e-3, r)) @ q2.transpose(0, 2, 1)  # distinct singular values 1 ... 1e-3
+    for i, (u, s, vt) in enumerate(_svd_batch(x, k)):
+        ref_u, ref_s, ref_vt = np.linalg.svd(x[i], full_matrices=False)
+        np.testing.assert_allclose(s, ref_s, rtol=0, atol=1e-13)
+        assert u.shape[1] >= k and vt.shape[0] >= k
+        uk, vk = u[:, :k], vt[:k].T
+        np.testing.assert_allclose(uk.T @ uk, np.eye(k), atol=1e-12)
+        np.testing.assert_allclose(vk.T @ vk, np.eye(k), atol=1e-12)
+        np.testing.assert_allclose(x[i] @ vk, uk * s[:k], atol=1e-12)
+        for ours, ref in ((uk, ref_u[:, :k]), (vk, ref_vt[:k].T)):  # same subspace: all principal cosines 1
+            np.testing.assert_allclose(np.linalg.svd(ours.T @ ref, compute_uv=False), 1.0, atol=1e-12)
+    if shape[1] != shape[2] and 2 * k <= min(shape[1:]):  # the short route really ran: k long-side vectors only
+        u, _, vt = _svd_batch(x, k)[0]
+        assert (u.shape[1] if shape[1] > shape[2] else vt.shape[0]) == k
