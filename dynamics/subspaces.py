@@ -243,15 +243,19 @@ _REFERENCE: dict[bytes, np.ndarray] = {}
 
 
 def _reference_vectors(w0: np.ndarray) -> np.ndarray:
-    """Left singular vectors of ``w0``, remembered for the last few matrices (``W_0`` is the reference of every
-    checkpoint of a run, so an analysis computes each once per process)."""
+    """Left singular vectors of ``w0`` (any real dtype; decomposed in float64), remembered for the last few matrices
+    (``W_0`` is the reference of every checkpoint of a run, so an analysis computes each once per process).
+
+    The key hashes the entries as stored (a float32 ``W_0`` is looked up without a float64 copy, from half the
+    bytes) with the shape and dtype; the float64 copy is made only when the vectors are computed."""
     import hashlib
 
-    key = hashlib.sha1(w0.tobytes()).digest() + repr(w0.shape).encode()
+    w0 = np.ascontiguousarray(w0)
+    key = hashlib.sha1(w0.data).digest() + repr((w0.shape, w0.dtype.str)).encode()
     if key not in _REFERENCE:
         if len(_REFERENCE) >= 512:
             _REFERENCE.pop(next(iter(_REFERENCE)))
-        _REFERENCE[key] = _svd(w0)[0]
+        _REFERENCE[key] = _svd(w0.astype(np.float64, copy=False))[0]
     return _REFERENCE[key]
 
 
@@ -300,8 +304,8 @@ def _intruders(u: np.ndarray, w0: np.ndarray, rk: int, threshold: float) -> int:
 
 
 def intruder_counts(W: np.ndarray, W0: np.ndarray, *, k: int = 10, threshold: float = 0.5) -> list[int]:
-    """:func:`intruder_dimensions` of each matrix of a batch: ``W``, ``W0`` float64 ``(B, m, n)`` (finite, checked by
-    the caller), ``reference_k`` all. The top-``k`` left singular vectors of ``W`` come from one batched Gram
+    """:func:`intruder_dimensions` of each matrix of a batch: ``W``, ``W0`` real ``(B, m, n)`` (finite, checked by the
+    caller; decomposed in float64), ``reference_k`` all. The top-``k`` left singular vectors of ``W`` come from one batched Gram
     eigendecomposition (:func:`_top_left_vectors`), ``W0``'s from the same cached SVD as :func:`intruder_dimensions`;
     the counts are that function's unless a largest ``|cos|`` lies within ~1e-14 of ``threshold``."""
     caller = "intruder_counts"
@@ -312,7 +316,7 @@ def intruder_counts(W: np.ndarray, W0: np.ndarray, *, k: int = 10, threshold: fl
     k = min(check_positive_int(k, name="k", caller=caller), min(W.shape[1:]))
     rk = min(W.shape[1:])
     u = _top_left_vectors(np.ascontiguousarray(W, dtype=np.float64), k)
-    return [_intruders(u[i], np.ascontiguousarray(W0[i], dtype=np.float64), rk, threshold) for i in range(len(u))]
+    return [_intruders(u[i], W0[i], rk, threshold) for i in range(len(u))]  # W0 as stored: the cache's key
 
 
 #: :func:`_top_left_vectors` takes the Gram route only while ``σ_k ≥ GRAM_VECTORS_MIN_RATIO · σ_1`` for every
