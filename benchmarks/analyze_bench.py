@@ -4,7 +4,7 @@
     python benchmarks/analyze_bench.py --preset tiny        # a tiny-shaped pair (few steps, small batch)
     python benchmarks/analyze_bench.py --run RUN [--run RUN] --json bench.json
     python benchmarks/analyze_bench.py --profile            # also a cProfile top 25 (cumulative and own time)
-    python benchmarks/analyze_bench.py --preset small --repeats 1   # a small-shaped pair: seconds per checkpoint
+    python benchmarks/analyze_bench.py --preset small --repeats 1   # small-shaped, study-like checkpoints: s each
     python benchmarks/analyze_bench.py --preset tiny --compression  # capture compression: write, size, read
 
 In one process, on the same runs, with the same torch thread count:
@@ -82,10 +82,10 @@ PRESETS: dict[str, list[str]] = {
         "data.val_tokens=4000",
         "eval_batches=1",
     ],
-    "small": [
-        "steps=2",
+    "small": [  # like a study checkpoint: each later one differs from the previous, the first and the last merge
+        "steps=8",
         "checkpoint_interval=2",
-        "eval_interval=2",
+        "eval_interval=8",
         "seq_len=64",
         "batch_size=2",
         "warmup_steps=1",
@@ -105,7 +105,10 @@ PRESETS: dict[str, list[str]] = {
         "eval_batches=1",
     ],
 }
-RELORA = ["method=relora", "relora.rank=8", "relora.alpha=16", "relora.merge_every=2", "relora.lr_restart_warmup=1"]
+RELORA = ["method=relora", "relora.rank=8", "relora.alpha=16", "relora.lr_restart_warmup=1"]
+#: ReLoRA merge period per preset: ``small`` merges every other checkpoint, so that its merge units difference
+#: against two earlier merges and its other units against checkpoints that differ, as in a study.
+MERGE_EVERY = {"micro": 2, "tiny": 2, "small": 4}
 
 
 def train_pair(preset: str, root: Path) -> list[Path]:
@@ -114,7 +117,7 @@ def train_pair(preset: str, root: Path) -> list[Path]:
     from trainer.train import train
 
     runs = []
-    for method, extra in (("full", []), ("relora", RELORA)):
+    for method, extra in (("full", []), ("relora", [*RELORA, f"relora.merge_every={MERGE_EVERY[preset]}"])):
         d = root / f"{preset}_{method}"
         if not (d / "manifest.json").exists():
             shutil.rmtree(d, ignore_errors=True)

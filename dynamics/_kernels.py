@@ -150,14 +150,13 @@ def svdvals(x: torch.Tensor, method: str) -> tuple[np.ndarray, str]:
         bad = out_of_range | inaccurate
     if not bad.any():
         return vals, "gram"
-    if vals.ndim == 1:
+    if vals.ndim == 1 or bad.all():  # every matrix: the whole batch as is (no copy of its members)
         return direct_svdvals(x), "direct"
     flat_vals = vals.reshape(-1, vals.shape[-1])
     flat_bad = bad.reshape(-1)
     idx = torch.from_numpy(np.nonzero(flat_bad)[0]).to(x.device)
     flat_vals[flat_bad] = direct_svdvals(x.reshape(-1, m, n).index_select(0, idx))
-    route = "direct" if flat_bad.all() else "gram+direct"
-    return flat_vals.reshape(vals.shape), route
+    return flat_vals.reshape(vals.shape), "gram+direct"
 
 
 def finite_or_raise(values: np.ndarray, caller: str) -> None:

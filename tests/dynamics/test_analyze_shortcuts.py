@@ -223,3 +223,16 @@ def test_top_k_thin_svd_gives_numpys_values_and_the_leading_subspaces(shape, k):
     if shape[1] != shape[2] and 2 * k <= min(shape[1:]):  # the short route really ran: k long-side vectors only
         u, _, vt = _svd_batch(x, k)[0]
         assert (u.shape[1] if shape[1] > shape[2] else vt.shape[0]) == k
+
+
+def test_auto_route_of_a_batch_where_every_or_some_gram_results_are_refused():
+    """Tall matrices try the Gram route; a batch whose every matrix is too ill-conditioned for it is decomposed
+    directly as a whole ('direct'), a mixed one member by member ('gram+direct'); values are numpy's either way."""
+    rng = np.random.default_rng(7)
+    low_rank = rng.standard_normal((3, 60, 4)) @ rng.standard_normal((3, 4, 20))  # rank 4 < 20: refused
+    mixed = np.concatenate([low_rank[:2], rng.standard_normal((2, 60, 20))])
+    for batch, route in ((low_rank, "direct"), (mixed, "gram+direct")):
+        spec = spectrum(batch)
+        assert spec.method == route
+        expected = np.linalg.svd(batch, compute_uv=False)
+        np.testing.assert_allclose(spec.values, expected, rtol=0, atol=1e-12 * expected.max())
