@@ -30,9 +30,12 @@ In one process, on the same runs, with the same torch thread count:
   which also counts what ran before), and the resident set before it.
 
 ``analyze_runs`` sets torch's thread count of the process to ``$DYNAMICS_WORKER_THREADS`` (default 1) in
-each unit, and ``$DYNAMICS_LARGE_MATRIX_THREADS`` (default: the usable cores // workers) for matrices of at least
-``LARGE_MATRIX_ENTRIES`` entries; the benchmark sets both (``--threads``, ``--large-threads``) and the floor
-decomposes each matrix with the same count (times ``--workers``).
+each unit, and ``$DYNAMICS_LARGE_MATRIX_THREADS`` (default: the usable cores // workers): a unit's cores. With more
+than one, a unit runs its weight components and its captures as tasks on that many threads, one torch thread each
+(:func:`dynamics.analyze.unit_threads`); with one, one part after another. The benchmark sets both (``--threads``,
+``--large-threads``); the floor decomposes each matrix with the same counts (times ``--workers``: the large
+matrices with the unit's cores), and also on a pool of that many threads with one torch thread each, and takes
+the faster.
 Not collected by pytest (not under tests/, not named test_*).
 """
 
@@ -49,6 +52,7 @@ import shutil
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +69,7 @@ from dynamics.analyze import (
     analyze_runs,
     default_large_threads,
     merge_chain,
+    unit_threads,
 )
 from dynamics.io import open_run
 from dynamics.validation import DynamicsError
@@ -162,19 +167,33 @@ def decomposed_matrices(runs: list[Path], act_sites: tuple[str, ...] = DEFAULT_A
     return mats
 
 
-def time_floor(mats: list[np.ndarray], repeats: int, threads: int, large_threads: int) -> float:
+def time_floor(mats: list[np.ndarray], repeats: int, threads: int, large_threads: int, pool: int = 1) -> float:
     """Minimum over ``repeats`` of the wall time of one float64 ``svdvals`` per matrix (seconds), with ``threads``
     torch threads, and ``large_threads`` for matrices of at least ``LARGE_MATRIX_ENTRIES`` entries (as analyze).
     A wide matrix is decomposed as its transpose (the same values; LAPACK is up to 3.9x faster on the tall form,
-    and analyze does the same), so the floor is the cheapest plain ``svdvals`` call."""
+    and analyze does the same), so the floor is the cheapest plain ``svdvals`` call.
+
+    With ``pool`` > 1 (analyze's units run their parts on that many threads, :func:`dynamics.analyze.unit_threads`)
+    the matrices are also decomposed on a pool of ``pool`` threads with one torch thread each, the same cores used
+    as analyze uses them; the floor is the faster of the two ways."""
     tensors = [torch.from_numpy(np.ascontiguousarray(m)) for m in mats]
+
+    def one(t: torch.Tensor) -> None:
+        torch.linalg.svdvals(t.mT if t.shape[-2] < t.shape[-1] else t)  # wide: as its (faster) transpose
+
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
         for t in tensors:
             torch.set_num_threads(large_threads if t.numel() >= LARGE_MATRIX_ENTRIES else threads)
-            torch.linalg.svdvals(t.mT if t.shape[-2] < t.shape[-1] else t)  # wide: as its (faster) transpose
+            one(t)
         best = min(best, time.perf_counter() - t0)
+        if pool > 1:
+            torch.set_num_threads(1)
+            t0 = time.perf_counter()
+            with ThreadPoolExecutor(max_workers=pool) as ex:
+                list(ex.map(one, sorted(tensors, key=lambda t: -t.numel())))  # largest first: balanced
+            best = min(best, time.perf_counter() - t0)
     torch.set_num_threads(threads)
     return best
 
@@ -277,7 +296,9 @@ def analyze_once(runs: list[Path], out: Path, workers: int = 1) -> tuple[float, 
 
     Phases (:data:`PHASES`, plus ``file checks`` -- :meth:`_RunView.verify` and ``require_finite`` -- and ``rest``)
     are timed by wrapping those functions of :mod:`dynamics.analyze` for this call (one process: ``workers=1``;
-    with more workers the units run in other processes and only ``rest`` -- everything -- is timed).
+    with more workers the units run in other processes and only ``rest`` -- everything -- is timed). They are busy
+    seconds: a unit with a thread pool (:func:`dynamics.analyze.unit_threads`) runs its capture rows beside its
+    weight rows, so phases may add up to more than the end-to-end time.
     """
     import dynamics.analyze as an
 
@@ -321,7 +342,9 @@ def analyze_once(runs: list[Path], out: Path, workers: int = 1) -> tuple[float, 
         an._RunView.verify, an._RunView.require_finite = saved_checks
     if errors:
         raise SystemExit(f"analyze failed: {errors}")
-    phases["rest"] = elapsed - sum(phases.values())
+    # rest: what no unit did (opening runs, cache keys, writing and assembling the tables); the phases above are
+    # busy seconds, and with a unit's thread pool its capture rows run beside its weight rows, so they overlap
+    phases["rest"] = max(0.0, elapsed - sum(units) - phases["cross-run units"]) if units else elapsed
     return elapsed, len(table), phases, units
 
 
@@ -341,8 +364,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument(
         "--large-threads",
         type=int,
-        help="torch threads per unit for matrices of >= LARGE_MATRIX_ENTRIES entries (default: what analyze picks, "
-        "the usable cores // --workers); the floor uses the same",
+        help="a unit's cores (default: what analyze picks, the usable cores // --workers): its thread pool, or with 1 "
+        "the torch threads of matrices of >= LARGE_MATRIX_ENTRIES entries; the floor uses the same",
     )
     ap.add_argument(
         "--profile", action="store_true", help="print a cProfile top 25 (cumulative, own time) of one analyze"
@@ -380,7 +403,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     mats = decomposed_matrices(runs)
     # the floor uses the cores analyze used: workers x threads, workers x large_threads for large matrices
-    floor = time_floor(mats, args.repeats, args.threads * args.workers, args.large_threads * args.workers)
+    pool = unit_threads(None) * args.workers  # every unit runs its parts on a pool of threads (analyze.unit_threads)
+    floor = time_floor(mats, args.repeats, args.threads * args.workers, args.large_threads * args.workers, pool)
     torch.set_num_threads(args.threads)
     res: dict[str, Any] = {
         "runs": [str(r) for r in runs],

@@ -24,6 +24,7 @@ Everything runs in float64 on CPU.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -240,6 +241,7 @@ def update_overlaps(dW1: np.ndarray, dW2: np.ndarray, k: int) -> list[UpdateOver
 
 
 _REFERENCE: dict[bytes, np.ndarray] = {}
+_REFERENCE_LOCK = threading.Lock()
 
 
 def _reference_vectors(w0: np.ndarray) -> np.ndarray:
@@ -252,11 +254,15 @@ def _reference_vectors(w0: np.ndarray) -> np.ndarray:
 
     w0 = np.ascontiguousarray(w0)
     key = hashlib.sha1(w0.data).digest() + repr((w0.shape, w0.dtype.str)).encode()
-    if key not in _REFERENCE:
-        if len(_REFERENCE) >= 512:
-            _REFERENCE.pop(next(iter(_REFERENCE)))
-        _REFERENCE[key] = _svd(w0.astype(np.float64, copy=False))[0]
-    return _REFERENCE[key]
+    with _REFERENCE_LOCK:  # an analysis unit's components run on several threads
+        found = _REFERENCE.get(key)
+    if found is None:
+        found = _svd(w0.astype(np.float64, copy=False))[0]
+        with _REFERENCE_LOCK:
+            if len(_REFERENCE) >= 512:
+                _REFERENCE.pop(next(iter(_REFERENCE)))
+            _REFERENCE[key] = found
+    return found
 
 
 def intruder_dimensions(W: Any, W0: Any, *, k: int = 10, threshold: float = 0.5, reference_k: int | None = None) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import threading
 
 import numpy as np
 import pytest
@@ -236,3 +237,44 @@ def test_auto_route_of_a_batch_where_every_or_some_gram_results_are_refused():
         assert spec.method == route
         expected = np.linalg.svd(batch, compute_uv=False)
         np.testing.assert_allclose(spec.values, expected, rtol=0, atol=1e-12 * expected.max())
+
+
+@pytest.mark.parametrize("which,step", [("relora", 8), ("full", 4)])
+def test_a_unit_on_a_thread_pool_gives_the_rows_of_one_part_after_another(trained_pair, monkeypatch, which, step):
+    """With two cores a unit runs its weight components and its captures as tasks on two threads, one torch thread
+    each; with one core one part after another, also with one torch thread: the same rows and spectra, in the
+    same order, bit for bit (ReLoRA merge step: cycle overlaps and intruders; full-rank step 4: both captures)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    path = str(getattr(trained_pair, which))
+    opts = AnalysisOptions(keep_spectra=True)
+    got = {}
+    try:
+        for cores in (1, 2):
+            monkeypatch.setenv(an.LARGE_THREADS_ENV, str(cores))
+            assert an.unit_threads(None) == cores
+            got[cores] = analyze_unit(path, step, opts)
+    finally:
+        torch.set_num_threads(before)
+    (rows1, spectra1), (rows2, spectra2) = got[1], got[2]
+    assert len(rows1) > 500 and {r["kind"] for r in rows1} >= {"weight", "update", "grad", "act"}
+    assert rows2 == rows1  # dict equality: keys, order of rows, every value (no NaN among them)
+    assert spectra2 == spectra1
+
+
+def test_unit_pool_runs_tasks_on_threads_with_one_torch_thread_and_restores_it_after_an_error():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with an._unit_pool(1) as pool:
+            assert pool is None and torch.get_num_threads() == 2
+        with pytest.raises(ZeroDivisionError):
+            with an._unit_pool(2) as pool:
+                assert pool is not None
+                seen = pool.submit(lambda: (threading.current_thread().name, torch.get_num_threads())).result()
+                assert seen[0].startswith("dynamics-unit") and seen[1] == 1
+                pool.submit(lambda: 1 / 0).result()  # a failing task's error reaches the unit
+        assert torch.get_num_threads() == 2
+        assert an.unit_threads("cuda") == 1
+    finally:
+        torch.set_num_threads(before)
