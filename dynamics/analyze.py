@@ -1038,16 +1038,18 @@ def _run_cross_cached(
 
     for path in (relora_path, full_path):  # a diverged checkpoint on either side: the unit is skipped and named
         _RunView(open_run(path)).require_finite(step)
-    rows = cross_run_rows(
-        relora_path,
-        full_path,
-        step,
-        act_sites=opts.act_sites,
-        label=relora_label,
-        updates="update_cumulative" in opts.kinds,
-        cka="act" in opts.kinds,
-        cca_min_tokens_per_feature=opts.cca_min_tokens_per_feature if opts.cca else None,
-    )
+    with _unit_pool(unit_threads(opts.device)) as pool:  # the update overlaps beside the CKA/CCA rows
+        rows = cross_run_rows(
+            relora_path,
+            full_path,
+            step,
+            act_sites=opts.act_sites,
+            label=relora_label,
+            updates="update_cumulative" in opts.kinds,
+            cka="act" in opts.kinds,
+            cca_min_tokens_per_feature=opts.cca_min_tokens_per_feature if opts.cca else None,
+            pool=pool,
+        )
     d = Path(cache) / label
     frame = pd.DataFrame(rows, columns=COLUMNS)
     with _shard_write_lock(Path(cache), write_lock):

@@ -35,6 +35,8 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Executor
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -181,6 +183,7 @@ def cross_run_rows(
     updates: bool = True,
     cka: bool = True,
     cca_min_tokens_per_feature: float | None = None,
+    pool: Executor | None = None,
 ) -> list[dict[str, Any]]:
     """Rows (``kind = "cross_run"``) comparing a ReLoRA run with a full-rank run at ``step``; see the module docstring.
 
@@ -188,33 +191,45 @@ def cross_run_rows(
     has no checkpoint give no rows; CKA rows need both runs' captures at
     ``step`` on the same probe set (:func:`same_probe`); SVCCA/PWCCA rows come with
     them when ``cca_min_tokens_per_feature`` is given (where the probe has that many
-    tokens per feature).
+    tokens per feature). With a thread ``pool`` the update-overlap rows and the CKA rows are computed at once, as
+    two tasks; the rows come in the same order either way (the update overlaps first).
     """
     from dynamics.io import open_run
 
     relora, full = open_run(relora_path), open_run(full_path)
     entry = next(c for c in relora.manifest["checkpoints"] if c["step"] == step)
     base = {"run": label, "method": relora.method, "step": step, "tokens": entry.get("tokens_seen")}
-    rows: list[dict[str, Any]] = []
 
-    def add(name: str, metrics: Mapping[str, float]) -> None:
-        layer, component = (
-            (int(name.split(".")[1]), name.split(".", 2)[2]) if name.startswith("layers.") else (-1, name)
-        )
-        for metric, value in metrics.items():
-            rows.append(
-                {
-                    **base,
-                    "layer": layer,
-                    "component": component,
-                    "kind": "cross_run",
-                    "metric": metric,
-                    "value": float(value),
-                }
+    def adder(rows: list[dict[str, Any]]) -> _Add:
+        def add(name: str, metrics: Mapping[str, float]) -> None:
+            layer, component = (
+                (int(name.split(".")[1]), name.split(".", 2)[2]) if name.startswith("layers.") else (-1, name)
             )
+            for metric, value in metrics.items():
+                rows.append(
+                    {
+                        **base,
+                        "layer": layer,
+                        "component": component,
+                        "kind": "cross_run",
+                        "metric": metric,
+                        "value": float(value),
+                    }
+                )
 
+        return add
+
+    update_rows: list[dict[str, Any]] = []
+    cka_rows: list[dict[str, Any]] = []
+    tasks: list[Callable[[], None]] = []
     if updates and step in full.steps and step != relora.steps[0]:
-        _update_rows(add, relora, full, step)
+        tasks.append(partial(_update_rows, adder(update_rows), relora, full, step))
     if cka and step in relora.capture_steps and step in full.capture_steps and same_probe(relora, full):
-        _cka_rows(add, relora, full, step, act_sites, cca_min_tokens_per_feature)
-    return rows
+        tasks.append(partial(_cka_rows, adder(cka_rows), relora, full, step, act_sites, cca_min_tokens_per_feature))
+    if pool is None or len(tasks) < 2:
+        for task in tasks:
+            task()
+    else:
+        for future in [pool.submit(task) for task in tasks]:
+            future.result()
+    return update_rows + cka_rows

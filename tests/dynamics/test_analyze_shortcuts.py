@@ -278,3 +278,20 @@ def test_unit_pool_runs_tasks_on_threads_with_one_torch_thread_and_restores_it_a
         assert an.unit_threads("cuda") == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_cross_run_rows_on_a_thread_pool_equal_those_of_one_task_after_another(trained_pair):
+    from dynamics.cross_run import cross_run_rows
+
+    kw = dict(act_sites=an.DEFAULT_ACT_SITES, label="relora", cca_min_tokens_per_feature=0.5)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # as a unit's tasks (another torch thread count moves the SVDs' last bits)
+    try:
+        alone = cross_run_rows(str(trained_pair.relora), str(trained_pair.full), 8, **kw)
+        with an._unit_pool(2) as pool:
+            pooled = cross_run_rows(str(trained_pair.relora), str(trained_pair.full), 8, pool=pool, **kw)
+    finally:
+        torch.set_num_threads(before)
+    metrics = {r["metric"] for r in alone}
+    assert {"update_overlap", "cka_debiased", "svcca"} <= metrics  # both tasks gave rows
+    assert pooled == alone  # same rows, same order (the update overlaps first), same values
