@@ -429,10 +429,14 @@ def _unit_pool(threads: int) -> Iterator[Executor | None]:
 
     before = torch.get_num_threads()
     torch.set_num_threads(1)
+    pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="dynamics-unit")
     try:
-        with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="dynamics-unit") as pool:
-            yield pool
+        yield pool
+    except BaseException:  # a failed part fails the unit: the waiting tasks are dropped, the running ones finish
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
     finally:
+        pool.shutdown(wait=True)
         torch.set_num_threads(before)
 
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import json
+import threading
 import warnings
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
@@ -559,6 +560,7 @@ class Run:
 #: Bytes of decoded activations :func:`cached_activations` keeps per process (least recently used dropped first).
 ACTIVATION_CACHE_BYTES = 256 << 20
 _ACTIVATIONS: OrderedDict[tuple[Any, ...], dict[str, np.ndarray]] = OrderedDict()
+_ACTIVATIONS_LOCK = threading.Lock()
 
 
 def cached_activations(
@@ -589,20 +591,22 @@ def cached_activations(
         kind,
         selection,
     )
-    hit = _ACTIVATIONS.get(key)
-    if hit is not None:
-        _ACTIVATIONS.move_to_end(key)
-        return dict(hit)
+    with _ACTIVATIONS_LOCK:  # an analysis unit's parts run on several threads (the read itself is outside)
+        hit = _ACTIVATIONS.get(key)
+        if hit is not None:
+            _ACTIVATIONS.move_to_end(key)
+            return dict(hit)
     out = run.get(kind, step, names, errors=errors)
     if not out:  # a skipped (damaged) file: not remembered
         return out
     for a in out.values():
         a.setflags(write=False)
-    _ACTIVATIONS[key] = out
-    held = sum(a.nbytes for v in _ACTIVATIONS.values() for a in v.values())
-    while held > ACTIVATION_CACHE_BYTES and len(_ACTIVATIONS) > 1:
-        _, old = _ACTIVATIONS.popitem(last=False)
-        held -= sum(a.nbytes for a in old.values())
+    with _ACTIVATIONS_LOCK:
+        _ACTIVATIONS[key] = out
+        held = sum(a.nbytes for v in _ACTIVATIONS.values() for a in v.values())
+        while held > ACTIVATION_CACHE_BYTES and len(_ACTIVATIONS) > 1:
+            _, old = _ACTIVATIONS.popitem(last=False)
+            held -= sum(a.nbytes for a in old.values())
     return dict(out)
 
 

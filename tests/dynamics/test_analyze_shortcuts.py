@@ -275,6 +275,16 @@ def test_unit_pool_runs_tasks_on_threads_with_one_torch_thread_and_restores_it_a
                 assert seen[0].startswith("dynamics-unit") and seen[1] == 1
                 pool.submit(lambda: 1 / 0).result()  # a failing task's error reaches the unit
         assert torch.get_num_threads() == 2
+        ran: list[int] = []
+        with pytest.raises(RuntimeError, match="a part failed"):
+            with an._unit_pool(2) as pool:
+                hold = threading.Event()
+                for _ in range(2):  # both threads busy until the pool gives up waiting on them
+                    pool.submit(hold.wait, 2.0)
+                for i in range(10):
+                    pool.submit(ran.append, i)
+                raise RuntimeError("a part failed")
+        assert ran == []  # the waiting tasks of a failed unit are dropped, not run
         assert an.unit_threads("cuda") == 1
     finally:
         torch.set_num_threads(before)
