@@ -32,15 +32,14 @@ from __future__ import annotations
 
 import functools
 import json
-import threading
 import warnings
-from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from dynamics._lru import BoundedLRU
 from dynamics.validation import DynamicsError, DynamicsWarning
 from trainer.names import select
 from trainer.run_format import (
@@ -559,8 +558,9 @@ class Run:
 
 #: Bytes of decoded activations :func:`cached_activations` keeps per process (least recently used dropped first).
 ACTIVATION_CACHE_BYTES = 256 << 20
-_ACTIVATIONS: OrderedDict[tuple[Any, ...], dict[str, np.ndarray]] = OrderedDict()
-_ACTIVATIONS_LOCK = threading.Lock()
+_ACTIVATIONS: BoundedLRU[dict[str, np.ndarray]] = BoundedLRU(
+    lambda: ACTIVATION_CACHE_BYTES, lambda arrays: sum(a.nbytes for a in arrays.values())
+)
 
 
 def cached_activations(
@@ -591,22 +591,15 @@ def cached_activations(
         kind,
         selection,
     )
-    with _ACTIVATIONS_LOCK:  # an analysis unit's parts run on several threads (the read itself is outside)
-        hit = _ACTIVATIONS.get(key)
-        if hit is not None:
-            _ACTIVATIONS.move_to_end(key)
-            return dict(hit)
+    hit = _ACTIVATIONS.get(key)
+    if hit is not None:
+        return dict(hit)
     out = run.get(kind, step, names, errors=errors)
     if not out:  # a skipped (damaged) file: not remembered
         return out
     for a in out.values():
         a.setflags(write=False)
-    with _ACTIVATIONS_LOCK:
-        _ACTIVATIONS[key] = out
-        held = sum(a.nbytes for v in _ACTIVATIONS.values() for a in v.values())
-        while held > ACTIVATION_CACHE_BYTES and len(_ACTIVATIONS) > 1:
-            _, old = _ACTIVATIONS.popitem(last=False)
-            held -= sum(a.nbytes for a in old.values())
+    _ACTIVATIONS.put(key, out)
     return dict(out)
 
 

@@ -53,14 +53,13 @@ maths core.
 from __future__ import annotations
 
 import math
-import threading
 import warnings
-from collections import OrderedDict
 from typing import Any
 
 import numpy as np
 import torch
 
+from ._lru import BoundedLRU
 from .validation import (
     DynamicsError,
     DynamicsWarning,
@@ -132,8 +131,9 @@ def _basis(x: torch.Tensor, name: str, caller: str) -> tuple[torch.Tensor, torch
 
 #: Bytes of the bases :func:`_cached_basis` keeps (least recently used dropped first).
 BASIS_CACHE_BYTES = 64 << 20
-_BASES: OrderedDict[bytes, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = OrderedDict()
-_BASES_LOCK = threading.Lock()
+_BASES: BoundedLRU[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = BoundedLRU(
+    lambda: BASIS_CACHE_BYTES, lambda basis: sum(t.numel() * t.element_size() for t in basis)
+)
 
 
 def _cached_basis(x: torch.Tensor, name: str, caller: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -150,18 +150,11 @@ def _cached_basis(x: torch.Tensor, name: str, caller: str) -> tuple[torch.Tensor
     data = x.detach().contiguous().numpy()
     # sha1 of the buffer itself (no bytes copy); measured faster than blake2b/md5 on this data
     key = hashlib.sha1(data.data).digest() + repr((tuple(x.shape), str(x.dtype))).encode()
-    with _BASES_LOCK:  # an analysis unit's parts run on several threads (the decomposition itself is outside)
-        hit = _BASES.get(key)
-        if hit is not None:
-            _BASES.move_to_end(key)
-            return hit
+    hit = _BASES.get(key)
+    if hit is not None:
+        return hit
     out = _basis(x, name, caller)
-    with _BASES_LOCK:
-        _BASES[key] = out
-        held = sum(sum(t.numel() * t.element_size() for t in v) for v in _BASES.values())
-        while held > BASIS_CACHE_BYTES and len(_BASES) > 1:
-            _, old = _BASES.popitem(last=False)
-            held -= sum(t.numel() * t.element_size() for t in old)
+    _BASES.put(key, out)
     return out
 
 

@@ -24,13 +24,13 @@ Everything runs in float64 on CPU.
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
+from ._lru import BoundedLRU
 from .validation import DynamicsError, ShapeError, as_matrix_batch, check_positive_int
 
 __all__ = [
@@ -240,8 +240,9 @@ def update_overlaps(dW1: np.ndarray, dW2: np.ndarray, k: int) -> list[UpdateOver
     return [_overlap_from_svds(a, b, k, shape) for a, b in zip(_svd_batch(dW1, kk), _svd_batch(dW2, kk))]
 
 
-_REFERENCE: dict[bytes, np.ndarray] = {}
-_REFERENCE_LOCK = threading.Lock()
+#: at most this many reference-vector sets are remembered (least recently used dropped first).
+_REFERENCE_ENTRIES = 512
+_REFERENCE: BoundedLRU[np.ndarray] = BoundedLRU(lambda: _REFERENCE_ENTRIES, lambda vectors: 1)
 
 
 def _reference_vectors(w0: np.ndarray) -> np.ndarray:
@@ -254,14 +255,10 @@ def _reference_vectors(w0: np.ndarray) -> np.ndarray:
 
     w0 = np.ascontiguousarray(w0)
     key = hashlib.sha1(w0.data).digest() + repr((w0.shape, w0.dtype.str)).encode()
-    with _REFERENCE_LOCK:  # an analysis unit's components run on several threads
-        found = _REFERENCE.get(key)
+    found = _REFERENCE.get(key)
     if found is None:
         found = _svd(w0.astype(np.float64, copy=False))[0]
-        with _REFERENCE_LOCK:
-            if len(_REFERENCE) >= 512:
-                _REFERENCE.pop(next(iter(_REFERENCE)))
-            _REFERENCE[key] = found
+        _REFERENCE.put(key, found)
     return found
 
 

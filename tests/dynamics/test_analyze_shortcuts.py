@@ -305,3 +305,20 @@ def test_cross_run_rows_on_a_thread_pool_equal_those_of_one_task_after_another(t
     metrics = {r["metric"] for r in alone}
     assert {"update_overlap", "cka_debiased", "svcca"} <= metrics  # both tasks gave rows
     assert pooled == alone  # same rows, same order (the update overlaps first), same values
+
+
+def test_bounded_lru_drops_the_least_recently_used_over_its_budget_and_keeps_the_newest():
+    from dynamics._lru import BoundedLRU
+
+    budget = {"units": 5}
+    lru: BoundedLRU[int] = BoundedLRU(lambda: budget["units"], lambda v: v)
+    lru.put("a", 2)
+    lru.put("b", 2)
+    assert lru.get("a") == 2  # now the most recently used
+    lru.put("c", 2)  # 6 > 5: "b" (least recently used) goes
+    assert lru.get("b") is None and lru.get("a") == 2 and lru.get("c") == 2 and len(lru) == 2
+    budget["units"] = 1  # read at each put
+    lru.put("d", 3)  # over any budget alone: kept, every other entry dropped
+    assert len(lru) == 1 and lru.get("d") == 3
+    lru.clear()
+    assert len(lru) == 0 and lru.get("d") is None
