@@ -27,6 +27,7 @@ PACKAGES = ("dynamics", "trainer")
 MATHS_CORE = frozenset(
     {
         "dynamics._kernels",
+        "dynamics._lru",
         "dynamics.validation",
         "dynamics.spectra",
         "dynamics.metrics",
