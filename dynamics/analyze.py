@@ -74,6 +74,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from dynamics._malloc import hold_for_process, reuse_freed_memory
 from dynamics.io import DynamicsIOError, Run
 from dynamics.similarity import MIN_TOKENS_PER_FEATURE
 from dynamics.spectra import Spectrum
@@ -831,7 +832,7 @@ def analyze_unit(run_path: str, step: int, opts: AnalysisOptions) -> tuple[list[
             for s in (cap[j - 1] if j > 0 else None, cap[-1] if cap[-1] != step else None)
         )
     cap_out = _Rows(run.label, run.method, step, entry.get("tokens_seen"), opts.keep_spectra)
-    with _unit_pool(unit_threads(opts.device)) as pool:
+    with reuse_freed_memory(), _unit_pool(unit_threads(opts.device)) as pool:  # the unit's allocator and cores
         if pool is None:
             _weight_rows(out, run, step, prev, first, merges, opts)
             if captures:
@@ -1042,7 +1043,7 @@ def _run_cross_cached(
 
     for path in (relora_path, full_path):  # a diverged checkpoint on either side: the unit is skipped and named
         _RunView(open_run(path)).require_finite(step)
-    with _unit_pool(unit_threads(opts.device)) as pool:  # the update overlaps beside the CKA/CCA rows
+    with reuse_freed_memory(), _unit_pool(unit_threads(opts.device)) as pool:  # overlaps beside the CKA/CCA rows
         rows = cross_run_rows(
             relora_path,
             full_path,
@@ -1404,14 +1405,15 @@ def _analyze_runs(
                 failed(label, step, error)
             bar.update(1)
     elif workers <= 1:
-        for label, step in todo:
-            fn, args = units[(label, step)]
-            try:
-                fn(*args)
-                done.append((label, step))
-            except INPUT_ERRORS as e:  # a bad or empty input; anything else is a bug and surfaces
-                failed(label, step, e)
-            bar.update(1)
+        with reuse_freed_memory():  # held across the units: each reuses the memory the last one freed
+            for label, step in todo:
+                fn, args = units[(label, step)]
+                try:
+                    fn(*args)
+                    done.append((label, step))
+                except INPUT_ERRORS as e:  # a bad or empty input; anything else is a bug and surfaces
+                    failed(label, step, e)
+                bar.update(1)
     else:
         import multiprocessing as mp
 
@@ -1419,7 +1421,9 @@ def _analyze_runs(
 
         with (
             child_threads(max(1, int(os.environ.get("DYNAMICS_WORKER_THREADS", "1")))),
-            ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool,
+            ProcessPoolExecutor(
+                max_workers=workers, mp_context=mp.get_context("spawn"), initializer=hold_for_process
+            ) as pool,
         ):
             futures = {pool.submit(units[u][0], *units[u][1]): u for u in todo}
             for fut in as_completed(futures):

@@ -1,0 +1,116 @@
+"""``dynamics._malloc``: while analysis runs, glibc's malloc serves large blocks from its heap (freed memory is reused,
+not unmapped and faulted in again), and the defaults come back afterwards.
+
+Observed through ``mallinfo2().hblks``, glibc's count of blocks it holds as separate ``mmap`` regions: a 64 MiB
+array is such a block under the defaults, and is not one while the setting is held.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from dynamics._malloc import REUSE_ENV, _glibc, reuse_freed_memory
+
+
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks")
+    ] + [("keepcost", ctypes.c_size_t)]
+
+
+def _mapped_blocks() -> int:
+    libc = _glibc()
+    if libc is None or not hasattr(libc, "mallinfo2"):
+        pytest.skip("needs glibc >= 2.33 (mallinfo2)")
+    libc.mallinfo2.restype = _Mallinfo2
+    return int(libc.mallinfo2().hblks)
+
+
+BIG = 64 << 20  # bytes: far above glibc's largest mmap threshold (32 MiB)
+
+
+def _mapped_by_a_big_array() -> int:
+    """How many mmap regions one live 64 MiB array adds."""
+    before = _mapped_blocks()
+    a = np.ones(BIG, dtype=np.uint8)
+    added = _mapped_blocks() - before
+    del a
+    return added
+
+
+@pytest.fixture(autouse=True)
+def _setting_on(monkeypatch):
+    monkeypatch.delenv(REUSE_ENV, raising=False)
+
+
+def test_large_blocks_come_from_the_heap_while_held_and_are_mapped_again_after():
+    assert _mapped_by_a_big_array() == 1  # glibc's default: its own mmap region
+    with reuse_freed_memory() as on:
+        assert on
+        assert _mapped_by_a_big_array() == 0
+        with reuse_freed_memory():  # re-entrant: an inner exit keeps the outer setting
+            pass
+        assert _mapped_by_a_big_array() == 0
+    assert _mapped_by_a_big_array() == 1
+
+
+def test_the_setting_is_restored_when_the_block_raises():
+    with pytest.raises(RuntimeError), reuse_freed_memory():
+        raise RuntimeError("a failed unit")
+    assert _mapped_by_a_big_array() == 1
+
+
+def test_the_environment_variable_leaves_malloc_alone(monkeypatch):
+    monkeypatch.setenv(REUSE_ENV, "0")
+    with reuse_freed_memory() as on:
+        assert not on
+        assert _mapped_by_a_big_array() == 1
+
+
+def test_freed_memory_is_reused_inside_a_unit_without_new_page_faults():
+    """The point of the setting: a temporary freed and allocated again costs no fresh zero-filled pages."""
+    import resource
+
+    _mapped_blocks()  # skips without glibc
+
+    def faults_of_ten_temporaries() -> int:
+        start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(10):
+            np.ones(BIG, dtype=np.uint8)  # written in full, then freed
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start
+
+    default = faults_of_ten_temporaries()
+    with reuse_freed_memory():
+        held = faults_of_ten_temporaries()
+    pages = 10 * BIG // os.sysconf("SC_PAGE_SIZE")
+    assert default > pages // 1000  # every temporary faulted in again (huge pages: 512 per 2 MiB fault)
+    assert held < default / 5
+
+
+def test_a_worker_process_holds_the_setting_for_life():
+    _mapped_blocks()  # skips without glibc
+    code = textwrap.dedent(
+        """
+        import numpy as np
+        from dynamics._malloc import hold_for_process
+        from tests.dynamics.test_malloc import _mapped_by_a_big_array
+        assert _mapped_by_a_big_array() == 1
+        hold_for_process()
+        hold_for_process()
+        assert _mapped_by_a_big_array() == 0
+        print("ok")
+        """
+    )
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {k: v for k, v in os.environ.items() if k != REUSE_ENV}
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"
