@@ -74,7 +74,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from dynamics._malloc import hold_for_process, reuse_freed_memory
+from dynamics._malloc import child_tunables, hold_for_process, reuse_freed_memory
 from dynamics.io import DynamicsIOError, Run
 from dynamics.similarity import MIN_TOKENS_PER_FEATURE
 from dynamics.spectra import Spectrum
@@ -1421,6 +1421,7 @@ def _analyze_runs(
 
         with (
             child_threads(max(1, int(os.environ.get("DYNAMICS_WORKER_THREADS", "1")))),
+            child_tunables(),
             ProcessPoolExecutor(
                 max_workers=workers, mp_context=mp.get_context("spawn"), initializer=hold_for_process
             ) as pool,

@@ -127,6 +127,9 @@ def _add_analyze(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
 
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
+    from dynamics._malloc import one_arena
+
+    one_arena()  # before the imports below: every thread of this process allocates from glibc's main arena
     from dynamics.analyze import KIND_ALIASES, AnalysisOptions, analyze_runs, parse_shard
 
     opts = AnalysisOptions()

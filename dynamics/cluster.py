@@ -244,7 +244,10 @@ class DaskUnits:
         import dask
         from distributed import Client, LocalCluster
 
-        with dask.config.set({"distributed.scheduler.allowed-failures": ALLOWED_FAILURES}):
+        from dynamics._malloc import child_tunables
+
+        # the worker processes start with one malloc arena (see dynamics._malloc)
+        with dask.config.set({"distributed.scheduler.allowed-failures": ALLOWED_FAILURES}), child_tunables():
             self.cluster = LocalCluster(
                 n_workers=self.workers, threads_per_worker=1, processes=True, dashboard_address=":0"
             )

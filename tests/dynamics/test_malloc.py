@@ -114,3 +114,78 @@ def test_a_worker_process_holds_the_setting_for_life():
     done = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ok"
+
+
+def test_child_tunables_adds_one_arena_and_keeps_what_the_user_set(monkeypatch):
+    from dynamics._malloc import child_tunables
+
+    _mapped_blocks()  # skips without glibc
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    with child_tunables():
+        assert os.environ["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=1"
+    assert "GLIBC_TUNABLES" not in os.environ
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.tcache_count=0")
+    with child_tunables():
+        assert os.environ["GLIBC_TUNABLES"] == "glibc.malloc.tcache_count=0:glibc.malloc.arena_max=1"
+    assert os.environ["GLIBC_TUNABLES"] == "glibc.malloc.tcache_count=0"
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=4")  # the user's choice stands
+    with child_tunables():
+        assert os.environ["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=4"
+    monkeypatch.setenv(REUSE_ENV, "0")
+    monkeypatch.delenv("GLIBC_TUNABLES")
+    with child_tunables():
+        assert "GLIBC_TUNABLES" not in os.environ
+
+
+_COUNT_ARENAS = textwrap.dedent(
+    """
+    import ctypes, os, tempfile, threading
+    libc = ctypes.CDLL("libc.so.6")
+    libc.fdopen.restype = ctypes.c_void_p
+    libc.malloc_info.argtypes = [ctypes.c_int, ctypes.c_void_p]
+    libc.fclose.argtypes = [ctypes.c_void_p]
+    go = threading.Barrier(5)
+    def work():
+        block = bytearray(1 << 20)  # malloc from this thread's arena
+        go.wait()  # all four alive at once: each would need an arena of its own
+        go.wait()
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    [t.start() for t in threads]
+    go.wait()
+    with tempfile.TemporaryFile() as f:
+        stream = libc.fdopen(os.dup(f.fileno()), b"w")
+        libc.malloc_info(0, stream)
+        libc.fclose(stream)
+        f.seek(0)
+        print(f.read().decode().count("<heap nr="))
+    go.wait()
+    [t.join() for t in threads]
+    """
+)
+
+
+def _arenas_of_a_child() -> int:
+    done = subprocess.run([sys.executable, "-c", _COUNT_ARENAS], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return int(done.stdout.strip())
+
+
+def test_a_child_started_inside_child_tunables_has_one_malloc_arena(monkeypatch):
+    from dynamics._malloc import child_tunables
+
+    _mapped_blocks()  # skips without glibc
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    assert _arenas_of_a_child() > 1  # glibc's default: threads get arenas of their own
+    with child_tunables():
+        assert _arenas_of_a_child() == 1
+
+
+def test_one_arena_makes_later_threads_share_the_main_arena(monkeypatch):
+    _mapped_blocks()  # skips without glibc
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    monkeypatch.delenv(REUSE_ENV, raising=False)
+    code = "from dynamics._malloc import one_arena\nassert one_arena()\n" + _COUNT_ARENAS
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert int(done.stdout.strip()) == 1
