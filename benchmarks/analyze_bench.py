@@ -61,7 +61,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dynamics.analyze import (
+from dynamics._malloc import one_arena
+
+one_arena()  # as `dynamics analyze` does, before pandas is imported: every thread uses glibc's main arena
+from dynamics.analyze import (  # noqa: E402
     DEFAULT_ACT_SITES,
     LARGE_MATRIX_ENTRIES,
     LARGE_THREADS_ENV,
@@ -71,8 +74,8 @@ from dynamics.analyze import (
     merge_chain,
     unit_threads,
 )
-from dynamics.io import open_run
-from dynamics.validation import DynamicsError
+from dynamics.io import open_run  # noqa: E402
+from dynamics.validation import DynamicsError  # noqa: E402
 
 #: Training settings per preset: a few checkpoints (and captures) of a short run, small batch.
 PRESETS: dict[str, list[str]] = {
