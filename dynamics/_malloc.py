@@ -67,7 +67,13 @@ def _glibc() -> Any | None:
     return libc
 
 
+def _enabled() -> Any | None:
+    """:func:`_glibc`, or ``None`` when ``DYNAMICS_REUSE_FREED_MEMORY=0`` turns the settings of this module off."""
+    return _glibc() if os.environ.get(REUSE_ENV, "1") != "0" else None
+
+
 def _set(libc: Any, held: bool) -> None:
+    """The held settings (``held``) or glibc's defaults."""
     libc.mallopt(_M_TRIM_THRESHOLD, _HELD_TRIM_THRESHOLD if held else _DEFAULT_TRIM_THRESHOLD)
     libc.mallopt(_M_MMAP_MAX, 0 if held else _DEFAULT_MMAP_MAX)
     libc.mallopt(_M_ARENA_MAX, 1 if held else _DEFAULT_ARENA_MAX)
@@ -79,7 +85,7 @@ def reuse_freed_memory() -> Iterator[bool]:
     module docstring). Re-entrant and thread-safe: the outermost exit restores the defaults and trims the heap.
     Yields whether the setting is in effect (``False``: not glibc, or ``DYNAMICS_REUSE_FREED_MEMORY=0``)."""
     global _depth
-    libc = _glibc() if os.environ.get(REUSE_ENV, "1") != "0" else None
+    libc = _enabled()
     if libc is None:
         yield False
         return
@@ -102,7 +108,7 @@ def one_arena() -> bool:
     1, for the rest of the process). For a process that is ours, such as the ``dynamics analyze`` command: called
     before anything makes a second arena (importing pandas does), every thread then uses the main arena, as
     :func:`child_tunables` gives worker processes. Returns whether it applied (glibc, and the setting is on)."""
-    libc = _glibc() if os.environ.get(REUSE_ENV, "1") != "0" else None
+    libc = _enabled()
     if libc is None:
         return False
     libc.mallopt(_M_ARENA_MAX, 1)
@@ -130,7 +136,7 @@ def child_tunables() -> Iterator[None]:
     """Processes started inside the block start with :data:`CHILD_TUNABLES` added to ``GLIBC_TUNABLES`` (a tunable
     the variable already names is left as it is); the environment is restored afterwards. A no-op where
     :func:`reuse_freed_memory` is (not glibc, or ``DYNAMICS_REUSE_FREED_MEMORY=0``)."""
-    if os.environ.get(REUSE_ENV, "1") == "0" or _glibc() is None:
+    if _enabled() is None:
         yield
         return
     old = os.environ.get("GLIBC_TUNABLES")
