@@ -189,3 +189,27 @@ def test_one_arena_makes_later_threads_share_the_main_arena(monkeypatch):
     done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert int(done.stdout.strip()) == 1
+
+
+def test_an_analysis_unit_holds_the_setting_and_gives_the_rows_it_gives_without_it(trained_pair, monkeypatch):
+    """Reused memory is not zero-filled: a unit must not depend on fresh pages, so its rows are the same bit for bit
+    (ReLoRA merge step: weights, updates, cycle overlaps, intruders, captures)."""
+    import dynamics._malloc as malloc
+    import dynamics.analyze as an
+
+    _mapped_blocks()  # skips without glibc
+    depth_seen: list[int] = []
+    weight_rows = an._weight_rows
+
+    def spy(*args, **kwargs):
+        depth_seen.append(malloc._depth)
+        return weight_rows(*args, **kwargs)
+
+    monkeypatch.setattr(an, "_weight_rows", spy)
+    opts = an.AnalysisOptions(keep_spectra=True)
+    held = an.analyze_unit(str(trained_pair.relora), 8, opts)
+    monkeypatch.setenv(REUSE_ENV, "0")
+    plain = an.analyze_unit(str(trained_pair.relora), 8, opts)
+    assert depth_seen == [1, 0]  # held while the unit computed; not at all when turned off
+    assert len(held[0]) > 500
+    assert held == plain  # rows and spectra (no NaN among them)
