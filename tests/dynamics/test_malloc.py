@@ -46,6 +46,18 @@ def _mapped_by_a_big_array() -> int:
     return added
 
 
+#: the repository root: a child process started there imports ``dynamics`` and ``tests`` from this checkout
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _child_prints(code: str, timeout: float = 120) -> str:
+    """What ``python -c code``, run from :data:`ROOT` with this process's environment, prints (it must succeed
+    within ``timeout`` seconds)."""
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
 @pytest.fixture(autouse=True)
 def _setting_on(monkeypatch):
     monkeypatch.delenv(REUSE_ENV, raising=False)
@@ -109,11 +121,7 @@ def test_a_worker_process_holds_the_setting_for_life():
         print("ok")
         """
     )
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = {k: v for k, v in os.environ.items() if k != REUSE_ENV}
-    done = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "ok"
+    assert _child_prints(code) == "ok"  # the setting is on: the autouse fixture removed its variable
 
 
 def test_child_tunables_adds_one_arena_and_keeps_what_the_user_set(monkeypatch):
@@ -165,9 +173,7 @@ _COUNT_ARENAS = textwrap.dedent(
 
 
 def _arenas_of_a_child() -> int:
-    done = subprocess.run([sys.executable, "-c", _COUNT_ARENAS], capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stderr
-    return int(done.stdout.strip())
+    return int(_child_prints(_COUNT_ARENAS, timeout=60))
 
 
 def test_a_child_started_inside_child_tunables_has_one_malloc_arena(monkeypatch):
@@ -183,12 +189,8 @@ def test_a_child_started_inside_child_tunables_has_one_malloc_arena(monkeypatch)
 def test_one_arena_makes_later_threads_share_the_main_arena(monkeypatch):
     _mapped_blocks()  # skips without glibc
     monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
-    monkeypatch.delenv(REUSE_ENV, raising=False)
     code = "from dynamics._malloc import one_arena\nassert one_arena()\n" + _COUNT_ARENAS
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    assert int(done.stdout.strip()) == 1
+    assert int(_child_prints(code)) == 1
 
 
 def test_an_analysis_unit_holds_the_setting_and_gives_the_rows_it_gives_without_it(trained_pair, monkeypatch):
