@@ -93,15 +93,19 @@ def test_freed_memory_is_reused_inside_a_unit_without_new_page_faults():
 
     _mapped_blocks()  # skips without glibc
 
-    def faults_of_ten_temporaries() -> int:
+    def faults_of_temporaries(count: int) -> int:
         start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        for _ in range(10):
+        for _ in range(count):
             np.ones(BIG, dtype=np.uint8)  # written in full, then freed
         return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start
 
-    default = faults_of_ten_temporaries()
+    default = faults_of_temporaries(10)
     with reuse_freed_memory():
-        held = faults_of_ten_temporaries()
+        # The first temporary grows the heap, and those pages fault in once. With transparent huge pages that costs
+        # as many faults as several mmap'd temporaries (numpy advises huge pages for large arrays), so only the
+        # temporaries after it show the reuse.
+        faults_of_temporaries(1)
+        held = faults_of_temporaries(10)
     pages = 10 * BIG // os.sysconf("SC_PAGE_SIZE")
     assert default > pages // 1000  # every temporary faulted in again (huge pages: 512 per 2 MiB fault)
     assert held < default / 5
