@@ -541,15 +541,26 @@ class Run:
         adapters = self.checkpoint_path(step) / ADAPTERS_FILE
         return _read_safetensors(adapters, {n: f"{n}.weight" for n in names})
 
+    def weight_shapes(self, step: int) -> dict[str, tuple[int, ...]]:
+        """``{name: shape}`` of the checkpoint's dense weights (``model.safetensors``: the merged weights) under
+        canonical names, in model order, from the file's header alone (no tensor is read)."""
+        header = self._safetensors_header(self.checkpoint_path(step) / MODEL_FILE)
+        dense = {k[: -len(".weight")]: shape for k, shape in header}
+        return {n: dense[n] for n in sorted(dense, key=_model_order)}
+
     def _safetensors_keys(self, path: Path) -> list[str]:
         """The keys of a safetensors file's header (remembered per file identity: path, inode, size, mtime)."""
+        return [k for k, _ in self._safetensors_header(path)]
+
+    def _safetensors_header(self, path: Path) -> tuple[tuple[str, tuple[int, ...]], ...]:
+        """``(key, shape)`` of each tensor in a safetensors file's header (:func:`_header`)."""
         try:
             st = path.stat()
         except OSError:
             st = None
         if st is None or not path.is_file():
             raise DynamicsIOError(f"{path} is missing (listed in {self.path / MANIFEST})", path)
-        return list(_header_keys(str(path), st.st_ino, st.st_size, st.st_mtime_ns))
+        return _header(str(path), st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -670,14 +681,15 @@ def _read_dataset(f: Any, key: str) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=256)
-def _header_keys(path: str, inode: int, size: int, mtime_ns: int) -> tuple[str, ...]:
-    """Keys of the safetensors file ``path`` (its header only), cached by the file's identity: analysis asks for the
-    same headers many times per checkpoint, and a file replaced on disk gets a new entry. Errors are not cached."""
+def _header(path: str, inode: int, size: int, mtime_ns: int) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """``(key, shape)`` of each tensor of the safetensors file ``path`` (its header only), cached by the file's
+    identity: analysis asks for the same headers many times per checkpoint, and a file replaced on disk gets a new
+    entry. Errors are not cached."""
     from safetensors import safe_open
 
     try:
         with safe_open(path, framework="pt") as f:
-            return tuple(f.keys())
+            return tuple((k, tuple(f.get_slice(k).get_shape())) for k in f.keys())
     except Exception as e:  # noqa: BLE001 - SafetensorError (an Exception) and friends on a damaged header
         raise DynamicsIOError(f"{path} is truncated or corrupted: {type(e).__name__}: {e}", path) from None
 

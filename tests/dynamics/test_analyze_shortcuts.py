@@ -262,6 +262,30 @@ def test_a_unit_on_a_thread_pool_gives_the_rows_of_one_part_after_another(traine
     assert spectra2 == spectra1
 
 
+def test_a_pool_gets_the_vocabulary_matrices_as_one_task_first_and_the_layers_longest_first():
+    """The embedding and LM head never run at once (one task, the costlier first); the layered components follow
+    longest first, so the pool ends on short tasks; every component is in exactly one task."""
+    d, ff, kv, vocab = 64, 256, 16, 1000
+    shapes = {"embed": (vocab, d), "final_norm": (d,), "lm_head": (vocab + 24, d)}
+    for i in range(2):
+        shapes |= {f"layers.{i}.attn.q": (d, d), f"layers.{i}.attn.k": (kv, d), f"layers.{i}.mlp.up": (ff, d)}
+        shapes |= {f"layers.{i}.mlp.down": (d, ff), f"layers.{i}.attn.norm": (d,)}
+    components: dict[str, list[str]] = {}
+    for name in shapes:
+        if not name.endswith("norm"):
+            components.setdefault(an._split(name)[1], []).append(name)
+    tasks = an._pool_order(list(components.values()), shapes)
+    assert tasks[0] == [["lm_head"], ["embed"]]
+    layered = [task[0][0].split(".", 2)[2] for task in tasks[1:]]
+    assert all(len(task) == 1 for task in tasks[1:])
+    assert layered == ["mlp.up", "mlp.down", "attn.q", "attn.k"]  # m·n·min(m, n): 2x up/down (tie: model order)
+    assert sorted(n for task in tasks for c in task for n in c) == sorted(n for c in components.values() for n in c)
+    assert an._pool_order([["layers.0.attn.q"], ["layers.1.attn.q"]], {}) == [
+        [["layers.0.attn.q"]],
+        [["layers.1.attn.q"]],
+    ]
+
+
 def test_unit_pool_runs_tasks_on_threads_with_one_torch_thread_and_restores_it_after_an_error():
     before = torch.get_num_threads()
     torch.set_num_threads(2)

@@ -80,6 +80,9 @@ def test_get_kinds_shapes_and_tensors(runs):
         "layers.1.attn.o": (64, 64),
     }
     assert run.get("weight", 8, "lm_head")["lm_head"].shape == (512, 64)
+    every = run.weights(8)
+    shapes = run.weight_shapes(8)  # from the header: the shapes the tensors have, in model order
+    assert shapes == {k: v.shape for k, v in every.items()} and list(shapes) == run.names("weight", 8)
     attrs = run.attrs(8)
     assert attrs["step"] == 8 and attrs["schema_version"] == 1 and attrs["config"]["method"] == "full"
     assert run.token_index().shape == (256,) and run.probe_inputs()["input_ids"].shape == (8, 32)
