@@ -151,3 +151,34 @@ def test_manifest_is_strict_json(small_run):
     write_manifest(small_run, m)
     text = (small_run / "manifest.json").read_text()
     assert "NaN" not in text and read_manifest(small_run)["checkpoints"][-1]["val_loss"] is None
+
+
+def test_every_damaged_file_of_a_checkpoint_is_named_in_the_manifest_order(tmp_path):
+    """The files are hashed on threads; the problems still come back one per bad file, in the entry's order, with
+    the capture file last."""
+    import hashlib
+
+    from trainer.run_format import checkpoint_file_problems
+
+    ckpt = tmp_path / "checkpoints" / "step_000004"
+    ckpt.mkdir(parents=True)
+    contents = {name: name.encode() * 4096 for name in ("model.safetensors", "adapters.safetensors", "rng.pt")}
+    for name, data in contents.items():
+        (ckpt / name).write_bytes(data)
+    (tmp_path / "step_000004.h5").write_bytes(b"capture")
+    entry = {
+        "path": "checkpoints/step_000004",
+        "sha256": {name: hashlib.sha256(data).hexdigest() for name, data in contents.items()},
+        "dynamics": {"path": "step_000004.h5", "sha256": hashlib.sha256(b"capture").hexdigest()},
+    }
+    assert checkpoint_file_problems(tmp_path, entry, capture=True) == []
+    (ckpt / "model.safetensors").write_bytes(b"flipped" + contents["model.safetensors"][7:])
+    (ckpt / "rng.pt").unlink()
+    (tmp_path / "step_000004.h5").write_bytes(b"Capture")
+    problems = checkpoint_file_problems(tmp_path, entry, capture=True)
+    assert [(path.name, problem.split(" is ")[1].split(":")[0]) for path, problem in problems] == [
+        ("model.safetensors", "corrupted"),
+        ("rng.pt", "missing (listed in the manifest)"),
+        ("step_000004.h5", "corrupted"),
+    ]
+    assert checkpoint_file_problems(tmp_path, entry, files=["adapters.safetensors"]) == []
