@@ -102,6 +102,22 @@ def test_linear_cka_matches_reference(shape: tuple[int, int, int], route: str) -
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=0)
 
 
+@pytest.mark.parametrize("shape", [(2, 40, 300), (3, 200, 30)])
+@pytest.mark.parametrize("route", ["auto", "features", "tokens"])
+def test_debiased_cka_matches_reference_on_either_route(shape: tuple[int, int, int], route: str) -> None:
+    """Both routes (feature-space products, n x n kernels) give the reference value; 'auto' takes the kernels when
+    there are fewer tokens than features, the products otherwise."""
+    rng = np.random.default_rng(sum(shape))
+    b, n, p = shape
+    x, y = _pair(rng, b, n, p, p // 2)
+    got = debiased_linear_cka(torch.from_numpy(x), torch.from_numpy(y), route=route)
+    np.testing.assert_allclose(got, [_ref_debiased(x[i], y[i]) for i in range(b)], rtol=1e-10, atol=0)
+    cheaper = "tokens" if n < p else "features"
+    assert np.array_equal(debiased_linear_cka(x, y), debiased_linear_cka(x, y, route=cheaper))
+    with pytest.raises(DynamicsError, match="route"):
+        debiased_linear_cka(x, y, route="kernel")
+
+
 @pytest.mark.parametrize("scale", [1e150, 1e-150, 1e100, 1.0])
 def test_cka_extreme_magnitudes(scale: float) -> None:
     rng = np.random.default_rng(1)
@@ -111,7 +127,9 @@ def test_cka_extreme_magnitudes(scale: float) -> None:
     got = linear_cka(torch.from_numpy(x), torch.from_numpy(y))
     np.testing.assert_allclose(got, want, rtol=1e-12)
     want_d = np.array([_ref_debiased(x[i] / scale, y[i] / scale) for i in range(3)])
-    np.testing.assert_allclose(debiased_linear_cka(torch.from_numpy(x), torch.from_numpy(y)), want_d, rtol=1e-10)
+    for route in ("features", "tokens"):
+        got_d = debiased_linear_cka(torch.from_numpy(x), torch.from_numpy(y), route=route)
+        np.testing.assert_allclose(got_d, want_d, rtol=1e-10)
 
 
 def test_cka_mixed_magnitudes_in_one_batch() -> None:
@@ -162,8 +180,9 @@ def test_cka_constant_view_raises(which: str) -> None:
     target[7] = 2.5  # one constant layer in a later block
     with pytest.raises(DynamicsError, match=f"`{which}` is constant"):
         linear_cka(x, y)
-    with pytest.raises(DynamicsError, match=f"`{which}` with itself"):
-        debiased_linear_cka(x, y)
+    for route in ("features", "tokens"):
+        with pytest.raises(DynamicsError, match=f"`{which}` with itself"):
+            debiased_linear_cka(x, y, route=route)
 
 
 def test_cka_constant_in_both_reports_x_first() -> None:
