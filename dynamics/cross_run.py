@@ -37,13 +37,16 @@ import json
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from dynamics.io import Run, cached_activations
 from dynamics.validation import DynamicsError
 from trainer.run_format import without_execution_settings
+
+if TYPE_CHECKING:
+    from dynamics.subspaces import UpdateOverlap
 
 __all__ = ["comparison_key", "seed_group_key", "pair_runs", "cross_run_rows", "same_probe"]
 
@@ -83,18 +86,23 @@ def pair_runs(runs: Sequence[tuple[str, str, Mapping[str, Any]]]) -> list[tuple[
     return pairs
 
 
-def _update_rows(add: _Add, relora: Run, full: Run, step: int) -> None:
-    """``update_overlap`` rows of the matrices ``relora`` wraps, at its adapter rank (from its stored config).
+#: name -> its update overlap, or None for a zero update (no subspace)
+_Found = dict[str, "UpdateOverlap | None"]
 
-    Same-shaped matrices (all layers' ``attn.q``, ...) go through one batched SVD per run
-    (:func:`dynamics.subspaces.update_overlaps`: the numbers of :func:`~dynamics.subspaces.update_overlap` pair by
-    pair); rows come in the order of the wrapped names. Both checkpoints are finite (the cross-run unit checks them).
+
+def _update_overlap_tasks(relora: Run, full: Run, step: int) -> tuple[list[str], list[Callable[[], _Found]]]:
+    """The matrices ``relora`` wraps (in row order) and one task per group of same-shaped ones that returns their
+    ``update_overlap`` results at the adapter rank (from the run's stored config), costliest group first.
+
+    A group (all layers' ``attn.q``, ...) goes through one batched SVD per run (:func:`dynamics.subspaces.
+    update_overlaps`: the numbers of :func:`~dynamics.subspaces.update_overlap` pair by pair); each task forms its
+    own float64 differences. The weights are read here. Both checkpoints are finite (the cross-run unit checks them).
     """
-    from dynamics.subspaces import UpdateOverlap, update_overlaps
+    from dynamics.subspaces import update_overlaps
 
     wrapped = relora.wrapped
     if wrapped.rank is None or not wrapped.targets:
-        return
+        return [], []
     k = wrapped.rank
     first_r, first_f = relora.steps[0], full.steps[0]
     names = wrapped.names(relora.n_layers)
@@ -104,14 +112,26 @@ def _update_rows(add: _Add, relora: Run, full: Run, step: int) -> None:
     for name in names:
         if now_r[name].shape == now_f[name].shape and now_r[name].ndim == 2:
             groups.setdefault(now_r[name].shape, []).append(name)
-    found: dict[str, UpdateOverlap | None] = {}
-    for group in groups.values():
+
+    def group_task(group: list[str]) -> _Found:
         dr = np.stack([np.subtract(now_r[n], init_r[n], dtype=np.float64) for n in group])
         df = np.stack([np.subtract(now_f[n], init_f[n], dtype=np.float64) for n in group])
-        found.update(zip(group, update_overlaps(dr, df, k)))
+        return dict(zip(group, update_overlaps(dr, df, k)))
+
+    def cost(item: tuple[tuple[int, ...], list[str]]) -> int:
+        (m, n), group = item
+        return len(group) * m * n * min(m, n)
+
+    ordered = sorted(groups.items(), key=cost, reverse=True)
+    return names, [partial(group_task, group) for _, group in ordered]
+
+
+def _add_update_rows(add: _Add, names: list[str], found: _Found) -> None:
+    """``update_overlap`` rows in the order of ``names``; a zero update (``None``, e.g. a frozen matrix) has no
+    subspace: no row, no number."""
     for name in names:
         overlap = found.get(name)
-        if overlap is not None:  # None: a zero update (e.g. a frozen matrix) has no subspace: no row, no number
+        if overlap is not None:
             add(name, overlap.metrics("update_overlap"))
 
 
@@ -191,8 +211,8 @@ def cross_run_rows(
     has no checkpoint give no rows; CKA rows need both runs' captures at
     ``step`` on the same probe set (:func:`same_probe`); SVCCA/PWCCA rows come with
     them when ``cca_min_tokens_per_feature`` is given (where the probe has that many
-    tokens per feature). With a thread ``pool`` the update-overlap rows and the CKA rows are computed at once, as
-    two tasks; the rows come in the same order either way (the update overlaps first).
+    tokens per feature). With a thread ``pool`` the CKA rows and each group of same-shaped update overlaps are
+    tasks computed at once; the rows come in the same order either way (the update overlaps first).
     """
     from dynamics.io import open_run
 
@@ -221,15 +241,19 @@ def cross_run_rows(
 
     update_rows: list[dict[str, Any]] = []
     cka_rows: list[dict[str, Any]] = []
-    tasks: list[Callable[[], None]] = []
-    if updates and step in full.steps and step != relora.steps[0]:
-        tasks.append(partial(_update_rows, adder(update_rows), relora, full, step))
+    tasks: list[Callable[[], _Found | None]] = []
     if cka and step in relora.capture_steps and step in full.capture_steps and same_probe(relora, full):
         tasks.append(partial(_cka_rows, adder(cka_rows), relora, full, step, act_sites, cca_min_tokens_per_feature))
+    names: list[str] = []
+    if updates and step in full.steps and step != relora.steps[0]:
+        names, overlap_tasks = _update_overlap_tasks(relora, full, step)
+        tasks += overlap_tasks
     if pool is None or len(tasks) < 2:
-        for task in tasks:
-            task()
-    else:
-        for future in [pool.submit(task) for task in tasks]:
-            future.result()
+        results = [task() for task in tasks]
+    else:  # the CKA rows and each group of update overlaps: a task each
+        results = [future.result() for future in [pool.submit(task) for task in tasks]]
+    found: _Found = {}
+    for result in results:
+        found.update(result or {})
+    _add_update_rows(adder(update_rows), names, found)
     return update_rows + cka_rows
