@@ -35,6 +35,8 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
+from trainer.envvars import environ_set  # standard library only, as this module must be
+
 __all__ = ["REUSE_ENV", "child_tunables", "hold_for_process", "one_arena", "reuse_freed_memory"]
 
 #: Environment variable: ``0`` leaves glibc's ``malloc`` settings alone.
@@ -142,12 +144,5 @@ def child_tunables() -> Iterator[None]:
     old = os.environ.get("GLIBC_TUNABLES")
     named = {item.partition("=")[0] for item in (old or "").split(":") if item}
     extra = [f"{k}={v}" for k, v in CHILD_TUNABLES.items() if k not in named]
-    if extra:
-        os.environ["GLIBC_TUNABLES"] = ":".join(([old] if old else []) + extra)
-    try:
+    with environ_set({"GLIBC_TUNABLES": ":".join(([old] if old else []) + extra)} if extra else {}):
         yield
-    finally:
-        if old is None:
-            os.environ.pop("GLIBC_TUNABLES", None)
-        else:
-            os.environ["GLIBC_TUNABLES"] = old

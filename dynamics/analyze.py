@@ -79,6 +79,7 @@ from dynamics.io import DynamicsIOError, Run
 from dynamics.similarity import MIN_TOKENS_PER_FEATURE
 from dynamics.spectra import Spectrum
 from dynamics.validation import DynamicsError, NonFiniteError, check_finite
+from trainer.envvars import environ_set
 from trainer.errors import TrainerError
 from trainer.names import ATTN_PROJS
 from trainer.run_format import (
@@ -1316,14 +1317,9 @@ def _large_threads_env(workers: int) -> Iterator[None]:
     """Set :data:`LARGE_THREADS_ENV` for this process and the workers it starts, unless the user set it: the usable
     cores divided among the ``workers`` local units (at least 1), so a lone unit decomposes its large matrices on
     every core and parallel units do not oversubscribe them."""
-    if os.environ.get(LARGE_THREADS_ENV):
+    chosen = {} if os.environ.get(LARGE_THREADS_ENV) else {LARGE_THREADS_ENV: str(default_large_threads(workers))}
+    with environ_set(chosen):
         yield
-        return
-    os.environ[LARGE_THREADS_ENV] = str(default_large_threads(workers))
-    try:
-        yield
-    finally:
-        os.environ.pop(LARGE_THREADS_ENV, None)
 
 
 def _analyze_runs(

@@ -49,6 +49,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from trainer.envvars import environ_set
 from trainer.errors import ConfigError, DataError
 
 __all__ = [
@@ -413,16 +414,8 @@ def _documents(ds: Any, column: str, where: str, n_docs: int | None) -> HFDocume
 @contextmanager
 def serial_tokenizers() -> Iterator[None]:
     """``tokenizers`` single-threaded inside the block (``TOKENIZERS_PARALLELISM=false``), the setting restored after."""
-    key = "TOKENIZERS_PARALLELISM"
-    before = os.environ.get(key)
-    os.environ[key] = "false"
-    try:
+    with environ_set({"TOKENIZERS_PARALLELISM": "false"}):
         yield
-    finally:
-        if before is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = before
 
 
 class Encoder:

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from trainer.config import TrainConfig
+from trainer.envvars import environ_set
 from trainer.errors import ConfigError
 from trainer.schedule import constant_factor, cosine_factor, jagged_cosine_factor, linear_factor
 
@@ -74,17 +75,8 @@ def threads_hint() -> None:
 def child_threads(n: int = 1) -> Iterator[None]:
     """Processes started inside the block use ``n`` threads for OpenMP and MKL (torch and BLAS in spawned
     workers), so parallel workers do not oversubscribe the cores; the environment is restored afterwards."""
-    values = {"OMP_NUM_THREADS": str(n), "MKL_NUM_THREADS": str(n)}
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
+    with environ_set({"OMP_NUM_THREADS": str(n), "MKL_NUM_THREADS": str(n)}):
         yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 # -- precision ---------------------------------------------------------------------------------------

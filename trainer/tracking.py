@@ -56,6 +56,7 @@ from typing import Any, Protocol
 import torch
 
 from trainer.config import TRACKERS, WANDB_MODES, TrainConfig, flatten
+from trainer.envvars import environ_set
 from trainer.errors import ConfigError
 from trainer.names import ATTN_PROJS, MLP_PROJS
 
@@ -201,15 +202,8 @@ def _file_store_allowed(uri: str) -> Iterator[None]:
     if not uri.startswith("file:"):
         yield
         return
-    before = os.environ.get("MLFLOW_ALLOW_FILE_STORE")
-    os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
-    try:
+    with environ_set({"MLFLOW_ALLOW_FILE_STORE": "true"}):
         yield
-    finally:
-        if before is None:
-            del os.environ["MLFLOW_ALLOW_FILE_STORE"]
-        else:
-            os.environ["MLFLOW_ALLOW_FILE_STORE"] = before
 
 
 def mlflow_uri(location: str | Path) -> str:
