@@ -491,12 +491,6 @@ def _entry_rows(M: Any, device: str | None, *, float64: bool) -> list[dict[str, 
     return [{k: float(np.asarray(v).reshape(-1)[i]) for k, v in values.items()} for i in range(M.shape[0])]
 
 
-def _norms64(stack: np.ndarray) -> list[float]:
-    """Frobenius norm of each matrix of ``stack`` (B, m, n) in float64, as :func:`update_tolerance` computes it
-    (:func:`frobenius64`)."""
-    return [frobenius64(stack[i]) for i in range(stack.shape[0])]
-
-
 def _tolerance(shape: tuple[int, ...], new: np.dtype, old: np.dtype, norm_new: float, norm_old: float) -> float:
     """:func:`update_tolerance` from the two matrices' shape, dtypes and float64 Frobenius norms (:func:`frobenius64`):
     the batched path computes each norm once and calls this directly."""
@@ -531,6 +525,7 @@ class _Versions:
 def _weight_group(
     found: dict[tuple[str, str], Any],
     run: _RunView,
+    step: int,
     ws: Mapping[str, np.ndarray],
     group: list[str],
     others: Mapping[str, int | None],
@@ -560,7 +555,7 @@ def _weight_group(
     uses += ([first] if sub else []) + ([merge_prev, merge_prev2] if overlap else [])
     versions = _Versions(run, group, [s for s in uses if s is not None])
     # float64 copies only where needed and one matrix at a time (memory: the largest matrix is the embedding)
-    norms = _norms64(stack) if updates else []
+    norms = [run.norm64(step, name, ws[name]) for name in group] if updates else []
     # kinds that difference against the same checkpoint (the second checkpoint's update and cumulative update, a
     # merge step one checkpoint after the previous merge) share one difference and its numbers
     by_step: dict[int, list[str]] = {}
@@ -571,7 +566,7 @@ def _weight_group(
     for other, kinds in by_step.items():
         olds = versions.get(other)
         tols = [
-            _tolerance(stack.shape[1:], stack.dtype, olds[name].dtype, norms[i], frobenius64(olds[name]))
+            _tolerance(stack.shape[1:], stack.dtype, olds[name].dtype, norms[i], run.norm64(other, name, olds[name]))
             for i, name in enumerate(group)
         ]
         # the exact float64 difference (each float32/bf16 entry converts exactly, then one IEEE subtraction), written
@@ -676,7 +671,7 @@ def _weight_rows(
         part = run.weights(step, component)
         for group in _shape_groups(part):
             with _threads_for(part[group[0]].size, pool):
-                _weight_group(found, run, part, group, others, first, merge_prev, merge_prev2, opts)
+                _weight_group(found, run, step, part, group, others, first, merge_prev, merge_prev2, opts)
         attn = {n: w for n, w in part.items() if opts.circuits and n.split(".")[-1] in ATTN_PROJS and w.ndim == 2}
         return {n for n, w in part.items() if w.ndim == 2}, attn
 
@@ -893,6 +888,7 @@ class _RunView:
         self.capture_steps = run.capture_steps
         self.get, self.weights, self.lora_factors = run.get, run.weights, run.lora_factors
         self.weight_shapes = run.weight_shapes
+        self._entries = {c["step"]: c for c in run.manifest["checkpoints"]}
         self.checkpoint_path = run.checkpoint_path
 
     @property
@@ -912,7 +908,24 @@ class _RunView:
         return cached_activations(self._run, kind, step, pattern, errors=errors)
 
     def entry(self, step: int) -> dict[str, Any]:
-        return next(c for c in self._run.manifest["checkpoints"] if c["step"] == step)
+        entry: dict[str, Any] = self._entries[step]
+        return entry
+
+    def norm64(self, step: int, name: str, w: np.ndarray) -> float:
+        """:func:`frobenius64` of ``w``, the dense matrix ``name`` of the checkpoint at ``step``, remembered in this
+        process by the sha256 the manifest gives its ``model.safetensors`` (the file its values are read from, verified
+        before): a checkpoint is the previous, first or merge checkpoint of several units, and each difference's
+        rank tolerance needs both norms. Without a digest it is computed each time."""
+        digest = self.entry(step).get("sha256", {}).get(MODEL_FILE)
+        if digest is None:
+            return frobenius64(w)
+        key = (digest, name, w.shape, w.dtype.str)
+        norm = _NORMS.get(key)
+        if norm is None:
+            if len(_NORMS) >= 1 << 16:
+                _NORMS.clear()
+            norm = _NORMS[key] = frobenius64(w)
+        return norm
 
     def verify(self, step: int, *, capture: bool = False) -> None:
         """Check the files analysis reads at ``step`` against the manifest's sha256; ``DynamicsIOError`` names a bad one.
@@ -962,6 +975,9 @@ class _RunView:
         """See :func:`merge_chain`."""
         return merge_chain(self._run, step)
 
+
+#: :meth:`_RunView.norm64` of the matrices seen in this process, by (file digest, name, shape, dtype): a float each.
+_NORMS: dict[tuple[str, str, tuple[int, ...], str], float] = {}
 
 #: Checks :meth:`_RunView.verify` passed in this process, by the files' identity (:func:`_verified_key`): a unit
 #: compares its checkpoint with up to four others, so an analysis would otherwise hash each file several times.

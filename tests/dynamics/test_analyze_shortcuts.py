@@ -346,3 +346,23 @@ def test_bounded_lru_drops_the_least_recently_used_over_its_budget_and_keeps_the
     assert len(lru) == 1 and lru.get("d") == 3
     lru.clear()
     assert len(lru) == 0 and lru.get("d") is None
+
+
+def test_a_checkpoint_matrix_norm_is_summed_once_per_process_by_its_file_digest(trained_pair, monkeypatch):
+    """Units compare a checkpoint with several others; each difference's tolerance needs both norms, remembered by
+    the digest of the file the matrix was read from (another checkpoint: another digest, computed afresh)."""
+    run = an._RunView(open_run(trained_pair.full))
+    w4 = run.weights(4, ["layers.0.mlp.up"])["layers.0.mlp.up"]
+    w8 = run.weights(8, ["layers.0.mlp.up"])["layers.0.mlp.up"]
+    monkeypatch.setattr(an, "_NORMS", {})
+    expected = frobenius64(w4)
+    assert run.norm64(4, "layers.0.mlp.up", w4) == expected
+
+    def summed_again(a):
+        raise AssertionError("summed again")
+
+    monkeypatch.setattr(an, "frobenius64", summed_again)
+    again = an._RunView(open_run(trained_pair.full))  # another unit of the same process
+    assert again.norm64(4, "layers.0.mlp.up", w4) == expected
+    with pytest.raises(AssertionError, match="summed again"):
+        again.norm64(8, "layers.0.mlp.up", w8)
