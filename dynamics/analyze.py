@@ -741,89 +741,104 @@ def _weight_rows(
             out.add_spectrum(name, "lora", lora)
 
 
+def _capture_parts(opts: AnalysisOptions) -> list[str | None]:
+    """The parts of a step's capture rows, in row order: ``None`` for the gradients (when asked), then each
+    activation site of ``opts.act_sites`` (when asked). Each is one call of :func:`_capture_rows` (one pool task)."""
+    grads: list[str | None] = [None] if "grad" in opts.kinds else []
+    return grads + (list(opts.act_sites) if "act" in opts.kinds else [])
+
+
 def _capture_rows(
     out: _Rows,
     run: _RunView,
     step: int,
+    site: str | None,
     prev: int | None,
     final: int | None,
     opts: AnalysisOptions,
     pool: Executor | None = None,
 ) -> None:
-    """Rows of the step's captured gradients and activations; same-shaped matrices as one batch (one batched
-    ``svdvals``, sort, CKA per shape), rows added in the order of the matrices."""
-    from dynamics import anisotropy, linear_cka, spectrum
+    """Rows of one part of the step's captures (:func:`_capture_parts`): the gradients (``site`` None) or one
+    activation site (``kind:pattern``; a site the run did not capture gives none). Same-shaped matrices as one batch
+    (one batched ``svdvals``, sort, CKA per shape), rows added in the order of the matrices."""
+    dev = opts.device  # resolved (analyze_unit): None, "cpu" or "cuda"
+    if site is None:
+        _grad_rows(out, run, step, opts, pool)
+        return
+    from dynamics import anisotropy, linear_cka
     from dynamics.activations import activation_spectrum
-    from dynamics.analyze_rows import similarity_rows, spectrum_extra
+    from dynamics.analyze_rows import similarity_rows
+
+    kind, _, pattern = site.partition(":")
+    try:
+        acts = run.activations(kind, step, pattern)
+    except DynamicsError:
+        return  # site not captured in this run
+    acts = {name: x.reshape(-1, x.shape[-1]) for name, x in acts.items()}
+    others = {  # the same site at the previous / final capture: one read each (a damaged file: no such rows)
+        metric: run.activations(kind, other, pattern, errors="skip")
+        for metric, other in (("cka_prev", prev), ("cka_final", final))
+        if other is not None
+    }
+    rows: dict[str, tuple[Spectrum, dict[str, Any], dict[str, float]]] = {}
+    for group in _shape_groups(acts):
+        with _threads_for(acts[group[0]].size, pool):
+            x = np.stack([acts[n] for n in group], dtype=np.float64)  # (B, tokens, features), one float64 copy
+            xd = x if dev is None else _on_device(x, dev)  # float64 already; SVCCA/PWCCA below stay on numpy
+            each = _each(activation_spectrum(xd, center=True))
+            aniso = np.asarray(anisotropy(xd)).reshape(-1)
+            extras: list[dict[str, float]] = [{"anisotropy": float(a)} for a in aniso]
+            for metric, ys in others.items():
+                have = [j for j, name in enumerate(group) if ys.get(name) is not None]
+                if not have:
+                    continue
+                y = np.stack([ys[group[j]].reshape(-1, ys[group[j]].shape[-1]) for j in have], dtype=np.float64)
+                xs = x if len(have) == len(group) else x[have]
+                xsd = xs if dev is None else _on_device(xs, dev)
+                cka = np.asarray(linear_cka(xsd, y if dev is None else _on_device(y, dev))).reshape(-1)
+                for c, j in zip(cka, have):
+                    extras[j][metric] = float(c)
+                    if opts.cca:  # SVCCA/PWCCA (view 1: this step) where tokens >> features
+                        extras[j].update(
+                            similarity_rows(
+                                x[j],
+                                y[have.index(j)],
+                                min_tokens_per_feature=opts.cca_min_tokens_per_feature,
+                                suffix=metric[3:],
+                            )
+                        )
+            for j, name in enumerate(group):
+                rows[name] = (*each[j], extras[j])
+    for name in acts:
+        if name in rows:
+            label = name if kind == "act" else f"{name}.in"
+            out.add_spectrum(label, "act", rows[name][0], metrics=rows[name][1])
+            out.add(label, "act", rows[name][2])
+
+
+def _grad_rows(out: _Rows, run: _RunView, step: int, opts: AnalysisOptions, pool: Executor | None) -> None:
+    """Rows of the step's captured gradients (:func:`_capture_rows` with no site)."""
+    from dynamics import spectrum
+    from dynamics.analyze_rows import spectrum_extra
 
     dev = opts.device  # resolved (analyze_unit): None, "cpu" or "cuda"
-    if "grad" in opts.kinds:
-        grads = run.get("grad", step)
-        found: dict[str, tuple[Spectrum, dict[str, Any], dict[str, float], dict[str, float] | None]] = {}
-        for group in _shape_groups(grads):
-            with _threads_for(grads[group[0]].size, pool):
-                stack = _stack(grads, group)
-                each = _each(_device_spectrum(spectrum, stack, device=dev))
-                entries = _entry_rows(stack, dev, float64=False) if opts.sparsity else None
-                for i, name in enumerate(group):
-                    one, metrics = each[i]
-                    found[name] = (one, metrics, spectrum_extra(one, opts), None if entries is None else entries[i])
-        for name in grads:
-            if name in found:
-                spec_i, metrics_i, extra_i, entries_i = found[name]
-                out.add_spectrum(name, "grad", spec_i, metrics=metrics_i)
-                out.add(name, "grad", extra_i)
-                if entries_i is not None:
-                    out.add(name, "grad", entries_i)
-        del grads, found
-    if "act" not in opts.kinds:
-        return
-    for site in opts.act_sites:
-        kind, _, pattern = site.partition(":")
-        try:
-            acts = run.activations(kind, step, pattern)
-        except DynamicsError:
-            continue  # site not captured in this run
-        acts = {name: x.reshape(-1, x.shape[-1]) for name, x in acts.items()}
-        others = {  # the same site at the previous / final capture: one read each (a damaged file: no such rows)
-            metric: run.activations(kind, other, pattern, errors="skip")
-            for metric, other in (("cka_prev", prev), ("cka_final", final))
-            if other is not None
-        }
-        rows: dict[str, tuple[Spectrum, dict[str, Any], dict[str, float]]] = {}
-        for group in _shape_groups(acts):
-            with _threads_for(acts[group[0]].size, pool):
-                x = np.stack([acts[n] for n in group], dtype=np.float64)  # (B, tokens, features), one float64 copy
-                xd = x if dev is None else _on_device(x, dev)  # float64 already; SVCCA/PWCCA below stay on numpy
-                each = _each(activation_spectrum(xd, center=True))
-                aniso = np.asarray(anisotropy(xd)).reshape(-1)
-                extras: list[dict[str, float]] = [{"anisotropy": float(a)} for a in aniso]
-                for metric, ys in others.items():
-                    have = [j for j, name in enumerate(group) if ys.get(name) is not None]
-                    if not have:
-                        continue
-                    y = np.stack([ys[group[j]].reshape(-1, ys[group[j]].shape[-1]) for j in have], dtype=np.float64)
-                    xs = x if len(have) == len(group) else x[have]
-                    xsd = xs if dev is None else _on_device(xs, dev)
-                    cka = np.asarray(linear_cka(xsd, y if dev is None else _on_device(y, dev))).reshape(-1)
-                    for c, j in zip(cka, have):
-                        extras[j][metric] = float(c)
-                        if opts.cca:  # SVCCA/PWCCA (view 1: this step) where tokens >> features
-                            extras[j].update(
-                                similarity_rows(
-                                    x[j],
-                                    y[have.index(j)],
-                                    min_tokens_per_feature=opts.cca_min_tokens_per_feature,
-                                    suffix=metric[3:],
-                                )
-                            )
-                for j, name in enumerate(group):
-                    rows[name] = (*each[j], extras[j])
-        for name in acts:
-            if name in rows:
-                label = name if kind == "act" else f"{name}.in"
-                out.add_spectrum(label, "act", rows[name][0], metrics=rows[name][1])
-                out.add(label, "act", rows[name][2])
+    grads = run.get("grad", step)
+    found: dict[str, tuple[Spectrum, dict[str, Any], dict[str, float], dict[str, float] | None]] = {}
+    for group in _shape_groups(grads):
+        with _threads_for(grads[group[0]].size, pool):
+            stack = _stack(grads, group)
+            each = _each(_device_spectrum(spectrum, stack, device=dev))
+            entries = _entry_rows(stack, dev, float64=False) if opts.sparsity else None
+            for i, name in enumerate(group):
+                one, metrics = each[i]
+                found[name] = (one, metrics, spectrum_extra(one, opts), None if entries is None else entries[i])
+    for name in grads:
+        if name in found:
+            spec_i, metrics_i, extra_i, entries_i = found[name]
+            out.add_spectrum(name, "grad", spec_i, metrics=metrics_i)
+            out.add(name, "grad", extra_i)
+            if entries_i is not None:
+                out.add(name, "grad", entries_i)
 
 
 def analyze_unit(run_path: str, step: int, opts: AnalysisOptions) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -857,21 +872,24 @@ def analyze_unit(run_path: str, step: int, opts: AnalysisOptions) -> tuple[list[
             s if s is None or run.intact(s, capture=True) else None
             for s in (cap[j - 1] if j > 0 else None, cap[-1] if cap[-1] != step else None)
         )
-    cap_out = _Rows(run.label, run.method, step, entry.get("tokens_seen"), opts.keep_spectra)
+    parts = _capture_parts(opts) if captures else []
+    cap_outs = [_Rows(run.label, run.method, step, entry.get("tokens_seen"), opts.keep_spectra) for _ in parts]
     with reuse_freed_memory(), _unit_pool(unit_threads(opts.device)) as pool:  # the unit's allocator and cores
         if pool is None:
             _weight_rows(out, run, step, prev, first, merges, opts)
-            if captures:
-                _capture_rows(cap_out, run, step, cap_prev, cap_final, opts)
-        else:  # the captures: one task, started first, beside the weight components (the other tasks)
-            cap_task = (
-                pool.submit(_capture_rows, cap_out, run, step, cap_prev, cap_final, opts, pool) if captures else None
-            )
+            for site, cap_out in zip(parts, cap_outs):
+                _capture_rows(cap_out, run, step, site, cap_prev, cap_final, opts)
+        else:  # the capture parts: a task each, started first, beside the weight components (the other tasks)
+            cap_tasks = [
+                pool.submit(_capture_rows, cap_out, run, step, site, cap_prev, cap_final, opts, pool)
+                for site, cap_out in zip(parts, cap_outs)
+            ]
             _weight_rows(out, run, step, prev, first, merges, opts, pool)
-            if cap_task is not None:
-                cap_task.result()
-    out.rows += cap_out.rows  # the capture rows after the weight rows, as one part after another gives them
-    out.spectra += cap_out.spectra
+            for task in cap_tasks:
+                task.result()
+    for cap_out in cap_outs:  # the capture rows after the weight rows, as one part after another gives them
+        out.rows += cap_out.rows
+        out.spectra += cap_out.spectra
     return out.rows, out.spectra
 
 
