@@ -407,16 +407,17 @@ def _threads_for(entries: int, pool: Executor | None = None) -> Iterator[None]:
 
 
 def unit_threads(device: str | None) -> int:
-    """Threads a unit runs its parts on (its weight components and its captures, each a task with one torch thread;
-    1: one after another, with :func:`large_matrix_threads` for the large matrices).
+    """Threads a unit runs its parts on (its weight components and its capture parts, each a task with one torch
+    thread, ordered by :func:`_pool_order` and :func:`_capture_parts`; 1: one after another, with
+    :func:`large_matrix_threads` for the large matrices).
 
     On the CPU paths (``device`` ``None`` or ``'cpu'``) the unit's cores, :func:`large_matrix_threads`
     (:func:`analyze_runs` sets them to the usable cores divided by its local workers); on CUDA 1. The parts release
     the GIL in LAPACK, BLAS and numpy's sorts and sums, so two tasks use two cores: measured on 2 cores, ``small``
     checkpoints took 11.8 s (full-rank), 13.8 s (ReLoRA) and 16.6 s (ReLoRA merge) against 14.7, 20.2 and 26.8 s
     one part after another with two threads for the large matrices. The rows are the same, in the same order, bit
-    for bit: each part computes what it computes alone with one torch thread (memory: the parts in flight, the
-    embedding and the LM head at either end of the model's order).
+    for bit: each part computes what it computes alone with one torch thread (memory: the parts in flight; the
+    embedding and the LM head are one task, never in flight together).
     """
     return large_matrix_threads() if device in (None, "cpu") else 1
 
