@@ -60,6 +60,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 import os
 import time
 import warnings
@@ -616,21 +617,28 @@ def _pool_order(components: list[list[str]], shapes: Mapping[str, tuple[int, ...
     """The weight components of a unit (lists of matrix names) as the tasks of its thread pool, in the order to
     submit them: each task a list of components computed one after another.
 
-    The model-level components (no layer index: the embedding and the LM head, the vocabulary-sized matrices) are
-    one task, most costly first, so the two never run at once (memory: each holds its matrix at a few checkpoints
-    in float32 and float64). The layered components follow, one task each, most costly first: longest processing
-    time first, so the tasks left at the end are short and the threads finish together (measured on 2 cores: the
-    LM head, submitted last in the model's order, ran alone for its last 3.4 s of a 12.3 s ReLoRA merge unit).
-    Cost: :func:`_decomposition_cost` summed over a task's matrices (``shapes``: from the checkpoint's header;
-    a name without a shape costs 0). Ties keep the model's order.
+    The vocabulary-sized components (no layer index and at least half the entries of the largest such component:
+    the embedding and the LM head) are one task, most costly first, so the two never run at once (memory: each
+    holds its matrix at a few checkpoints in float32 and float64). Every other component follows as a task of its
+    own, most costly first: longest processing time first, so the tasks left at the end are short and the threads
+    finish together (measured on 2 cores: the LM head, submitted last in the model's order, ran alone for its last
+    3.4 s of a 12.3 s ReLoRA merge unit). Cost: :func:`_decomposition_cost` summed over a component's matrices
+    (``shapes``: from the checkpoint's header; a name without a shape costs 0). Ties keep the model's order, so
+    without shapes the order is the model's.
     """
 
     def cost(component: list[str]) -> int:
         return sum(_decomposition_cost(shapes.get(n, ())) for n in component)
 
-    model_level = sorted((c for c in components if all(_split(n)[0] < 0 for n in c)), key=cost, reverse=True)
-    layered = sorted((c for c in components if any(_split(n)[0] >= 0 for n in c)), key=cost, reverse=True)
-    return ([model_level] if model_level else []) + [[c] for c in layered]
+    def entries(component: list[str]) -> int:
+        return sum(math.prod(shapes.get(n, (0,))) for n in component)
+
+    unlayered = [c for c in components if all(_split(n)[0] < 0 for n in c)]
+    largest = max((entries(c) for c in unlayered), default=0)
+    vocabulary = [c for c in unlayered if largest > 0 and 2 * entries(c) >= largest]
+    others = [c for c in components if not any(c is v for v in vocabulary)]
+    chain = sorted(vocabulary, key=cost, reverse=True)
+    return ([chain] if chain else []) + [[c] for c in sorted(others, key=cost, reverse=True)]
 
 
 def _weight_rows(

@@ -284,6 +284,15 @@ def test_a_pool_gets_the_vocabulary_matrices_as_one_task_first_and_the_layers_lo
         [["layers.0.attn.q"]],
         [["layers.1.attn.q"]],
     ]
+    # an imported model whose per-layer names are not ours: only its vocabulary-sized matrices share a task
+    gpt2 = {"transformer.wte": (vocab, d), "transformer.h.0.mlp.c_fc": (d, ff), "transformer.h.1.mlp.c_fc": (d, ff)}
+    gpt2["lm_head"] = (vocab, d)
+    tasks = an._pool_order([[n] for n in gpt2], gpt2)
+    assert tasks == [
+        [["transformer.wte"], ["lm_head"]],
+        [["transformer.h.0.mlp.c_fc"]],
+        [["transformer.h.1.mlp.c_fc"]],
+    ]
 
 
 def test_unit_pool_runs_tasks_on_threads_with_one_torch_thread_and_restores_it_after_an_error():
