@@ -33,6 +33,7 @@ __all__ = [
     "GRAM_MIN_SIGMA_RATIO",
     "GRAM_SIGMA_RANGE",
     "SVD_METHODS",
+    "decomposition_cost",
     "Result",
     "direct_svdvals",
     "svdvals",
@@ -191,6 +192,12 @@ def factored_values(
     rl = r_factor(left) if left_r is None else left_r
     rr = r_factor(right.mT) if right_r is None else right_r
     return direct_svdvals(rl @ rr.mT)
+
+
+def decomposition_cost(shape: tuple[int, ...]) -> int:
+    """``m·n·min(m, n)`` of a 2-D shape (0 otherwise): the scale of the flops of its decompositions (SVD, QR,
+    Gram), used to order work longest first."""
+    return shape[0] * shape[1] * min(shape) if len(shape) == 2 else 0
 
 
 # --------------------------------------------------------------------------- spectrum kernels

@@ -75,6 +75,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from dynamics._kernels import decomposition_cost
 from dynamics._malloc import child_tunables, hold_for_process, reuse_freed_memory
 from dynamics.io import DynamicsIOError, Run
 from dynamics.similarity import MIN_TOKENS_PER_FEATURE
@@ -608,11 +609,6 @@ def _weight_group(
                     found[(name, "overlap")] = ov.metrics("overlap_prev")
 
 
-def _decomposition_cost(shape: tuple[int, ...]) -> int:
-    """``m·n·min(m, n)`` of a 2-D shape (0 otherwise): the scale of the flops of its decompositions."""
-    return shape[0] * shape[1] * min(shape) if len(shape) == 2 else 0
-
-
 def _pool_order(components: list[list[str]], shapes: Mapping[str, tuple[int, ...]]) -> list[list[list[str]]]:
     """The weight components of a unit (lists of matrix names) as the tasks of its thread pool, in the order to
     submit them: each task a list of components computed one after another.
@@ -622,13 +618,13 @@ def _pool_order(components: list[list[str]], shapes: Mapping[str, tuple[int, ...
     holds its matrix at a few checkpoints in float32 and float64). Every other component follows as a task of its
     own, most costly first: longest processing time first, so the tasks left at the end are short and the threads
     finish together (measured on 2 cores: the LM head, submitted last in the model's order, ran alone for its last
-    3.4 s of a 12.3 s ReLoRA merge unit). Cost: :func:`_decomposition_cost` summed over a component's matrices
+    3.4 s of a 12.3 s ReLoRA merge unit). Cost: :func:`dynamics._kernels.decomposition_cost` summed over a component's matrices
     (``shapes``: from the checkpoint's header; a name without a shape costs 0). Ties keep the model's order, so
     without shapes the order is the model's.
     """
 
     def cost(component: list[str]) -> int:
-        return sum(_decomposition_cost(shapes.get(n, ())) for n in component)
+        return sum(decomposition_cost(shapes.get(n, ())) for n in component)
 
     def entries(component: list[str]) -> int:
         return sum(math.prod(shapes.get(n, (0,))) for n in component)

@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from dynamics._kernels import decomposition_cost
 from dynamics.io import Run, cached_activations
 from dynamics.validation import DynamicsError
 from trainer.run_format import without_execution_settings
@@ -118,12 +119,10 @@ def _update_overlap_tasks(relora: Run, full: Run, step: int) -> tuple[list[str],
         df = np.stack([np.subtract(now_f[n], init_f[n], dtype=np.float64) for n in group])
         return dict(zip(group, update_overlaps(dr, df, k)))
 
-    def cost(item: tuple[tuple[int, ...], list[str]]) -> int:
-        (m, n), group = item
-        return len(group) * m * n * min(m, n)
+    def cost(group: list[str]) -> int:
+        return sum(decomposition_cost(now_r[n].shape) for n in group)
 
-    ordered = sorted(groups.items(), key=cost, reverse=True)
-    return names, [partial(group_task, group) for _, group in ordered]
+    return names, [partial(group_task, group) for group in sorted(groups.values(), key=cost, reverse=True)]
 
 
 def _add_update_rows(add: _Add, names: list[str], found: _Found) -> None:
