@@ -766,14 +766,29 @@ def _capture_rows(
     """Rows of one part of the step's captures (:func:`_capture_parts`): the gradients (``site`` None) or one
     activation site (``kind:pattern``; a site the run did not capture gives none). Same-shaped matrices as one batch
     (one batched ``svdvals``, sort, CKA per shape), rows added in the order of the matrices."""
-    dev = opts.device  # resolved (analyze_unit): None, "cpu" or "cuda"
     if site is None:
         _grad_rows(out, run, step, opts, pool)
-        return
+    else:
+        _act_site_rows(out, run, step, site, prev, final, opts, pool)
+
+
+def _act_site_rows(
+    out: _Rows,
+    run: _RunView,
+    step: int,
+    site: str,
+    prev: int | None,
+    final: int | None,
+    opts: AnalysisOptions,
+    pool: Executor | None,
+) -> None:
+    """Rows of one activation site (:func:`_capture_rows`): spectra, anisotropy, CKA (and SVCCA/PWCCA) against the
+    previous and the final capture."""
     from dynamics import anisotropy, linear_cka
     from dynamics.activations import activation_spectrum
     from dynamics.analyze_rows import similarity_rows
 
+    dev = opts.device  # resolved (analyze_unit): None, "cpu" or "cuda"
     kind, _, pattern = site.partition(":")
     try:
         acts = run.activations(kind, step, pattern)
