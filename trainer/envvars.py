@@ -20,15 +20,16 @@ def environ_set(values: Mapping[str, str | None]) -> Iterator[None]:
     unset), also when the block raises. Not thread-safe: the environment is the process's."""
     before = {key: os.environ.get(key) for key in values}
     try:
-        for key, value in values.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        _apply(values)
         yield
     finally:
-        for key, old in before.items():
-            if old is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = old
+        _apply(before)
+
+
+def _apply(values: Mapping[str, str | None]) -> None:
+    """Set each variable of ``values`` in ``os.environ``, removing those given as ``None``."""
+    for key, value in values.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
