@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import sys
 import threading
 
 import numpy as np
@@ -321,6 +322,35 @@ def test_unit_pool_runs_tasks_on_threads_with_one_torch_thread_and_restores_it_a
         assert an.unit_threads("cuda") == 1
     finally:
         torch.set_num_threads(before)
+
+
+def _numpy_blas_threads() -> int:
+    from threadpoolctl import threadpool_info
+
+    numbers = {d["num_threads"] for d in threadpool_info() if d["user_api"] == "blas"}
+    assert len(numbers) == 1, numbers  # numpy's own BLAS is loaded (numpy is imported)
+    return numbers.pop()
+
+
+def test_a_unit_runs_numpy_blas_at_one_thread_and_restores_it_after_an_error():
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=2, user_api="blas"):  # numpy's default here: one thread per core
+        assert _numpy_blas_threads() == 2
+        for threads in (1, 2):
+            with pytest.raises(ZeroDivisionError):
+                with an._unit_pool(threads) as pool:
+                    assert _numpy_blas_threads() == 1
+                    if pool is not None:
+                        assert pool.submit(_numpy_blas_threads).result() == 1
+                    raise ZeroDivisionError("a part failed")
+            assert _numpy_blas_threads() == 2
+
+
+def test_a_unit_runs_without_threadpoolctl(monkeypatch):
+    monkeypatch.setitem(sys.modules, "threadpoolctl", None)  # import fails: numpy's BLAS is left as it is
+    with an._unit_pool(2) as pool:
+        assert pool is not None and pool.submit(lambda: 3).result() == 3
 
 
 def test_cross_run_rows_on_a_thread_pool_equal_those_of_one_task_after_another(trained_pair):
