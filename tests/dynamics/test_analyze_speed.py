@@ -35,6 +35,11 @@ SIGMA_MIN_METRICS = {
     "truncated_condition_number",
     "log10_truncated_condition_number",
 }
+#: A condition number above this is rounding noise (a rank-deficient matrix: centred activations with fewer tokens
+#: than features): its smallest singular value moves by orders of magnitude with the torch thread count (README),
+#: so for such a matrix these metrics are compared only as being noise too.
+NOISE_KAPPA = 1e12
+NOISE_METRICS = {"sigma_min", "condition_number", "log10_condition_number"}
 
 
 def _table(run: str, step: int, opts: AnalysisOptions | None = None) -> pd.DataFrame:
@@ -60,6 +65,9 @@ def _check(got: dict, name: str, kind: str, expected: dict) -> int:
         rel = min(1e-6, max(RTOL, 16 * np.finfo(np.float64).eps * kappa**2)) if metric in SIGMA_MIN_METRICS else RTOL
         key = (layer, component, kind, metric)
         assert key in got, f"missing row {key}"
+        if metric in NOISE_METRICS and kappa > NOISE_KAPPA:
+            assert got[(layer, component, kind, "condition_number")] > NOISE_KAPPA / 1e3, key
+            continue
         value = float(value)
         if math.isnan(value) or math.isinf(value):
             assert got[key] == value or (math.isnan(value) and math.isnan(got[key])), key
@@ -165,6 +173,39 @@ def test_intruder_counts_and_update_overlaps_match_the_single_functions():
             ref = update_overlap(w[i] - w0[i] + 1e-3, d2[i], 3)
             assert got[i] is not None
             assert got[i].metrics() == pytest.approx(ref.metrics(), rel=1e-12)
+
+
+def test_update_overlaps_take_the_gram_route_and_agree_with_the_thin_svd(monkeypatch):
+    import dynamics.subspaces as sub
+
+    rng = np.random.default_rng(5)
+    for shape in ((60, 16), (16, 60), (24, 24)):
+        d1, d2 = rng.standard_normal((2, 3, *shape))
+        d2[1] = d1[1] + 1e-3 * rng.standard_normal(shape)  # nearly the same update: overlap near 1
+        d2[2] = d1[2]  # the same update: overlap 1
+        svd_route = [
+            sub._overlap_from_svds(sub._svd(d1[i]), sub._svd(d2[i]), 4, shape).metrics()  # type: ignore[union-attr]
+            for i in range(3)
+        ]
+        with monkeypatch.context() as m:
+            m.setattr(sub, "_svd_batch", lambda *a: pytest.fail("well-conditioned updates took the thin SVD"))
+            got = update_overlaps(d1, d2, 4)
+        for g, ref in zip(got, svd_route):
+            assert g is not None and g.k == 4
+            assert g.metrics() == pytest.approx(ref, rel=0, abs=1e-10)
+        assert got[2].mean == pytest.approx(1.0, abs=1e-12) and got[2].mean <= 1 + 1e-12  # type: ignore[union-attr]
+
+
+def test_update_overlaps_fall_back_to_the_svd_for_ill_conditioned_updates():
+    rng = np.random.default_rng(6)
+    d1 = rng.standard_normal((3, 50, 2)) @ rng.standard_normal((3, 2, 20))  # rank 2 < k = 4: no Gram route
+    d1[1] = rng.standard_normal((50, 20))  # a well-conditioned one in the same batch keeps the Gram route
+    d2 = rng.standard_normal((3, 50, 20))
+    got = update_overlaps(d1, d2, 4)
+    assert [g.k for g in got] == [2, 4, 2]  # type: ignore[union-attr]
+    for i in range(3):
+        ref = update_overlap(d1[i], d2[i], 4)
+        assert got[i].metrics() == pytest.approx(ref.metrics(), rel=1e-12)  # type: ignore[union-attr]
 
 
 def test_intruder_counts_fall_back_to_the_svd_for_ill_conditioned_matrices():
