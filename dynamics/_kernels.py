@@ -117,6 +117,28 @@ def _gram_inaccurate(values: np.ndarray) -> np.ndarray:
     return (s1 > 0) & (values[..., -1] < GRAM_MIN_SIGMA_RATIO * s1)
 
 
+def _gram_probed(x: torch.Tensor) -> np.ndarray | None:
+    """:func:`_gram` of a batch ``x`` (..., m, n), its first matrix first: ``None`` (the whole batch goes direct) when
+    that one overflows or would be refused (out of range, or ``s_k < GRAM_MIN_SIGMA_RATIO * s_1``).
+
+    The matrices of a batch are alike (the analysis batches one projection across layers, one kind at a time):
+    when the first one is ill-conditioned, nearly always every one is (all layers' gradients of a projection,
+    a ReLoRA run's low-rank cycle updates), and a Gram product and eigendecomposition of each would be thrown away
+    (measured: 6% of a ``small`` pair's analysis). Otherwise the batch goes on as :func:`_gram`, matrix by matrix.
+    """
+    m, n = x.shape[-2:]
+    flat = x.reshape(-1, m, n)
+    if flat.shape[0] <= 1:
+        return _gram(x)
+    head = _gram(flat[:1])
+    if head is None or bool((_gram_out_of_range(head) | _gram_inaccurate(head)).any()):
+        return None
+    rest = _gram(flat[1:])
+    if rest is None:
+        return None
+    return np.concatenate([head, rest]).reshape(*x.shape[:-2], head.shape[-1])
+
+
 def svdvals(x: torch.Tensor, method: str) -> tuple[np.ndarray, str]:
     """Singular values of a validated tensor ``x`` (..., m, n) and the route used.
 
@@ -131,8 +153,8 @@ def svdvals(x: torch.Tensor, method: str) -> tuple[np.ndarray, str]:
         use_gram = method == "gram"
     if not use_gram:
         return direct_svdvals(x), "direct"
-    vals = _gram(x)
-    if vals is None:  # overflow of s**2: only the direct route can do it
+    vals = _gram_probed(x) if method == "auto" else _gram(x)
+    if vals is None:  # overflow of s**2 (or, auto, a batch whose first matrix was refused): the direct route
         return direct_svdvals(x), "direct"
     out_of_range = _gram_out_of_range(vals)  # the squares themselves are wrong
     inaccurate = _gram_inaccurate(vals) & ~out_of_range

@@ -26,7 +26,11 @@ Routes (``method=``)
     condition numbers and numerical ranks are as accurate as from the direct
     route.  Otherwise (an ill-conditioned or rank-deficient matrix) the
     spectrum is recomputed with the direct route: condition numbers and
-    numerical ranks never come from an inaccurate Gram computation.
+    numerical ranks never come from an inaccurate Gram computation. A batch
+    tries its first matrix first: when that one is refused, the whole batch
+    goes direct (its matrices are alike, such as all layers' gradients of one
+    projection, and the other Gram products would nearly all be thrown away);
+    otherwise each matrix is kept or recomputed as above.
     ``Spectrum.method`` reports the route used (``'gram+direct'`` for a batch
     that mixed both).  Square-ish matrices and CUDA tensors always use the
     direct route.

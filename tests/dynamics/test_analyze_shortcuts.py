@@ -227,17 +227,33 @@ def test_top_k_thin_svd_gives_numpys_values_and_the_leading_subspaces(shape, k):
         assert (u.shape[1] if shape[1] > shape[2] else vt.shape[0]) == k
 
 
-def test_auto_route_of_a_batch_where_every_or_some_gram_results_are_refused():
-    """Tall matrices try the Gram route; a batch whose every matrix is too ill-conditioned for it is decomposed
-    directly as a whole ('direct'), a mixed one member by member ('gram+direct'); values are numpy's either way."""
+def test_auto_route_of_a_batch_where_every_or_some_gram_results_are_refused(monkeypatch):
+    """Tall matrices try the Gram route, a batch its first matrix first: when the Gram route refuses that one (too
+    ill-conditioned), the whole batch is decomposed directly ('direct') without a Gram product of the others; a
+    batch whose first matrix passes goes on member by member ('gram+direct' when some are refused). Values are
+    numpy's either way."""
+    import dynamics._kernels as kern
+
     rng = np.random.default_rng(7)
     low_rank = rng.standard_normal((3, 60, 4)) @ rng.standard_normal((3, 4, 20))  # rank 4 < 20: refused
-    mixed = np.concatenate([low_rank[:2], rng.standard_normal((2, 60, 20))])
-    for batch, route in ((low_rank, "direct"), (mixed, "gram+direct")):
+    good = rng.standard_normal((2, 60, 20))
+    grams: list[int] = []
+    gram = kern._gram
+    monkeypatch.setattr(kern, "_gram", lambda x: grams.append(x.shape[0]) or gram(x))
+    cases = (
+        (low_rank, "direct", [1]),
+        (np.concatenate([low_rank[:1], good]), "direct", [1]),  # the first refused: the batch goes direct
+        (np.concatenate([good[:1], low_rank[:2], good[1:]]), "gram+direct", [1, 3]),
+        (good, "gram", [1, 1]),
+    )
+    for batch, route, products in cases:
+        grams.clear()
         spec = spectrum(batch)
-        assert spec.method == route
+        assert spec.method == route and grams == products
         expected = np.linalg.svd(batch, compute_uv=False)
         np.testing.assert_allclose(spec.values, expected, rtol=0, atol=1e-12 * expected.max())
+        for i in range(len(batch)):  # each matrix alone: the same values to rounding
+            np.testing.assert_allclose(spectrum(batch[i]).values, spec.values[i], rtol=0, atol=1e-11 * expected.max())
 
 
 @pytest.mark.parametrize("which,step", [("relora", 8), ("full", 4)])
