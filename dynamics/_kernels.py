@@ -89,8 +89,9 @@ def direct_svdvals(x: torch.Tensor) -> np.ndarray:
     return values
 
 
-def _gram(x: torch.Tensor) -> np.ndarray | None:
-    """Singular values (float64, descending) from the float64 Gram matrix; None if it overflowed.
+def _gram_matrix(x: torch.Tensor) -> torch.Tensor | None:
+    """The float64 Gram matrix of the smaller side of ``x`` (..., m, n): ``XᵀX`` (..., n, n) when ``m ≥ n``, else
+    ``X Xᵀ`` (..., m, m); ``None`` if its diagonal overflowed.
 
     Everything runs in torch (one BLAS thread pool): mixing numpy's OpenBLAS
     and torch's OpenMP pools in one process oversubscribes small CPUs.
@@ -100,9 +101,37 @@ def _gram(x: torch.Tensor) -> np.ndarray | None:
     g = x64.mT @ x64 if m >= n else x64 @ x64.mT
     if not bool(torch.isfinite(torch.diagonal(g, dim1=-2, dim2=-1)).all()):
         return None
-    lam = torch.linalg.eigvalsh(g).to("cpu", torch.float64).numpy()
-    values: np.ndarray = np.sqrt(np.clip(lam, 0.0, None))[..., ::-1].copy()
+    return g
+
+
+def _gram_values(lam: torch.Tensor) -> np.ndarray:
+    """Singular values (float64 numpy, descending) from the ascending eigenvalues ``lam`` of a Gram matrix."""
+    values: np.ndarray = np.sqrt(np.clip(lam.to("cpu", torch.float64).numpy(), 0.0, None))[..., ::-1].copy()
     return values
+
+
+def _gram(x: torch.Tensor) -> np.ndarray | None:
+    """Singular values (float64, descending) from the float64 Gram matrix; None if it overflowed."""
+    g = _gram_matrix(x)
+    return None if g is None else _gram_values(torch.linalg.eigvalsh(g))
+
+
+def gram_first(x: torch.Tensor) -> bool:
+    """Whether ``method='auto'`` tries the Gram route for ``x`` (..., m, n): on CPU, ``max(m, n) ≥ GRAM_MIN_ASPECT ·
+    min(m, n)``."""
+    m, n = x.shape[-2:]
+    return x.device.type == "cpu" and max(m, n) >= GRAM_MIN_ASPECT * min(m, n)
+
+
+def gram_eigh(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Eigenvalues (ascending, (..., N)) and eigenvectors ((..., N, N)) of the Gram matrix of :func:`_gram_matrix`,
+    ``N = min(m, n)``; ``None`` if it overflowed. For a caller that needs both a batch's singular values
+    (:func:`svdvals` with ``eig=``) and singular vectors from one Gram product (the intruder dimensions)."""
+    g = _gram_matrix(x)
+    if g is None:
+        return None
+    lam, q = torch.linalg.eigh(g)
+    return lam, q
 
 
 def _gram_out_of_range(values: np.ndarray) -> np.ndarray:
@@ -139,21 +168,25 @@ def _gram_probed(x: torch.Tensor) -> np.ndarray | None:
     return np.concatenate([head, rest]).reshape(*x.shape[:-2], head.shape[-1])
 
 
-def svdvals(x: torch.Tensor, method: str) -> tuple[np.ndarray, str]:
+def svdvals(
+    x: torch.Tensor, method: str, eig: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> tuple[np.ndarray, str]:
     """Singular values of a validated tensor ``x`` (..., m, n) and the route used.
 
     Returns float64 numpy ``(..., min(m, n))``, descending, and one of
     ``'direct'``, ``'gram'``, ``'gram+direct'`` (a batch that mixed both).
-    ``method`` is one of :data:`SVD_METHODS` (checked by the caller).
+    ``method`` is one of :data:`SVD_METHODS` (checked by the caller). ``eig``: :func:`gram_eigh` of ``x`` when the
+    caller already has it; the Gram route then takes its eigenvalues (each matrix kept or recomputed directly as
+    usual) instead of forming the Gram matrices again.
     """
     m, n = x.shape[-2:]
-    if method == "auto":
-        use_gram = x.device.type == "cpu" and max(m, n) >= GRAM_MIN_ASPECT * min(m, n)
-    else:
-        use_gram = method == "gram"
+    use_gram = gram_first(x) if method == "auto" else method == "gram"
     if not use_gram:
         return direct_svdvals(x), "direct"
-    vals = _gram_probed(x) if method == "auto" else _gram(x)
+    if eig is not None:
+        vals: np.ndarray | None = _gram_values(eig[0])
+    else:
+        vals = _gram_probed(x) if method == "auto" else _gram(x)
     if vals is None:  # overflow of s**2 (or, auto, a batch whose first matrix was refused): the direct route
         return direct_svdvals(x), "direct"
     out_of_range = _gram_out_of_range(vals)  # the squares themselves are wrong

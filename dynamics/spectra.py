@@ -403,12 +403,25 @@ def spectrum(M: Any, *, method: str = "auto", name: str = "M", caller: str = "sp
     if isinstance(M, Spectrum):
         return M
     check_option(method, SVD_METHODS, name="method", caller=caller)
+    return _spectrum(M, method, name, caller)
+
+
+def _spectrum(
+    M: Any, method: str, name: str, caller: str, eig: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> Spectrum:
     t = as_tensor(M, name=name, caller=caller)
     original = dtype_name(t)
     x = as_matrix_batch(t, name=name, caller=caller)
-    values, route = svdvals(x, method)
+    values, route = svdvals(x, method, eig)
     finite_or_raise(values, caller)
     return Spectrum(values, (x.shape[-2], x.shape[-1]), original, route)
+
+
+def spectrum_from_gram(M: Any, eig: tuple[torch.Tensor, torch.Tensor]) -> Spectrum:
+    """:func:`spectrum` of ``M`` (``method='auto'``) from the Gram eigendecomposition ``eig`` of the same matrices
+    that the caller already has (:func:`dynamics._kernels.gram_eigh`; the analysis also takes the intruder vectors
+    from it): the values where the Gram route keeps them, the direct route for the others, as ``'auto'`` does."""
+    return _spectrum(M, "auto", "M", "spectrum", eig)
 
 
 def singular_values(M: Any, *, method: str = "auto") -> np.ndarray:

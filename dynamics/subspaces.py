@@ -234,7 +234,9 @@ def _svd_batch(x: np.ndarray, k: int | None = None) -> list[tuple[np.ndarray, np
 GRAM_VECTORS_MIN_RATIO = 1e-3
 
 
-def _top_svds(x: np.ndarray, k: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+def _top_svds(
+    x: np.ndarray, k: int, eig: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """The top-``k`` singular subspaces of each matrix of the float64 batch ``x`` (B, m, n), ``k ≤ min(m, n)``, as
     ``(U, s, Vᵀ)``: ``U[:, :k]`` and ``Vᵀ[:k]`` orthonormal bases of the spans of the first ``j`` left and right
     singular vectors for every ``j ≤ k``, and ``s`` singular values from which :func:`_rank` gives ``min(rank, k)``.
@@ -246,11 +248,13 @@ def _top_svds(x: np.ndarray, k: int) -> list[tuple[np.ndarray, np.ndarray, np.nd
     24 1536x384 matrices, 2.0x for 12 384x1536, 1.7x for 12 384x384, 4.3x for one 50304x384. The spans differ from
     the SVD's by about ``eps · σ_1² / (σ_k² − σ_(k+1)²)`` (the SVD's: ``eps · σ_1 / (σ_k − σ_(k+1))``). Elsewhere
     (ill-conditioned top ``k``, a zero matrix) the thin SVD of :func:`_svd_batch`, whose ``s`` holds every value.
+    ``eig``: the eigendecomposition of that Gram matrix when the caller already has it
+    (:func:`dynamics._kernels.gram_eigh` of the same matrices).
     """
     t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float64))
     wide = t.shape[-2] < t.shape[-1]
     y = t.mT if wide else t  # tall: y = X or Xᵀ, its right vectors from the small Gram matrix
-    lam, q = torch.linalg.eigh(y.mT @ y)
+    lam, q = torch.linalg.eigh(y.mT @ y) if eig is None else eig
     lam_k, short = lam.flip(-1)[..., :k], q.flip(-1)[..., :k]
     ok = ((lam_k[..., 0] > 0) & (lam_k[..., -1] >= GRAM_VECTORS_MIN_RATIO**2 * lam_k[..., 0])).tolist()
     long = torch.linalg.qr(y @ short).Q  # (B, M, k): y v_i = σ_i u_i, orthonormalised in order
@@ -353,6 +357,14 @@ def intruder_counts(W: np.ndarray, W0: np.ndarray, *, k: int = 10, threshold: fl
     caller; decomposed in float64), ``reference_k`` all. The top-``k`` left singular vectors of ``W`` come from one batched Gram
     eigendecomposition (:func:`_top_left_vectors`), ``W0``'s from the same cached SVD as :func:`intruder_dimensions`;
     the counts are that function's unless a largest ``|cos|`` lies within ~1e-14 of ``threshold``."""
+    return _intruder_counts(W, W0, k=k, threshold=threshold)
+
+
+def _intruder_counts(
+    W: np.ndarray, W0: np.ndarray, *, k: int, threshold: float, eig: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> list[int]:
+    """:func:`intruder_counts`; ``eig``: the Gram eigendecomposition of ``W`` when the caller already has it
+    (:func:`dynamics._kernels.gram_eigh`: the analysis takes the weights' spectra from it too)."""
     caller = "intruder_counts"
     if W.ndim != 3 or W.shape != W0.shape:
         raise ShapeError(f"{caller}(): `W` and `W0` must be (B, m, n) of one shape, got {W.shape} and {W0.shape}")
@@ -360,14 +372,14 @@ def intruder_counts(W: np.ndarray, W0: np.ndarray, *, k: int = 10, threshold: fl
         raise DynamicsError(f"{caller}(): `threshold` must be in (0, 1], got {threshold!r}")
     k = min(check_positive_int(k, name="k", caller=caller), min(W.shape[1:]))
     rk = min(W.shape[1:])
-    u = _top_left_vectors(np.ascontiguousarray(W, dtype=np.float64), k)
+    u = _top_left_vectors(np.ascontiguousarray(W, dtype=np.float64), k, eig)
     return [_intruders(u[i], W0[i], rk, threshold) for i in range(len(u))]  # W0 as stored: the cache's key
 
 
-def _top_left_vectors(W: np.ndarray, k: int) -> np.ndarray:
+def _top_left_vectors(W: np.ndarray, k: int, eig: tuple[torch.Tensor, torch.Tensor] | None = None) -> np.ndarray:
     """An orthonormal basis ``(B, m, k)`` of the first ``k`` left singular vectors of each float64 matrix of ``W``
     (B, m, n), column ``j`` spanning the ``j``-th direction after the first ``j − 1`` (:func:`_top_svds`: the Gram
     route, 2.5-4x cheaper than a thin SVD with vectors at the analysed shapes, where the top ``k`` are well
     conditioned; measured ``|cos| ≥ 1 − 2e-15`` against ``torch.linalg.svd``'s vectors on Gaussian 384x96, 96x384,
     96x96 and 32x96 batches; the columns' signs are arbitrary, as the SVD's are)."""
-    return np.stack([u[:, :k] for u, _, _ in _top_svds(W, k)])
+    return np.stack([u[:, :k] for u, _, _ in _top_svds(W, k, eig)])

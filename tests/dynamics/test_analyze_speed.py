@@ -225,6 +225,46 @@ def test_update_overlaps_fall_back_to_the_svd_for_ill_conditioned_updates():
         assert got[i].metrics() == pytest.approx(ref.metrics(), rel=1e-12)  # type: ignore[union-attr]
 
 
+def test_spectrum_from_a_shared_gram_eigendecomposition_is_the_auto_spectrum():
+    from dynamics._kernels import gram_eigh
+    from dynamics.spectra import spectrum_from_gram
+
+    rng = np.random.default_rng(8)
+    for shape in ((60, 20), (20, 60)):
+        x = rng.standard_normal((3, *shape))
+        x[1] = rng.standard_normal((shape[0], 3)) @ rng.standard_normal((3, shape[1]))  # rank 3: refused, direct
+        t = torch.from_numpy(x)
+        got = spectrum_from_gram(x, gram_eigh(t))
+        assert got.method == "gram+direct"
+        for i in range(3):
+            alone = spectrum(x[i])
+            np.testing.assert_allclose(got.values[i], alone.values, rtol=1e-12, atol=1e-12 * alone.values[0])
+            assert got[i].metrics()["numerical_rank"] == alone.metrics()["numerical_rank"] == (3 if i == 1 else 20)
+
+
+def test_a_unit_takes_weight_spectra_and_intruder_vectors_from_one_gram_eigendecomposition(trained_pair, monkeypatch):
+    path = str(trained_pair.relora)
+    shared = an._shared_gram
+    used: list[tuple[int, ...]] = []
+
+    def recording(stack):
+        eig = shared(stack)
+        if eig is not None:
+            used.append(stack.shape)
+        return eig
+
+    monkeypatch.setattr(an, "_shared_gram", recording)
+    rows, _ = analyze_unit(path, 8, AnalysisOptions())
+    assert used  # the wrapped rectangular projections (the tiny pair's k, v, gate, up, down)
+    monkeypatch.setattr(an, "_shared_gram", lambda stack: None)
+    alone, _ = analyze_unit(path, 8, AnalysisOptions())
+    assert len(rows) == len(alone)
+    for a, b in zip(rows, alone):
+        assert {k: v for k, v in a.items() if k != "value"} == {k: v for k, v in b.items() if k != "value"}
+        rel = 1e-9 if a["metric"] in SIGMA_MIN_METRICS or a["metric"].startswith("alpha") else 1e-12
+        assert a["value"] == pytest.approx(b["value"], rel=rel, nan_ok=True), a
+
+
 def test_intruder_counts_fall_back_to_the_svd_for_ill_conditioned_matrices():
     rng = np.random.default_rng(4)
     w = rng.standard_normal((2, 30, 3)) @ rng.standard_normal((2, 3, 10))  # rank 3 < k = 5: the Gram route is refused
