@@ -14,6 +14,7 @@ import sys
 import threading
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -421,3 +422,30 @@ def test_a_checkpoint_matrix_norm_is_summed_once_per_process_by_its_file_digest(
     assert again.norm64(4, "layers.0.mlp.up", w4) == expected
     with pytest.raises(AssertionError, match="summed again"):
         again.norm64(8, "layers.0.mlp.up", w8)
+
+
+def test_spectra_tables_are_written_as_pandas_writes_them(tmp_path):
+    """The list columns of a spectra table are built from one flat array: the file reads back as the one pandas
+    writes (same schema, same values), also with numpy arrays for lists, and when empty."""
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(9)
+    rows = [
+        {"run": "r", "method": "relora", "step": 2, "layer": i - 1, "component": "attn.q", "kind": "weight",
+         "shape": [8, 5 + i % 2], "values": sorted(rng.random(5 + i % 2).tolist(), reverse=True)}
+        for i in range(7)
+    ]  # fmt: skip
+    rows[2]["values"] = np.asarray(rows[2]["values"])  # either a list or an array per row
+    frame = pd.DataFrame(rows, columns=an.SPECTRA_COLUMNS)
+    an._write_parquet(frame, tmp_path / "ours.parquet")
+    frame.assign(values=[list(map(float, v)) for v in frame["values"]]).to_parquet(
+        tmp_path / "pandas.parquet", index=False, **an.PARQUET_WRITE
+    )
+    assert pq.read_schema(tmp_path / "ours.parquet").types == pq.read_schema(tmp_path / "pandas.parquet").types
+    ours, theirs = (pd.read_parquet(tmp_path / f, **an.PARQUET_READ) for f in ("ours.parquet", "pandas.parquet"))
+    assert list(ours.columns) == an.SPECTRA_COLUMNS and ours.dtypes.equals(theirs.dtypes)
+    pd.testing.assert_frame_equal(ours.drop(columns=["shape", "values"]), theirs.drop(columns=["shape", "values"]))
+    for column in ("shape", "values"):
+        assert all(np.array_equal(a, b) for a, b in zip(ours[column], theirs[column]))
+    an._write_parquet(frame.iloc[:0], tmp_path / "empty.parquet")
+    assert list(pd.read_parquet(tmp_path / "empty.parquet").columns) == an.SPECTRA_COLUMNS
