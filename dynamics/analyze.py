@@ -1241,7 +1241,7 @@ def _write_parquet(frame: pd.DataFrame, path: Path) -> None:
     lists = [c for c in frame.columns if c in _LIST_COLUMNS and frame[c].dtype == object]
     table = pa.Table.from_pandas(frame.drop(columns=lists), preserve_index=False)
     for column in lists:
-        items = [np.asarray(v, dtype=_LIST_COLUMNS[column]).reshape(-1) for v in frame[column]]
+        items: list[np.ndarray] = [np.asarray(v, dtype=_LIST_COLUMNS[column]).reshape(-1) for v in frame[column]]
         offsets = np.zeros(len(items) + 1, dtype=np.int32)
         np.cumsum([a.size for a in items], out=offsets[1:])
         flat = np.concatenate(items) if items else np.empty(0, dtype=_LIST_COLUMNS[column])
