@@ -1030,6 +1030,8 @@ class _RunView:
         if len(_VERIFIED) >= 4096:
             _VERIFIED.clear()
         _VERIFIED.add(key)
+        if capture:  # the weights passed too: a later check without the capture file needs no hashing
+            _VERIFIED.add(_verified_key(self.path, entry, False))
 
     def require_finite(self, step: int) -> None:
         """Raise :class:`NonFiniteCheckpointError` naming the checkpoint when its weights hold NaN or Inf."""

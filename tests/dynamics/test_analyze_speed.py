@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -300,6 +301,30 @@ def test_a_file_damaged_after_a_passed_check_is_still_caught(trained_pair, tmp_p
     model.write_bytes(bytes(data))
     with pytest.raises(DynamicsIOError, match="sha256"):
         analyze_unit(str(run), 4, AnalysisOptions.basic())
+
+
+def test_a_checkpoint_verified_with_its_capture_is_not_hashed_again_as_a_comparison(
+    trained_pair, tmp_path, monkeypatch
+):
+    """A unit checks its own files with the capture file; the next unit compares against that checkpoint's weights
+    only: the passed check covers them (no second sha256 of the model), and a file rewritten since is hashed."""
+    import trainer.run_format as rf
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_pair.full, run)
+    hashed: list[str] = []
+    problem = rf.file_problem
+    monkeypatch.setattr(
+        rf, "file_problem", lambda path, digest: hashed.append(Path(path).name) or problem(path, digest)
+    )
+    view = an._RunView(open_run(str(run)))
+    view.verify(4, capture=True)
+    assert "model.safetensors" in hashed
+    hashed.clear()
+    assert view.intact(4) and hashed == []
+    model = run / "checkpoints" / "step_000004" / "model.safetensors"
+    model.write_bytes(model.read_bytes())  # the same bytes, another file: checked again
+    assert view.intact(4) and hashed == ["model.safetensors"]
 
 
 def test_compression_table_measures_every_setting_on_real_captures(trained_pair):
