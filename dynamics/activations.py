@@ -182,6 +182,13 @@ def linear_cka(X: Any, Y: Any, *, route: str = "auto") -> Result:
     x, y = x.to(dt), y.to(dt)
     route = _cka_route(route, x.shape[-2], x.shape[-1], y.shape[-1])
     parts = [_linear_cka_block(xb, yb, route) for xb, yb in _blocks(x, y)]
+    return as_result(_linear_cka_value(parts, x, y, caller))
+
+
+def _linear_cka_value(
+    parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], x: torch.Tensor, y: torch.Tensor, caller: str
+) -> np.ndarray:
+    """:func:`linear_cka` (float64 numpy of the batch shape) from its blocks' ``(CKA, ||Xc||, ||Yc||)``."""
     nx = torch.cat([pt[1].reshape(-1) for pt in parts])
     ny = torch.cat([pt[2].reshape(-1) for pt in parts])
     for name, nrm in (("X", nx), ("Y", ny)):
@@ -194,7 +201,8 @@ def linear_cka(X: Any, Y: Any, *, route: str = "auto") -> Result:
     batch = np.broadcast_shapes(tuple(x.shape[:-2]), tuple(y.shape[:-2]))
     value = torch.cat([pt[0].reshape(-1) for pt in parts]).reshape(batch).to("cpu", torch.float64).numpy()
     finite_or_raise(value, caller)
-    return as_result(np.clip(value, 0.0, 1.0))
+    clipped: np.ndarray = np.clip(value, 0.0, 1.0)
+    return clipped
 
 
 def _cka_route(route: str, n: int, p: int, q: int) -> str:
@@ -250,17 +258,29 @@ def _linear_cka_block(x: torch.Tensor, y: torch.Tensor, route: str) -> tuple[tor
     """Biased linear CKA of a block ``x`` (..., n, p), ``y`` (..., n, q) and the centred views' norms."""
     xc, nx = _centred_scaled(x)
     yc, ny = _centred_scaled(y)
-    if route == "features":
-        hxy = torch.linalg.matrix_norm(yc.mT @ xc) ** 2
-        hxx = torch.linalg.matrix_norm(xc.mT @ xc)
-        hyy = torch.linalg.matrix_norm(yc.mT @ yc)
-    else:
-        k = xc @ xc.mT
-        l_ = yc @ yc.mT
-        hxy = (k * l_).sum(dim=(-2, -1))
-        hxx = torch.linalg.matrix_norm(k)
-        hyy = torch.linalg.matrix_norm(l_)
+    hxy, hxx, hyy = _products(xc, yc, route)
     return hxy / (hxx * hyy), nx, ny
+
+
+def _products(xc: torch.Tensor, yc: torch.Tensor, route: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(tr(KL), ||K||_F, ||L||_F)`` (each (...)) of the centred views' linear kernels ``K = Xc Xcᵀ``,
+    ``L = Yc Ycᵀ``: from the feature-space products (``tr(KL) = ||Ycᵀ Xc||²_F``, ``||K||_F = ||Xcᵀ Xc||_F``) or
+    from the n×n kernels (``route`` ``'features'`` / ``'tokens'``)."""
+    if route == "features":
+        return _feature_products(xc, yc)
+    return _kernel_products(xc @ xc.mT, yc @ yc.mT)
+
+
+def _feature_products(xc: torch.Tensor, yc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return (
+        torch.linalg.matrix_norm(yc.mT @ xc) ** 2,
+        torch.linalg.matrix_norm(xc.mT @ xc),
+        torch.linalg.matrix_norm(yc.mT @ yc),
+    )
+
+
+def _kernel_products(k: torch.Tensor, l_: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return (k * l_).sum(dim=(-2, -1)), torch.linalg.matrix_norm(k), torch.linalg.matrix_norm(l_)
 
 
 def _unbiased_hsic(
@@ -296,6 +316,14 @@ def _debiased_block(
     yc, _ = _centred_scaled(y)
     if route == "tokens":
         return _debiased_from_kernels(xc @ xc.mT, yc @ yc.mT, n)
+    return _debiased_from_features(xc, yc, n, _feature_products(xc, yc))
+
+
+def _debiased_from_features(
+    xc: torch.Tensor, yc: torch.Tensor, n: int, products: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`_debiased_block`'s three HSIC_1 from the centred views and their :func:`_feature_products`
+    (``tr(KL)``, ``||K||_F``, ``||L||_F``: no n×n matrix)."""
 
     def pieces(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         diag = (z * z).sum(dim=-1)  # K_ii, (..., n)
@@ -305,16 +333,10 @@ def _debiased_block(
 
     kd, kr, kt = pieces(xc)
     ld, lr, lt = pieces(yc)
-
-    def trace(a: torch.Tensor, b: torch.Tensor, ad: torch.Tensor, bd: torch.Tensor) -> torch.Tensor:
-        t: torch.Tensor = torch.linalg.matrix_norm(b.mT @ a) ** 2 - (ad * bd).sum(
-            dim=-1
-        )  # tr(K̃ L̃) = tr(KL) − Σ K_ii L_ii
-        return t
-
-    hxy = _unbiased_hsic(kd, kr, kt, trace(xc, yc, kd, ld), ld, lr, lt, n)
-    hxx = _unbiased_hsic(kd, kr, kt, trace(xc, xc, kd, kd), kd, kr, kt, n)
-    hyy = _unbiased_hsic(ld, lr, lt, trace(yc, yc, ld, ld), ld, lr, lt, n)
+    kl, k_norm, l_norm = products  # tr(K̃ L̃) = tr(KL) − Σ K_ii L_ii below
+    hxy = _unbiased_hsic(kd, kr, kt, kl - (kd * ld).sum(dim=-1), ld, lr, lt, n)
+    hxx = _unbiased_hsic(kd, kr, kt, k_norm**2 - (kd * kd).sum(dim=-1), kd, kr, kt, n)
+    hyy = _unbiased_hsic(ld, lr, lt, l_norm**2 - (ld * ld).sum(dim=-1), ld, lr, lt, n)
     return hxy, hxx, hyy
 
 
@@ -389,6 +411,13 @@ def debiased_linear_cka(X: Any, Y: Any, *, route: str = "auto") -> Result:
     x, y = x.to(dt), y.to(dt)
     route = _cka_route(route, n, x.shape[-1], y.shape[-1])
     parts = [_debiased_block(xb, yb, n, route) for xb, yb in _blocks(x, y)]
+    return as_result(_debiased_value(parts, x, y, caller))
+
+
+def _debiased_value(
+    parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], x: torch.Tensor, y: torch.Tensor, caller: str
+) -> np.ndarray:
+    """:func:`debiased_linear_cka` (float64 numpy of the batch shape) from its blocks' three HSIC_1."""
     batch = np.broadcast_shapes(tuple(x.shape[:-2]), tuple(y.shape[:-2]))
     hxy, hxx, hyy = (torch.cat([pt[i].reshape(-1) for pt in parts]).reshape(batch) for i in range(3))
     for name, h in (("X", hxx), ("Y", hyy)):
@@ -397,6 +426,34 @@ def debiased_linear_cka(X: Any, Y: Any, *, route: str = "auto") -> Result:
                 f"{caller}(): HSIC_1 of `{name}` with itself is <= 0 (constant features, or too few "
                 "tokens for the unbiased estimate), so debiased CKA is undefined"
             )
-    value = (hxy / torch.sqrt(hxx * hyy)).to("cpu", torch.float64).numpy()
+    value: np.ndarray = (hxy / torch.sqrt(hxx * hyy)).to("cpu", torch.float64).numpy()
     finite_or_raise(value, caller)
-    return as_result(value)
+    return value
+
+
+def linear_and_debiased_cka(X: Any, Y: Any) -> tuple[np.ndarray, np.ndarray]:
+    """``(linear_cka(X, Y), debiased_linear_cka(X, Y))`` (route ``'auto'``) as float64 numpy arrays of the batch
+    shape, from one centring of each view and one set of kernel (or feature-space) products: the same numbers as
+    the two calls, for about half their cost (the cross-run rows give both). Raises as either would."""
+    caller = "debiased_linear_cka"
+    x, y = _paired_activations(X, Y, caller)
+    n = x.shape[-2]
+    if n < 4:
+        raise DynamicsError(f"{caller}(): the unbiased HSIC estimator needs at least 4 rows (tokens), got {n}")
+    dt = torch.promote_types(x.dtype, y.dtype)
+    x, y = x.to(dt), y.to(dt)
+    route = _cka_route("auto", n, x.shape[-1], y.shape[-1])
+    biased, debiased = [], []
+    for xb, yb in _blocks(x, y):
+        xc, nx = _centred_scaled(xb)
+        yc, ny = _centred_scaled(yb)
+        if route == "features":
+            products = _feature_products(xc, yc)
+            debiased.append(_debiased_from_features(xc, yc, n, products))
+        else:
+            k, l_ = xc @ xc.mT, yc @ yc.mT
+            products = _kernel_products(k, l_)
+            debiased.append(_debiased_from_kernels(k, l_, n))
+        hxy, hxx, hyy = products
+        biased.append((hxy / (hxx * hyy), nx, ny))
+    return _linear_cka_value(biased, x, y, "linear_cka"), _debiased_value(debiased, x, y, caller)

@@ -174,11 +174,10 @@ def _cka_rows(
 def _cka_pairs(x: np.ndarray, y: np.ndarray) -> list[dict[str, float]]:
     """``{"cka_debiased", "cka"}`` of each pair of the float64 batches ``x`` (B, n, p) and ``y`` (B, n, q), batched;
     where the batch holds a constant view, pair by pair, leaving that pair's dict out (an empty dict)."""
-    from dynamics.activations import debiased_linear_cka, linear_cka
+    from dynamics.activations import linear_and_debiased_cka
 
     try:
-        debiased = np.asarray(debiased_linear_cka(x, y)).reshape(-1)
-        plain = np.asarray(linear_cka(x, y)).reshape(-1)
+        plain, debiased = (np.asarray(v).reshape(-1) for v in linear_and_debiased_cka(x, y))
         return [{"cka_debiased": float(d), "cka": float(c)} for d, c in zip(debiased, plain)]
     except DynamicsError:
         if x.shape[0] == 1:

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import dynamics.similarity as sim
-from dynamics.activations import debiased_linear_cka, linear_cka
+from dynamics.activations import debiased_linear_cka, linear_and_debiased_cka, linear_cka
 from dynamics.validation import DynamicsError
 
 
@@ -162,6 +162,29 @@ def test_cka_blocked_batch_matches_per_matrix() -> None:
     np.testing.assert_allclose(got, [_ref_cka(x[i], y[i]) for i in range(12)], rtol=1e-12)
     got_d = debiased_linear_cka(tx[:3], ty[:3])
     np.testing.assert_allclose(got_d, [_ref_debiased(x[i], y[i]) for i in range(3)], rtol=1e-10)
+
+
+@pytest.mark.parametrize("shape", [(12, 2048, 96), (3, 64, 200), (2, 40, 40), (30, 7)])
+def test_linear_and_debiased_cka_together_are_the_two_functions_bit_for_bit(shape: tuple[int, ...]) -> None:
+    """One centring and one set of products for both: the same numbers as the two public functions, on either
+    route ('auto' picks features for many tokens, tokens for many features), over several blocks, unbatched."""
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal(shape)
+    y = 0.5 * x + rng.standard_normal(shape)
+    biased, debiased = linear_and_debiased_cka(x, y)
+    assert np.array_equal(biased, np.asarray(linear_cka(x, y)))
+    assert np.array_equal(debiased, np.asarray(debiased_linear_cka(x, y)))
+    assert biased.shape == debiased.shape == shape[:-2]
+
+
+def test_linear_and_debiased_cka_together_raise_as_either_would() -> None:
+    rng = np.random.default_rng(12)
+    x, y = _pair(rng, 4, 64, 8, 8)
+    x[2] = 1.5  # constant view
+    with pytest.raises(DynamicsError, match="constant"):
+        linear_and_debiased_cka(x, y)
+    with pytest.raises(DynamicsError, match="at least 4 rows"):
+        linear_and_debiased_cka(rng.standard_normal((3, 5)), rng.standard_normal((3, 5)))
 
 
 def test_cka_broadcast_batch() -> None:
