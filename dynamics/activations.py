@@ -205,6 +205,33 @@ def _linear_cka_value(
     return clipped
 
 
+def linear_cka_against(X: Any, Ys: list[Any]) -> list[np.ndarray]:
+    """``[linear_cka(X, Y) for Y in Ys]`` (route ``'auto'``; float64 numpy arrays of the batch shape) with ``X``
+    centred once and its own kernel (or feature-space) product computed once: the same numbers as the separate
+    calls. The ``Ys`` must share one shape (a unit compares a site with its previous and its final capture); else
+    the calls are made one by one."""
+    if len({tuple(np.shape(y)) for y in Ys}) > 1:
+        return [np.asarray(linear_cka(X, y), dtype=np.float64) for y in Ys]
+    caller = "linear_cka"
+    pairs = [_paired_activations(X, y, caller) for y in Ys]
+    if not pairs:
+        return []
+    dt = torch.promote_types(pairs[0][0].dtype, pairs[0][1].dtype)
+    pairs = [(x.to(dt), y.to(dt)) for x, y in pairs]
+    x = pairs[0][0]
+    route = _cka_route("auto", x.shape[-2], x.shape[-1], pairs[0][1].shape[-1])
+    parts: list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = [[] for _ in pairs]
+    for blocks in zip(*(_blocks(x, y) for _, y in pairs)):
+        xc, nx = _centred_scaled(blocks[0][0])
+        k = xc @ xc.mT if route == "tokens" else None
+        for i, (_, yb) in enumerate(blocks):
+            yc, ny = _centred_scaled(yb)
+            products = _feature_products(xc, yc) if k is None else _kernel_products(k, yc @ yc.mT)
+            hxy, hxx, hyy = products
+            parts[i].append((hxy / (hxx * hyy), nx, ny))
+    return [_linear_cka_value(part, x, y, caller) for part, (_, y) in zip(parts, pairs)]
+
+
 def _cka_route(route: str, n: int, p: int, q: int) -> str:
     """``route`` itself, or for ``'auto'`` the cheaper by flop count for ``n`` tokens of ``p`` and ``q`` features:
     ``'features'`` (three feature-space products, ``n·(pq + p² + q²)``) or ``'tokens'`` (two kernels, ``n²·(p + q)``)."""

@@ -830,7 +830,7 @@ def _act_site_rows(
 ) -> None:
     """Rows of one activation site (:func:`_capture_rows`): spectra, anisotropy, CKA (and SVCCA/PWCCA) against the
     previous and the final capture."""
-    from dynamics import anisotropy, linear_cka
+    from dynamics import anisotropy
     from dynamics.activations import activation_spectrum
     from dynamics.analyze_rows import similarity_rows
 
@@ -854,14 +854,14 @@ def _act_site_rows(
             each = _each(activation_spectrum(xd, center=True))
             aniso = np.asarray(anisotropy(xd)).reshape(-1)
             extras: list[dict[str, float]] = [{"anisotropy": float(a)} for a in aniso]
+            compared = []  # (metric, the layers it has, their activations there)
             for metric, ys in others.items():
                 have = [j for j, name in enumerate(group) if ys.get(name) is not None]
-                if not have:
-                    continue
-                y = np.stack([ys[group[j]].reshape(-1, ys[group[j]].shape[-1]) for j in have], dtype=np.float64)
-                xs = x if len(have) == len(group) else x[have]
-                xsd = xs if dev is None else _on_device(xs, dev)
-                cka = np.asarray(linear_cka(xsd, y if dev is None else _on_device(y, dev))).reshape(-1)
+                if have:
+                    y = np.stack([ys[group[j]].reshape(-1, ys[group[j]].shape[-1]) for j in have], dtype=np.float64)
+                    compared.append((metric, have, y))
+            ckas = _cka_rows_of(x, compared, dev)
+            for (metric, have, y), cka in zip(compared, ckas):
                 for c, j in zip(cka, have):
                     extras[j][metric] = float(c)
                     if opts.cca:  # SVCCA/PWCCA (view 1: this step) where tokens >> features
@@ -880,6 +880,21 @@ def _act_site_rows(
             label = name if kind == "act" else f"{name}.in"
             out.add_spectrum(label, "act", rows[name][0], metrics=rows[name][1])
             out.add(label, "act", rows[name][2])
+
+
+def _cka_rows_of(x: np.ndarray, compared: list[tuple[str, list[int], np.ndarray]], dev: str | None) -> list[np.ndarray]:
+    """Linear CKA (float64, one per compared layer) of the float64 activations ``x`` (B, tokens, features) against
+    each ``(metric, layers, y)`` of ``compared``: against every one at once, with ``x`` centred once
+    (:func:`dynamics.activations.linear_cka_against`), where each has every layer; else one call each."""
+    from dynamics import linear_cka
+    from dynamics.activations import linear_cka_against
+
+    on = (lambda a: a) if dev is None else (lambda a: _on_device(a, dev))
+    if all(len(have) == len(x) for _, have, _ in compared):
+        return [np.asarray(c).reshape(-1) for c in linear_cka_against(on(x), [on(y) for _, _, y in compared])]
+    return [
+        np.asarray(linear_cka(on(x if len(have) == len(x) else x[have]), on(y))).reshape(-1) for _, have, y in compared
+    ]
 
 
 def _grad_rows(out: _Rows, run: _RunView, step: int, opts: AnalysisOptions, pool: Executor | None) -> None:

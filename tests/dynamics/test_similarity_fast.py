@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import dynamics.similarity as sim
-from dynamics.activations import debiased_linear_cka, linear_and_debiased_cka, linear_cka
+from dynamics.activations import debiased_linear_cka, linear_and_debiased_cka, linear_cka, linear_cka_against
 from dynamics.validation import DynamicsError
 
 
@@ -185,6 +185,24 @@ def test_linear_and_debiased_cka_together_raise_as_either_would() -> None:
         linear_and_debiased_cka(x, y)
     with pytest.raises(DynamicsError, match="at least 4 rows"):
         linear_and_debiased_cka(rng.standard_normal((3, 5)), rng.standard_normal((3, 5)))
+
+
+@pytest.mark.parametrize("shape", [(12, 2048, 96), (3, 64, 200), (30, 7)])
+def test_linear_cka_against_several_views_is_each_call_bit_for_bit(shape: tuple[int, ...]) -> None:
+    rng = np.random.default_rng(13)
+    x = rng.standard_normal(shape)
+    ys = [0.5 * x + rng.standard_normal(shape), rng.standard_normal(shape)]
+    got = linear_cka_against(x, ys)
+    assert len(got) == 2
+    for g, y in zip(got, ys):
+        assert np.array_equal(g, np.asarray(linear_cka(x, y)))
+    other = rng.standard_normal((*shape[:-1], 5))  # another feature count: one call each, the same numbers
+    mixed = linear_cka_against(x, [ys[0], other])
+    assert np.array_equal(mixed[1], np.asarray(linear_cka(x, other)))
+    assert linear_cka_against(x, []) == []
+    ys[1][...] = 3.0  # a constant view raises as linear_cka does
+    with pytest.raises(DynamicsError, match="`Y` is constant"):
+        linear_cka_against(x, ys)
 
 
 def test_cka_broadcast_batch() -> None:
