@@ -624,8 +624,14 @@ def _weight_group(
     if sub:
         idx = [group.index(n) for n in sub]
         w_sub = stack[idx]  # intruder_counts and the differences below convert to float64 (exactly)
+        digest = run.entry(first).get("sha256", {}).get(MODEL_FILE)  # verified: names the reference's entries
         counts = _intruder_counts(
-            w_sub, _stack(versions.get(first), sub), k=opts.intruder_k, threshold=opts.intruder_threshold, eig=eig
+            w_sub,
+            _stack(versions.get(first), sub),
+            k=opts.intruder_k,
+            threshold=opts.intruder_threshold,
+            eig=eig,
+            names=None if digest is None else [(digest, name) for name in sub],
         )
         del eig
         versions.done(first)

@@ -291,16 +291,21 @@ _REFERENCE_ENTRIES = 512
 _REFERENCE: BoundedLRU[np.ndarray] = BoundedLRU(lambda: _REFERENCE_ENTRIES, lambda vectors: 1)
 
 
-def _reference_vectors(w0: np.ndarray) -> np.ndarray:
+def _reference_vectors(w0: np.ndarray, name: tuple[Any, ...] | None = None) -> np.ndarray:
     """Left singular vectors of ``w0`` (any real dtype; decomposed in float64), remembered for the last few matrices
     (``W_0`` is the reference of every checkpoint of a run, so an analysis computes each once per process).
 
     The key hashes the entries as stored (a float32 ``W_0`` is looked up without a float64 copy, from half the
-    bytes) with the shape and dtype; the float64 copy is made only when the vectors are computed."""
+    bytes) with the shape and dtype; the float64 copy is made only when the vectors are computed. ``name``: a key
+    that already identifies the entries (the analysis: the verified sha256 of the checkpoint file and the matrix's
+    name), used with the shape and dtype instead of hashing them again."""
     import hashlib
 
     w0 = np.ascontiguousarray(w0)
-    key = hashlib.sha1(w0.data).digest() + repr((w0.shape, w0.dtype.str)).encode()
+    if name is not None:
+        key = repr(("named", name, w0.shape, w0.dtype.str)).encode()
+    else:
+        key = hashlib.sha1(w0.data).digest() + repr((w0.shape, w0.dtype.str)).encode()
     found = _REFERENCE.get(key)
     if found is None:
         found = _svd(w0.astype(np.float64, copy=False))[0]
@@ -345,9 +350,10 @@ def intruder_dimensions(W: Any, W0: Any, *, k: int = 10, threshold: float = 0.5,
     return _intruders(_svd(w)[0][:, :k], w0, rk, threshold)
 
 
-def _intruders(u: np.ndarray, w0: np.ndarray, rk: int, threshold: float) -> int:
-    """Columns of ``u`` (m, k) whose largest ``|cos|`` with ``W0``'s top-``rk`` left singular vectors is below ``threshold``."""
-    u0 = _reference_vectors(w0)[:, :rk]
+def _intruders(u: np.ndarray, w0: np.ndarray, rk: int, threshold: float, name: tuple[Any, ...] | None = None) -> int:
+    """Columns of ``u`` (m, k) whose largest ``|cos|`` with ``W0``'s top-``rk`` left singular vectors is below
+    ``threshold`` (``name``: see :func:`_reference_vectors`)."""
+    u0 = _reference_vectors(w0, name)[:, :rk]
     best = np.max(np.abs(u.T @ u0), axis=1)
     return int(np.sum(best < threshold))
 
@@ -361,10 +367,17 @@ def intruder_counts(W: np.ndarray, W0: np.ndarray, *, k: int = 10, threshold: fl
 
 
 def _intruder_counts(
-    W: np.ndarray, W0: np.ndarray, *, k: int, threshold: float, eig: tuple[torch.Tensor, torch.Tensor] | None = None
+    W: np.ndarray,
+    W0: np.ndarray,
+    *,
+    k: int,
+    threshold: float,
+    eig: tuple[torch.Tensor, torch.Tensor] | None = None,
+    names: list[tuple[Any, ...]] | None = None,
 ) -> list[int]:
     """:func:`intruder_counts`; ``eig``: the Gram eigendecomposition of ``W`` when the caller already has it
-    (:func:`dynamics._kernels.gram_eigh`: the analysis takes the weights' spectra from it too)."""
+    (:func:`dynamics._kernels.gram_eigh`: the analysis takes the weights' spectra from it too); ``names``: one key
+    per matrix of ``W0`` that identifies its entries (:func:`_reference_vectors`)."""
     caller = "intruder_counts"
     if W.ndim != 3 or W.shape != W0.shape:
         raise ShapeError(f"{caller}(): `W` and `W0` must be (B, m, n) of one shape, got {W.shape} and {W0.shape}")
@@ -373,7 +386,8 @@ def _intruder_counts(
     k = min(check_positive_int(k, name="k", caller=caller), min(W.shape[1:]))
     rk = min(W.shape[1:])
     u = _top_left_vectors(np.ascontiguousarray(W, dtype=np.float64), k, eig)
-    return [_intruders(u[i], W0[i], rk, threshold) for i in range(len(u))]  # W0 as stored: the cache's key
+    keys = names if names is not None else [None] * len(u)
+    return [_intruders(u[i], W0[i], rk, threshold, keys[i]) for i in range(len(u))]  # W0 as stored: the cache's key
 
 
 def _top_left_vectors(W: np.ndarray, k: int, eig: tuple[torch.Tensor, torch.Tensor] | None = None) -> np.ndarray:

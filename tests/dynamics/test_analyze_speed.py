@@ -266,6 +266,23 @@ def test_a_unit_takes_weight_spectra_and_intruder_vectors_from_one_gram_eigendec
         assert a["value"] == pytest.approx(b["value"], rel=rel, nan_ok=True), a
 
 
+def test_intruder_references_named_by_the_caller_are_not_hashed(monkeypatch):
+    import hashlib
+
+    import dynamics.subspaces as sub
+
+    rng = np.random.default_rng(10)
+    w0 = rng.standard_normal((3, 40, 12))
+    w = w0 + rng.standard_normal((3, 40, 12))
+    expected = intruder_counts(w, w0, k=4)  # content-hashed keys
+    sub._REFERENCE.clear()
+    monkeypatch.setattr(hashlib, "sha1", lambda *a: pytest.fail("a named reference was hashed"))
+    names = [("digest-of-step-0", f"layers.{i}.attn.q") for i in range(3)]
+    assert sub._intruder_counts(w, w0, k=4, threshold=0.5, names=names) == expected
+    assert sub._intruder_counts(w, w0, k=4, threshold=0.5, names=names) == expected  # from the cache
+    sub._REFERENCE.clear()
+
+
 def test_intruder_counts_fall_back_to_the_svd_for_ill_conditioned_matrices():
     rng = np.random.default_rng(4)
     w = rng.standard_normal((2, 30, 3)) @ rng.standard_normal((2, 3, 10))  # rank 3 < k = 5: the Gram route is refused
