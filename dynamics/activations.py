@@ -430,15 +430,20 @@ def debiased_linear_cka(X: Any, Y: Any, *, route: str = "auto") -> Result:
     """
     caller = "debiased_linear_cka"
     check_option(route, ("auto", "features", "tokens"), name="route", caller=caller)
+    x, y, n = _debiased_inputs(X, Y, caller)
+    route = _cka_route(route, n, x.shape[-1], y.shape[-1])
+    parts = [_debiased_block(xb, yb, n, route) for xb, yb in _blocks(x, y)]
+    return as_result(_debiased_value(parts, x, y, caller))
+
+
+def _debiased_inputs(X: Any, Y: Any, caller: str) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``X``, ``Y`` validated and in one dtype (:func:`_paired_activations`), and their token count ``n >= 4``."""
     x, y = _paired_activations(X, Y, caller)
     n = x.shape[-2]
     if n < 4:
         raise DynamicsError(f"{caller}(): the unbiased HSIC estimator needs at least 4 rows (tokens), got {n}")
     dt = torch.promote_types(x.dtype, y.dtype)
-    x, y = x.to(dt), y.to(dt)
-    route = _cka_route(route, n, x.shape[-1], y.shape[-1])
-    parts = [_debiased_block(xb, yb, n, route) for xb, yb in _blocks(x, y)]
-    return as_result(_debiased_value(parts, x, y, caller))
+    return x.to(dt), y.to(dt), n
 
 
 def _debiased_value(
@@ -463,12 +468,7 @@ def linear_and_debiased_cka(X: Any, Y: Any) -> tuple[np.ndarray, np.ndarray]:
     shape, from one centring of each view and one set of kernel (or feature-space) products: the same numbers as
     the two calls, for about half their cost (the cross-run rows give both). Raises as either would."""
     caller = "debiased_linear_cka"
-    x, y = _paired_activations(X, Y, caller)
-    n = x.shape[-2]
-    if n < 4:
-        raise DynamicsError(f"{caller}(): the unbiased HSIC estimator needs at least 4 rows (tokens), got {n}")
-    dt = torch.promote_types(x.dtype, y.dtype)
-    x, y = x.to(dt), y.to(dt)
+    x, y, n = _debiased_inputs(X, Y, caller)
     route = _cka_route("auto", n, x.shape[-1], y.shape[-1])
     biased, debiased = [], []
     for xb, yb in _blocks(x, y):
