@@ -569,7 +569,7 @@ def _weight_group(
     from dynamics import spectrum
     from dynamics.analyze_rows import analysed_for_subspaces, spectrum_extra
     from dynamics.spectra import spectrum_from_gram
-    from dynamics.subspaces import _intruder_counts, update_overlaps
+    from dynamics.subspaces import intruder_counts, update_overlaps
 
     dev = opts.device
     stack = _stack(ws, group)
@@ -625,13 +625,13 @@ def _weight_group(
         idx = [group.index(n) for n in sub]
         w_sub = stack[idx]  # intruder_counts and the differences below convert to float64 (exactly)
         digest = run.entry(first).get("sha256", {}).get(MODEL_FILE)  # verified: names the reference's entries
-        counts = _intruder_counts(
+        counts = intruder_counts(
             w_sub,
             _stack(versions.get(first), sub),
             k=opts.intruder_k,
             threshold=opts.intruder_threshold,
-            eig=eig,
-            names=None if digest is None else [(digest, name) for name in sub],
+            gram=eig,
+            reference_names=None if digest is None else [(digest, name) for name in sub],
         )
         del eig
         versions.done(first)

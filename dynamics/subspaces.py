@@ -358,26 +358,26 @@ def _intruders(u: np.ndarray, w0: np.ndarray, rk: int, threshold: float, name: t
     return int(np.sum(best < threshold))
 
 
-def intruder_counts(W: np.ndarray, W0: np.ndarray, *, k: int = 10, threshold: float = 0.5) -> list[int]:
-    """:func:`intruder_dimensions` of each matrix of a batch: ``W``, ``W0`` real ``(B, m, n)`` (finite, checked by the
-    caller; decomposed in float64), ``reference_k`` all. The top-``k`` left singular vectors of ``W`` come from one batched Gram
-    eigendecomposition (:func:`_top_left_vectors`), ``W0``'s from the same cached SVD as :func:`intruder_dimensions`;
-    the counts are that function's unless a largest ``|cos|`` lies within ~1e-14 of ``threshold``."""
-    return _intruder_counts(W, W0, k=k, threshold=threshold)
-
-
-def _intruder_counts(
+def intruder_counts(
     W: np.ndarray,
     W0: np.ndarray,
     *,
-    k: int,
-    threshold: float,
-    eig: tuple[torch.Tensor, torch.Tensor] | None = None,
-    names: list[tuple[Any, ...]] | None = None,
+    k: int = 10,
+    threshold: float = 0.5,
+    gram: tuple[torch.Tensor, torch.Tensor] | None = None,
+    reference_names: list[tuple[Any, ...]] | None = None,
 ) -> list[int]:
-    """:func:`intruder_counts`; ``eig``: the Gram eigendecomposition of ``W`` when the caller already has it
-    (:func:`dynamics._kernels.gram_eigh`: the analysis takes the weights' spectra from it too); ``names``: one key
-    per matrix of ``W0`` that identifies its entries (:func:`_reference_vectors`)."""
+    """:func:`intruder_dimensions` of each matrix of a batch: ``W``, ``W0`` real ``(B, m, n)`` (finite, checked by the
+    caller; decomposed in float64), ``reference_k`` all. The top-``k`` left singular vectors of ``W`` come from one
+    batched Gram eigendecomposition where well conditioned (:func:`_top_left_vectors`), ``W0``'s from the same cached
+    SVD as :func:`intruder_dimensions`; the counts are that function's unless a largest ``|cos|`` lies within ~1e-14
+    of ``threshold``.
+
+    ``gram``: that eigendecomposition when the caller already has it (:func:`dynamics._kernels.gram_eigh` of ``W``;
+    the analysis takes the weights' spectra from it too). ``reference_names``: one key per matrix of ``W0`` that
+    identifies its entries (the analysis: the verified sha256 of the checkpoint file and the matrix name), so the
+    cache of reference vectors does not hash the entries (:func:`_reference_vectors`).
+    """
     caller = "intruder_counts"
     if W.ndim != 3 or W.shape != W0.shape:
         raise ShapeError(f"{caller}(): `W` and `W0` must be (B, m, n) of one shape, got {W.shape} and {W0.shape}")
@@ -385,8 +385,8 @@ def _intruder_counts(
         raise DynamicsError(f"{caller}(): `threshold` must be in (0, 1], got {threshold!r}")
     k = min(check_positive_int(k, name="k", caller=caller), min(W.shape[1:]))
     rk = min(W.shape[1:])
-    u = _top_left_vectors(np.ascontiguousarray(W, dtype=np.float64), k, eig)
-    keys = names if names is not None else [None] * len(u)
+    u = _top_left_vectors(np.ascontiguousarray(W, dtype=np.float64), k, gram)
+    keys = reference_names if reference_names is not None else [None] * len(u)
     return [_intruders(u[i], W0[i], rk, threshold, keys[i]) for i in range(len(u))]  # W0 as stored: the cache's key
 
 

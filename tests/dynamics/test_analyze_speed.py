@@ -278,8 +278,8 @@ def test_intruder_references_named_by_the_caller_are_not_hashed(monkeypatch):
     sub._REFERENCE.clear()
     monkeypatch.setattr(hashlib, "sha1", lambda *a: pytest.fail("a named reference was hashed"))
     names = [("digest-of-step-0", f"layers.{i}.attn.q") for i in range(3)]
-    assert sub._intruder_counts(w, w0, k=4, threshold=0.5, names=names) == expected
-    assert sub._intruder_counts(w, w0, k=4, threshold=0.5, names=names) == expected  # from the cache
+    assert intruder_counts(w, w0, k=4, reference_names=names) == expected
+    assert intruder_counts(w, w0, k=4, reference_names=names) == expected  # from the cache
     sub._REFERENCE.clear()
 
 
