@@ -1249,6 +1249,8 @@ def _train_rows(run_path: Path, label: str, method: str) -> list[dict[str, Any]]
 
 #: The list columns of a spectra table and their item dtypes (:data:`SPECTRA_COLUMNS`).
 _LIST_COLUMNS: dict[str, type] = {"shape": np.int64, "values": np.float64}
+#: At most this many values in one piece of a list column: an arrow list array has int32 offsets.
+_LIST_PIECE_VALUES = 2**31 - 1
 
 
 def _write_parquet(frame: pd.DataFrame, path: Path) -> None:
@@ -1266,11 +1268,28 @@ def _write_parquet(frame: pd.DataFrame, path: Path) -> None:
     table = pa.Table.from_pandas(frame.drop(columns=lists), preserve_index=False)
     for column in lists:
         items: list[np.ndarray] = [np.asarray(v, dtype=_LIST_COLUMNS[column]).reshape(-1) for v in frame[column]]
-        offsets = np.zeros(len(items) + 1, dtype=np.int32)
-        np.cumsum([a.size for a in items], out=offsets[1:])
-        flat = np.concatenate(items) if items else np.empty(0, dtype=_LIST_COLUMNS[column])
-        table = table.append_column(column, pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat)))
+        table = table.append_column(column, _list_column(items, _LIST_COLUMNS[column]))
     pq.write_table(table.select(list(frame.columns)), path, **PARQUET_WRITE)
+
+
+def _list_column(items: list[np.ndarray], dtype: type) -> Any:
+    """An arrow list column (``pyarrow.ChunkedArray``) of the 1-D ``items``, one row each: pieces of consecutive
+    rows holding at most :data:`_LIST_PIECE_VALUES` values, each one flat array and its int32 offsets."""
+    import pyarrow as pa
+
+    sizes = np.array([a.size for a in items], dtype=np.int64)
+    pieces: list[Any] = []
+    start = 0
+    while start < len(items) or not pieces:
+        ends = np.cumsum(sizes[start:])
+        stop = start + max(1, int(np.searchsorted(ends, _LIST_PIECE_VALUES, side="right")))
+        stop = min(stop, len(items))
+        offsets = np.zeros(stop - start + 1, dtype=np.int32)
+        np.cumsum(sizes[start:stop], out=offsets[1:])
+        flat = np.concatenate(items[start:stop]) if stop > start else np.empty(0, dtype=dtype)
+        pieces.append(pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat)))
+        start = stop
+    return pa.chunked_array(pieces)
 
 
 def _write_text(text: str, path: Path) -> None:

@@ -424,10 +424,14 @@ def test_a_checkpoint_matrix_norm_is_summed_once_per_process_by_its_file_digest(
         again.norm64(8, "layers.0.mlp.up", w8)
 
 
-def test_spectra_tables_are_written_as_pandas_writes_them(tmp_path):
-    """The list columns of a spectra table are built from one flat array: the file reads back as the one pandas
-    writes (same schema, same values), also with numpy arrays for lists, and when empty."""
+@pytest.mark.parametrize("piece_values", [2**31 - 1, 12])
+def test_spectra_tables_are_written_as_pandas_writes_them(tmp_path, monkeypatch, piece_values):
+    """The list columns of a spectra table are built from flat arrays: the file reads back as the one pandas
+    writes (same schema, same values), also with numpy arrays for lists, when empty, and when a column is split
+    into pieces (arrow's int32 offsets: at most 2**31 - 1 values a piece; 12 here, so several pieces)."""
     import pyarrow.parquet as pq
+
+    monkeypatch.setattr(an, "_LIST_PIECE_VALUES", piece_values)
 
     rng = np.random.default_rng(9)
     rows = [
