@@ -146,6 +146,12 @@ def _gram_inaccurate(values: np.ndarray) -> np.ndarray:
     return (s1 > 0) & (values[..., -1] < GRAM_MIN_SIGMA_RATIO * s1)
 
 
+def _gram_refused(values: np.ndarray) -> np.ndarray:
+    """Bool (batch shape): Gram-route values that ``method='auto'`` does not keep (out of range or inaccurate)."""
+    refused: np.ndarray = _gram_out_of_range(values) | _gram_inaccurate(values)
+    return refused
+
+
 def _gram_probed(x: torch.Tensor) -> np.ndarray | None:
     """:func:`_gram` of a batch ``x`` (..., m, n), its first matrix first: ``None`` (the whole batch goes direct) when
     that one overflows or would be refused (out of range, or ``s_k < GRAM_MIN_SIGMA_RATIO * s_1``).
@@ -160,7 +166,7 @@ def _gram_probed(x: torch.Tensor) -> np.ndarray | None:
     if flat.shape[0] <= 1:
         return _gram(x)
     head = _gram(flat[:1])
-    if head is None or bool((_gram_out_of_range(head) | _gram_inaccurate(head)).any()):
+    if head is None or bool(_gram_refused(head).any()):
         return None
     rest = _gram(flat[1:])
     if rest is None:
@@ -203,7 +209,7 @@ def svdvals(
             )
         bad = out_of_range
     else:
-        bad = out_of_range | inaccurate
+        bad = _gram_refused(vals)
     if not bad.any():
         return vals, "gram"
     if vals.ndim == 1 or bad.all():  # every matrix: the whole batch as is (no copy of its members)

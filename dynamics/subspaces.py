@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ._kernels import gram_eigh
 from ._lru import BoundedLRU
 from .validation import DynamicsError, ShapeError, as_matrix_batch, check_positive_int
 
@@ -253,8 +254,11 @@ def _top_svds(
     """
     t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float64))
     wide = t.shape[-2] < t.shape[-1]
-    y = t.mT if wide else t  # tall: y = X or Xᵀ, its right vectors from the small Gram matrix
-    lam, q = torch.linalg.eigh(y.mT @ y) if eig is None else eig
+    y = t.mT if wide else t  # tall: y = X or Xᵀ, its right vectors from the small Gram matrix yᵀy
+    eig = gram_eigh(t) if eig is None else eig
+    if eig is None:  # the Gram matrix overflowed
+        return _svd_batch(x, k)
+    lam, q = eig
     lam_k, short = lam.flip(-1)[..., :k], q.flip(-1)[..., :k]
     ok = ((lam_k[..., 0] > 0) & (lam_k[..., -1] >= GRAM_VECTORS_MIN_RATIO**2 * lam_k[..., 0])).tolist()
     long = torch.linalg.qr(y @ short).Q  # (B, M, k): y v_i = σ_i u_i, orthonormalised in order
