@@ -227,8 +227,7 @@ def linear_cka_against(X: Any, Ys: list[Any]) -> list[np.ndarray]:
         for i, (_, yb) in enumerate(blocks):
             yc, ny = _centred_scaled(yb)
             products = _feature_products(xc, yc) if k is None else _kernel_products(k, yc @ yc.mT)
-            hxy, hxx, hyy = products
-            parts[i].append((hxy / (hxx * hyy), nx, ny))
+            parts[i].append(_biased_part(products, nx, ny))
     return [_linear_cka_value(part, x, y, caller) for part, (_, y) in zip(parts, pairs)]
 
 
@@ -285,7 +284,14 @@ def _linear_cka_block(x: torch.Tensor, y: torch.Tensor, route: str) -> tuple[tor
     """Biased linear CKA of a block ``x`` (..., n, p), ``y`` (..., n, q) and the centred views' norms."""
     xc, nx = _centred_scaled(x)
     yc, ny = _centred_scaled(y)
-    hxy, hxx, hyy = _products(xc, yc, route)
+    return _biased_part(_products(xc, yc, route), nx, ny)
+
+
+def _biased_part(
+    products: tuple[torch.Tensor, torch.Tensor, torch.Tensor], nx: torch.Tensor, ny: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A block's ``(CKA, ||Xc||, ||Yc||)`` for :func:`_linear_cka_value` from its :func:`_products`."""
+    hxy, hxx, hyy = products
     return hxy / (hxx * hyy), nx, ny
 
 
@@ -481,6 +487,5 @@ def linear_and_debiased_cka(X: Any, Y: Any) -> tuple[np.ndarray, np.ndarray]:
             k, l_ = xc @ xc.mT, yc @ yc.mT
             products = _kernel_products(k, l_)
             debiased.append(_debiased_from_kernels(k, l_, n))
-        hxy, hxx, hyy = products
-        biased.append((hxy / (hxx * hyy), nx, ny))
+        biased.append(_biased_part(products, nx, ny))
     return _linear_cka_value(biased, x, y, "linear_cka"), _debiased_value(debiased, x, y, caller)
